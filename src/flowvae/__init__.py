@@ -1,0 +1,3 @@
+"""flowvae: variational inference with normalizing flows."""
+
+__version__ = "0.1.0"

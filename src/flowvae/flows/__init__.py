@@ -1,0 +1,16 @@
+"""Normalizing flows with exact log-determinants; see :mod:`flowvae.flows.base` for the contract."""
+
+from flowvae.flows.autoregressive import IAF, MAF
+from flowvae.flows.base import Compose, Flow, FlowParameters, Inverse
+from flowvae.flows.elementwise import Householder, Planar, Radial
+from flowvae.flows.factory import FLOW_NAMES, build_flow
+from flowvae.flows.glow import ActNorm, AffineCoupling, InvertibleConv1x1, Permute, Reverse
+from flowvae.flows.made import MADE, BernoulliMADE, MaskedLinear
+from flowvae.flows.sylvester import HouseholderSylvester, OrthogonalSylvester, TriangularSylvester
+
+__all__ = [
+    "Flow", "Compose", "Inverse", "FlowParameters", "build_flow", "FLOW_NAMES",
+    "Planar", "Radial", "Householder", "OrthogonalSylvester", "HouseholderSylvester", "TriangularSylvester",
+    "MADE", "BernoulliMADE", "MaskedLinear", "IAF", "MAF",
+    "ActNorm", "InvertibleConv1x1", "AffineCoupling", "Permute", "Reverse",
+]

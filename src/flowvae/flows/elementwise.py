@@ -1,0 +1,77 @@
+"""Amortizable flows of Rezende & Mohamed (2015) and Tomczak & Welling (2016): planar, radial, Householder."""
+
+from __future__ import annotations
+
+import torch
+
+from flowvae import functional as Fn
+from flowvae.flows.base import Flow, FlowParameters, constant_init, normal_init
+
+
+class Planar(Flow):
+    """Planar flow f(z) = z + û tanh(wᵀz + b) (Rezende & Mohamed 2015, eq. 10).
+
+    û is constrained so that wᵀû >= -1 (invertible).  Parameters are global, or amortized from
+    h when ``context_dim`` is given.  No closed-form inverse.
+    """
+
+    def __init__(self, dim: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        self.dim, self.context_dim = dim, context_dim
+        std = dim ** -0.5
+        self.params = FlowParameters({"u": ((dim,), normal_init(std)), "w": ((dim,), normal_init(std)),
+                                      "b": ((), constant_init(0.0))}, context_dim)
+
+    def forward(self, z, context=None):
+        self._check(z, self.dim, context)
+        p = self.params(context)
+        return Fn.planar(z, p["u"], p["w"], p["b"])
+
+
+class Radial(Flow):
+    """Radial flow f(z) = z + β (z - z₀) / (α + ‖z - z₀‖) with α > 0, β >= -α (Rezende & Mohamed 2015).
+
+    Has a closed-form inverse (the radius solves a quadratic).
+    """
+
+    def __init__(self, dim: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        self.dim, self.context_dim = dim, context_dim
+        self.params = FlowParameters({"z0": ((dim,), normal_init(dim ** -0.5)), "alpha": ((), constant_init(0.0)),
+                                      "beta": ((), constant_init(0.0))}, context_dim)
+
+    def forward(self, z, context=None):
+        self._check(z, self.dim, context)
+        p = self.params(context)
+        return Fn.radial(z, p["z0"], p["alpha"], p["beta"])
+
+    def inverse(self, z, context=None):
+        self._check(z, self.dim, context)
+        p = self.params(context)
+        return Fn.radial_inverse(z, p["z0"], p["alpha"], p["beta"])
+
+
+class Householder(Flow):
+    """Householder flow: ``reflections`` reflections z ← (I - 2vvᵀ/‖v‖²) z (Tomczak & Welling 2016).
+
+    Volume preserving (log|det| = 0); its own inverse up to the order of the reflections.
+    """
+
+    def __init__(self, dim: int, reflections: int = 1, context_dim: int | None = None) -> None:
+        super().__init__()
+        self.dim, self.context_dim, self.reflections = dim, context_dim, reflections
+        self.params = FlowParameters({"v": ((reflections, dim), normal_init(1.0))}, context_dim)
+
+    def forward(self, z, context=None):
+        self._check(z, self.dim, context)
+        v = self.params(context)["v"]
+        for k in range(self.reflections):
+            z = Fn.householder(z, v[..., k, :])
+        return z, z.new_zeros(self.batch_shape(z))
+
+    def inverse(self, z, context=None):
+        self._check(z, self.dim, context)
+        v = self.params(context)["v"]
+        for k in reversed(range(self.reflections)):
+            z = Fn.householder(z, v[..., k, :])
+        return z, z.new_zeros(self.batch_shape(z))

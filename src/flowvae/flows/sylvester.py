@@ -1,0 +1,73 @@
+"""Sylvester normalizing flows (van den Berg et al. 2018): orthogonal, Householder and triangular.
+
+f(z) = z + Q R₁ tanh(R₂ Qᵀ z + b); the variants differ only in how Q is built.
+R₁, R₂ are upper triangular with diagonals tanh(·) so that r1_mm r2_mm > -1 (invertible).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flowvae import functional as Fn
+from flowvae.flows.base import Flow, FlowParameters, constant_init, normal_init
+
+
+class _Sylvester(Flow):
+    def __init__(self, dim: int, rank: int, extra: dict, context_dim: int | None) -> None:
+        super().__init__()
+        self.dim, self.rank, self.context_dim = dim, rank, context_dim
+        shapes = {"r1": ((rank, rank), normal_init(0.1)), "r2": ((rank, rank), normal_init(0.1)),
+                  "b": ((rank,), constant_init(0.0)), **extra}
+        self.params = FlowParameters(shapes, context_dim)
+        self.register_buffer("upper", torch.triu(torch.ones(rank, rank), diagonal=1), persistent=False)
+
+    def _q(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _triangular(self, raw: torch.Tensor) -> torch.Tensor:
+        upper = self.upper.to(raw.dtype)
+        return raw * upper + torch.diag_embed(torch.tanh(torch.diagonal(raw, dim1=-2, dim2=-1)))
+
+    def forward(self, z, context=None):
+        self._check(z, self.dim, context)
+        p = self.params(context)
+        return Fn.sylvester(z, self._q(p), self._triangular(p["r1"]), self._triangular(p["r2"]), p["b"])
+
+
+class OrthogonalSylvester(_Sylvester):
+    """O-SNF: Q (D × M), M <= D orthonormal columns, from the reduced QR decomposition of a free matrix.
+
+    (van den Berg et al. orthogonalize iteratively; QR gives the same family of Q.)
+    """
+
+    def __init__(self, dim: int, rank: int | None = None, context_dim: int | None = None) -> None:
+        rank = dim if rank is None else rank
+        if not 1 <= rank <= dim:
+            raise ValueError(f"OrthogonalSylvester needs 1 <= rank <= dim, got rank={rank}, dim={dim}")
+        super().__init__(dim, rank, {"q": ((dim, rank), normal_init(1.0))}, context_dim)
+
+    def _q(self, p):
+        return torch.linalg.qr(p["q"], mode="reduced").Q
+
+
+class HouseholderSylvester(_Sylvester):
+    """H-SNF: Q (D × D) a product of ``reflections`` Householder reflections."""
+
+    def __init__(self, dim: int, reflections: int = 8, context_dim: int | None = None) -> None:
+        super().__init__(dim, dim, {"v": ((reflections, dim), normal_init(1.0))}, context_dim)
+        self.reflections = reflections
+
+    def _q(self, p):
+        return Fn.householder_matrix(p["v"])
+
+
+class TriangularSylvester(_Sylvester):
+    """T-SNF: Q the identity or the reversal permutation (alternate ``reverse`` between steps)."""
+
+    def __init__(self, dim: int, reverse: bool = False, context_dim: int | None = None) -> None:
+        super().__init__(dim, dim, {}, context_dim)
+        eye = torch.eye(dim)
+        self.register_buffer("permutation", eye.flip(0) if reverse else eye, persistent=False)
+
+    def _q(self, p):
+        return self.permutation.to(p["b"].dtype)

@@ -1,0 +1,104 @@
+"""Stateless flow maths: each function maps z and explicit parameters to ``(z_new, log_abs_det)``.
+
+Parameters broadcast against z's batch dimensions, so the same function serves global parameters
+(shape ``(D,)``) and amortized per-example ones (shape ``(B, D)`` against z ``(K, B, D)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flowvae.numerics import planar_constraint, radial_parameters, safe_log, tanh_derivative
+
+
+def planar(z: torch.Tensor, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(z) = z + û tanh(wᵀz + b), log|det| = log(1 + tanh'(a) wᵀû) with û from :func:`planar_constraint`.
+
+    Shapes: z (..., D), u and w (..., D), b (...) -> (..., D), (...).
+    The determinant is computed as tanh²(a) + tanh'(a)(1 + wᵀû), a sum of non-negative terms,
+    so it does not cancel to 0 when wᵀû ≈ -1.
+    """
+    u_hat = planar_constraint(u, w)
+    a = (w * z).sum(-1) + b
+    z_new = z + u_hat * torch.tanh(a).unsqueeze(-1)
+    wu = (w * u).sum(-1)
+    w_norm_sq = (w * w).sum(-1)
+    ratio = w_norm_sq / w_norm_sq.clamp_min(torch.finfo(w.dtype).tiny)  # 1 unless w == 0
+    one_plus_wu_hat = (1.0 - ratio) * (1.0 + wu) + ratio * F.softplus(wu)
+    det = torch.tanh(a) ** 2 + tanh_derivative(a) * one_plus_wu_hat
+    return z_new, safe_log(det)
+
+
+def _radial_log_det(r: torch.Tensor, alpha: torch.Tensor, alpha_plus_beta: torch.Tensor, dim: int) -> torch.Tensor:
+    # 1 + βh = (r + α + β)/(α + r);  1 + βh + βh'r = (r² + 2αr + α(α + β))/(α + r)²; all terms >= 0.
+    log_alpha_r = safe_log(alpha + r)
+    return ((dim - 1) * (safe_log(r + alpha_plus_beta) - log_alpha_r)
+            + safe_log(r * r + 2.0 * alpha * r + alpha * alpha_plus_beta) - 2.0 * log_alpha_r)
+
+
+def radial(z: torch.Tensor, z0: torch.Tensor, alpha_raw: torch.Tensor, beta_raw: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(z) = z + β (z - z₀)/(α + r), r = ‖z - z₀‖, with α = softplus(α'), β = -α + softplus(β').
+
+    Shapes: z (..., D), z0 (..., D), alpha_raw and beta_raw (...) -> (..., D), (...).
+    log|det| = (D-1) log(1 + βh) + log(1 + βh + βh'r) with h = 1/(α + r).
+    """
+    alpha, beta = radial_parameters(alpha_raw, beta_raw)
+    diff = z - z0
+    r = torch.linalg.vector_norm(diff, dim=-1)
+    z_new = z + (beta / (alpha + r)).unsqueeze(-1) * diff
+    return z_new, _radial_log_det(r, alpha, F.softplus(beta_raw), z.shape[-1])
+
+
+def radial_inverse(y: torch.Tensor, z0: torch.Tensor, alpha_raw: torch.Tensor, beta_raw: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`radial`: the input radius r solves r² + (α + β - r')r - αr' = 0."""
+    alpha, beta = radial_parameters(alpha_raw, beta_raw)
+    alpha_plus_beta = F.softplus(beta_raw)
+    diff = y - z0
+    r_out = torch.linalg.vector_norm(diff, dim=-1)
+    c = alpha_plus_beta - r_out
+    root = torch.sqrt(c * c + 4.0 * alpha * r_out)
+    # Two algebraically equal roots; pick the one without cancellation.
+    tiny = torch.finfo(y.dtype).tiny
+    r = torch.where(c > 0, 2.0 * alpha * r_out / (c + root).clamp_min(tiny), 0.5 * (root - c))
+    z = z0 + diff * ((alpha + r) / (r + alpha_plus_beta).clamp_min(tiny)).unsqueeze(-1)
+    return z, -_radial_log_det(r, alpha, alpha_plus_beta, y.shape[-1])
+
+
+def householder(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reflection z - 2 v (vᵀz)/‖v‖²; volume preserving.  Shapes: z (..., D), v (..., D)."""
+    v_norm_sq = (v * v).sum(-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+    return z - 2.0 * v * (v * z).sum(-1, keepdim=True) / v_norm_sq
+
+
+def householder_matrix(v: torch.Tensor) -> torch.Tensor:
+    """Q = H(v₁)···H(v_k) as a dense matrix.  v (..., k, D) -> Q (..., D, D), orthogonal."""
+    dim = v.shape[-1]
+    q = torch.eye(dim, dtype=v.dtype, device=v.device).expand(*v.shape[:-2], dim, dim)
+    for k in range(v.shape[-2]):
+        vk = v[..., k, :]
+        v_norm_sq = (vk * vk).sum(-1).clamp_min(torch.finfo(v.dtype).tiny)[..., None, None]
+        q = q - 2.0 * (q @ vk.unsqueeze(-1)) @ vk.unsqueeze(-2) / v_norm_sq
+    return q
+
+
+def _matvec(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """m @ x with broadcasting batch dims: m (..., P, Q), x (..., Q) -> (..., P)."""
+    return (m @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def sylvester(z: torch.Tensor, q: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, b: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sylvester flow f(z) = z + Q R₁ tanh(R₂ Qᵀ z + b) (van den Berg et al. 2018, eq. 13).
+
+    Shapes: z (..., D), q (..., D, M) with orthonormal columns, r1 and r2 (..., M, M) upper
+    triangular with diag(r1)·diag(r2) > -1, b (..., M).
+    log|det| = Σ_m log|1 + r1_mm r2_mm tanh'(a_m)|, computed as tanh²(a) + tanh'(a)(1 + r1_mm r2_mm).
+    """
+    a = _matvec(r2, _matvec(q.transpose(-1, -2), z)) + b
+    z_new = z + _matvec(q, _matvec(r1, torch.tanh(a)))
+    diag = torch.diagonal(r1, dim1=-2, dim2=-1) * torch.diagonal(r2, dim1=-2, dim2=-1)
+    det = torch.tanh(a) ** 2 + tanh_derivative(a) * (1.0 + diag)
+    return z_new, safe_log(det).sum(-1)
