@@ -93,7 +93,7 @@ def jacobian_log_det(flow: F.Flow, z: torch.Tensor, h: torch.Tensor | None, dire
         ctx = None if h is None else h[i:i + 1]
         def f(x):
             return fn(x.view(1, *z.shape[1:]), ctx)[0].reshape(-1)
-        jac = torch.autograd.functional.jacobian(f, z[i].reshape(-1))
+        jac = torch.autograd.functional.jacobian(f, z[i].reshape(-1), vectorize=True)
         out.append(torch.linalg.slogdet(jac).logabsdet)
     return torch.stack(out)
 

@@ -1,0 +1,147 @@
+"""Observation models p(x|z) for images.  A decoder outputs ``params`` of shape (..., P·C, H, W)
+with P = ``params_per_pixel``; ``log_prob(params, x)`` sums over (C, H, W) and broadcasts x's batch
+dimensions against params' (x (B, C, H, W) against params (K, B, P·C, H, W)).
+
+Data kinds (see :mod:`flowvae.data`): 'binary' and 'grayscale' (after dynamic binarization) are
+float {0, 1}; '8bit' is uint8 0..255.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from flowvae.numerics import soft_clamp
+
+
+class Likelihood:
+    """Base class: ``prepare`` turns a data batch into what ``log_prob`` expects."""
+
+    name: str
+    params_per_pixel: int
+    data_kinds: tuple[str, ...]
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """Expected image with values in [0, 1], shape (..., C, H, W)."""
+        raise NotImplementedError
+
+    def discrete_nats_offset(self, dim: int) -> float:
+        """Nats to add to -log p(x) to get -log P(x) of the 8-bit data (0 for discrete likelihoods)."""
+        return 0.0
+
+
+def _split(params: torch.Tensor, per_pixel: int) -> torch.Tensor:
+    """(..., P·C, H, W) -> (..., C, P, H, W)."""
+    return params.unflatten(-3, (-1, per_pixel))
+
+
+class Bernoulli(Likelihood):
+    """log p(x|z) = Σ x·l - softplus(l) with logits l; for binary images."""
+
+    name, params_per_pixel, data_kinds = "bernoulli", 1, ("binary", "grayscale")
+
+    def log_prob(self, params, x):
+        return (x * params - F.softplus(params)).flatten(-3).sum(-1)
+
+    def mean(self, params):
+        return torch.sigmoid(params)
+
+
+class Categorical256(Likelihood):
+    """A 256-way softmax per pixel and channel (van den Berg et al. 2018's Frey Faces likelihood)."""
+
+    name, params_per_pixel, data_kinds = "categorical256", 256, ("8bit",)
+
+    def prepare(self, x):
+        return x.long()
+
+    def log_prob(self, params, x):
+        log_probs = F.log_softmax(_split(params, 256), dim=-3)              # (..., C, 256, H, W)
+        index = x.unsqueeze(-3)                                              # (..., C, 1, H, W)
+        batch = torch.broadcast_shapes(log_probs.shape[:-3], index.shape[:-3])
+        log_probs = log_probs.expand(*batch, *log_probs.shape[-3:])
+        index = index.expand(*batch, *index.shape[-3:])
+        return log_probs.gather(-3, index).flatten(-4).sum(-1)
+
+    def mean(self, params):
+        probs = F.softmax(_split(params, 256), dim=-3)
+        levels = torch.arange(256, dtype=probs.dtype, device=probs.device).view(256, 1, 1) / 255.0
+        return (probs * levels).sum(-3)
+
+
+class Gaussian(Likelihood):
+    """N(x; μ, σ²) per pixel with learned log σ (soft-clamped to ±7); 8-bit data are mapped to bin
+    centres (x + 0.5)/256, so -log P(x) ≈ -log p(x) + D log 256."""
+
+    name, params_per_pixel, data_kinds = "gaussian", 2, ("binary", "grayscale", "8bit")
+
+    def __init__(self, data_kind: str = "8bit") -> None:
+        self.eight_bit = data_kind == "8bit"
+
+    def prepare(self, x):
+        return (x.float() + 0.5) / 256.0 if self.eight_bit else x.float()
+
+    def log_prob(self, params, x):
+        mean, raw = _split(params, 2).unbind(-3)
+        log_std = soft_clamp(raw, 7.0)
+        eps = (x - mean) * torch.exp(-log_std)
+        return (-0.5 * eps * eps - log_std - 0.5 * math.log(2 * math.pi)).flatten(-3).sum(-1)
+
+    def mean(self, params):
+        return _split(params, 2)[..., 0, :, :].clamp(0.0, 1.0)
+
+    def discrete_nats_offset(self, dim):
+        return dim * math.log(256.0) if self.eight_bit else 0.0
+
+
+class DiscretizedLogistic(Likelihood):
+    """Logistic per pixel integrated over its 8-bit bin (Salimans et al. 2017, without the mixture);
+    edge bins take the tails.  Data are scaled to [-1, 1] with bin half-width 1/255."""
+
+    name, params_per_pixel, data_kinds = "discretized_logistic", 2, ("8bit",)
+
+    def prepare(self, x):
+        return x.float() / 127.5 - 1.0
+
+    def log_prob(self, params, x):
+        mean, raw = _split(params, 2).unbind(-3)
+        log_scale = raw.clamp_min(-7.0)
+        inv_scale = torch.exp(-log_scale)
+        centred = x - mean
+        plus, minus = inv_scale * (centred + 1.0 / 255.0), inv_scale * (centred - 1.0 / 255.0)
+        log_cdf_plus = F.logsigmoid(plus)                  # bin x = 0
+        log_one_minus_cdf_minus = F.logsigmoid(-minus)     # bin x = 255
+        cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
+        mid = inv_scale * centred
+        log_pdf_mid = mid - log_scale - 2.0 * F.softplus(mid) - math.log(127.5)  # when the bin mass underflows
+        interior = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid)
+        log_p = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, interior))
+        return log_p.flatten(-3).sum(-1)
+
+    def mean(self, params):
+        return ((_split(params, 2)[..., 0, :, :] + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+LIKELIHOODS = {cls.name: cls for cls in (Bernoulli, Categorical256, Gaussian, DiscretizedLogistic)}
+
+
+def build_likelihood(name: str, data_kind: str) -> Likelihood:
+    """The likelihood called ``name``, checked against the data kind it will model."""
+    if name not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {name!r}; choose one of {', '.join(LIKELIHOODS)}")
+    cls = LIKELIHOODS[name]
+    if data_kind not in cls.data_kinds:
+        raise ValueError(f"likelihood {name!r} cannot model {data_kind!r} data; it needs {' or '.join(cls.data_kinds)}")
+    return cls(data_kind) if cls is Gaussian else cls()
+
+
+def default_likelihood(data_kind: str) -> str:
+    return {"binary": "bernoulli", "grayscale": "bernoulli", "8bit": "categorical256"}[data_kind]

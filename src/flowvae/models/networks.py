@@ -1,0 +1,155 @@
+"""Encoder bodies and decoders: MLP, plain convolutional, and the gated convolutions of van den Berg et al. (2018).
+
+An encoder body maps x (B, C, H, W) to features h (B, feature_dim); a decoder maps z (N, D) to
+likelihood parameters (N, P·C, H, W) where P is the likelihood's number of parameters per pixel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _downsampled(size: int, times: int) -> list[int]:
+    """Spatial sizes after ``times`` stride-2, kernel-5, padding-2 convolutions: ceil(s/2) each."""
+    sizes = [size]
+    for _ in range(times):
+        sizes.append(math.ceil(sizes[-1] / 2))
+    return sizes
+
+
+class MLPEncoder(nn.Module):
+    """x (B, C, H, W) -> h (B, hidden[-1]) through Linear+ELU layers."""
+
+    def __init__(self, image_shape: Sequence[int], hidden: Sequence[int] = (300, 300)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(image_shape)
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ELU()]
+            width = h
+        self.net = nn.Sequential(*layers)
+        self.feature_dim = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MLPDecoder(nn.Module):
+    """z (N, D) -> parameters (N, P·C, H, W) through Linear+ELU layers."""
+
+    def __init__(self, latent_dim: int, image_shape: Sequence[int], params_per_pixel: int,
+                 hidden: Sequence[int] = (300, 300)) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        layers: list[nn.Module] = []
+        width = latent_dim
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ELU()]
+            width = size
+        layers += [nn.Linear(width, params_per_pixel * c * h * w), nn.Unflatten(-1, (params_per_pixel * c, h, w))]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class ConvEncoder(nn.Module):
+    """Two stride-2 5x5 convolutions (32, 64 channels, ELU) then a linear layer to ``feature_dim``."""
+
+    def __init__(self, image_shape: Sequence[int], feature_dim: int = 256) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        hs, ws = _downsampled(h, 2), _downsampled(w, 2)
+        self.net = nn.Sequential(
+            nn.Conv2d(c, 32, 5, 2, 2), nn.ELU(), nn.Conv2d(32, 64, 5, 2, 2), nn.ELU(), nn.Flatten(),
+            nn.Linear(64 * hs[-1] * ws[-1], feature_dim), nn.ELU())
+        self.feature_dim = feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of :class:`ConvEncoder`: linear to 64 maps, two stride-2 transposed convolutions."""
+
+    def __init__(self, latent_dim: int, image_shape: Sequence[int], params_per_pixel: int) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        hs, ws = _downsampled(h, 2), _downsampled(w, 2)
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, 64 * hs[2] * ws[2]), nn.ELU(), nn.Unflatten(-1, (64, hs[2], ws[2])),
+            nn.ConvTranspose2d(64, 32, 5, 2, 2, output_padding=(hs[1] - 2 * hs[2] + 1, ws[1] - 2 * ws[2] + 1)),
+            nn.ELU(),
+            nn.ConvTranspose2d(32, params_per_pixel * c, 5, 2, 2,
+                               output_padding=(hs[0] - 2 * hs[1] + 1, ws[0] - 2 * ws[1] + 1)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class GatedConv2d(nn.Module):
+    """h = conv_h(x) ⊙ sigmoid(conv_g(x)) (Dauphin et al. 2017; van den Berg et al. 2018)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 2 * out_channels, kernel_size, stride, padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, g = self.conv(x).chunk(2, dim=1)
+        return h * torch.sigmoid(g)
+
+
+class GatedConvTranspose2d(nn.Module):
+    """Transposed-convolution twin of :class:`GatedConv2d`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(in_channels, 2 * out_channels, kernel_size, stride, padding, output_padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, g = self.conv(x).chunk(2, dim=1)
+        return h * torch.sigmoid(g)
+
+
+class GatedConvEncoder(nn.Module):
+    """van den Berg et al. (2018): six gated convolutions 32-32-64-64-64-``feature_dim`` (5x5, two of
+    stride 2), the last one's kernel covering the remaining map, giving h (B, feature_dim)."""
+
+    def __init__(self, image_shape: Sequence[int], feature_dim: int = 256) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        last = (_downsampled(h, 2)[-1], _downsampled(w, 2)[-1])
+        self.net = nn.Sequential(
+            GatedConv2d(c, 32, 5, 1, 2), GatedConv2d(32, 32, 5, 2, 2),
+            GatedConv2d(32, 64, 5, 1, 2), GatedConv2d(64, 64, 5, 2, 2),
+            GatedConv2d(64, 64, 5, 1, 2), GatedConv2d(64, feature_dim, last, 1, 0), nn.Flatten())
+        self.feature_dim = feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class GatedConvDecoder(nn.Module):
+    """van den Berg et al. (2018)'s decoder: gated transposed convolutions 64-64-32-32-32, a gated
+    convolution, and a 1x1 convolution to the likelihood's parameters."""
+
+    def __init__(self, latent_dim: int, image_shape: Sequence[int], params_per_pixel: int) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        hs, ws = _downsampled(h, 2), _downsampled(w, 2)
+        self.net = nn.Sequential(
+            nn.Unflatten(-1, (latent_dim, 1, 1)),
+            GatedConvTranspose2d(latent_dim, 64, (hs[2], ws[2]), 1, 0),
+            GatedConvTranspose2d(64, 64, 5, 1, 2),
+            GatedConvTranspose2d(64, 32, 5, 2, 2, (hs[1] - 2 * hs[2] + 1, ws[1] - 2 * ws[2] + 1)),
+            GatedConvTranspose2d(32, 32, 5, 1, 2),
+            GatedConvTranspose2d(32, 32, 5, 2, 2, (hs[0] - 2 * hs[1] + 1, ws[0] - 2 * ws[1] + 1)),
+            GatedConv2d(32, 32, 5, 1, 2),
+            nn.Conv2d(32, params_per_pixel * c, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)

@@ -1,0 +1,159 @@
+"""A VAE whose posterior is a diagonal Gaussian pushed through an optional normalizing flow.
+
+    z₀ ~ N(μ(x), diag σ(x)²),  z_K = flow(z₀, h(x)),  log q(z_K|x) = log N(z₀) - Σ log|det J|
+
+The model returns log-densities, not losses; :mod:`flowvae.objectives` turns them into the ELBO,
+the IWAE bound and -log p(x).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flowvae.distributions import FlowDistribution, diagonal_gaussian, standard_normal_log_prob
+from flowvae.flows import Flow, build_flow
+from flowvae.models import networks
+from flowvae.models.likelihoods import Likelihood, build_likelihood
+from flowvae.numerics import soft_clamp
+
+
+@dataclass
+class LogDensities:
+    """Per-sample log-densities, each (K, B); z is (K, B, D)."""
+
+    log_likelihood: torch.Tensor  # log p(x | z_K)
+    log_prior: torch.Tensor       # log p(z_K)
+    log_posterior: torch.Tensor   # log q(z_K | x)
+    z: torch.Tensor
+
+    @property
+    def kl(self) -> torch.Tensor:
+        """Single-sample estimate of KL(q(z|x) ‖ p(z)): log q - log p, (K, B)."""
+        return self.log_posterior - self.log_prior
+
+    @property
+    def log_weight(self) -> torch.Tensor:
+        """log p(x, z) - log q(z|x), (K, B)."""
+        return self.log_likelihood + self.log_prior - self.log_posterior
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class GaussianEncoder(nn.Module):
+    """Wraps any body x -> h (B, feature_dim) with linear heads for μ and log σ (soft-clamped to ±8).
+
+    forward(x) -> (mean (B, D), log_std (B, D), h (B, feature_dim)); h is the flows' context.
+    """
+
+    def __init__(self, body: nn.Module, feature_dim: int, latent_dim: int) -> None:
+        super().__init__()
+        self.body, self.feature_dim, self.latent_dim = body, feature_dim, latent_dim
+        self.mean = nn.Linear(feature_dim, latent_dim)
+        self.log_std = nn.Linear(feature_dim, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.mean(h), soft_clamp(self.log_std(h), 8.0), h
+
+
+class VAE(nn.Module):
+    """Encoder, optional posterior flow, standard-normal prior and a decoder with its likelihood.
+
+    Args:
+        encoder: x (B, C, H, W) -> (mean, log_std, h), e.g. a :class:`GaussianEncoder`.
+        decoder: z (N, D) -> likelihood parameters (N, P·C, H, W).
+        likelihood: a :class:`~flowvae.models.likelihoods.Likelihood`.
+        latent_dim: D.
+        flow: a :class:`~flowvae.flows.Flow` over (…, D), conditioned on h if it has a context_dim.
+        image_shape: (C, H, W), used by :meth:`sample` and input checks.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, latent_dim: int,
+                 image_shape: Sequence[int], flow: Flow | None = None) -> None:
+        super().__init__()
+        self.encoder, self.decoder, self.flow = encoder, decoder, flow
+        self.likelihood, self.latent_dim, self.image_shape = likelihood, latent_dim, tuple(image_shape)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"VAE expects images of shape (B, {', '.join(map(str, self.image_shape))}), "
+                             f"got {tuple(x.shape)}")
+
+    def posterior(self, x: torch.Tensor) -> FlowDistribution:
+        """q(z_K | x) for x (B, C, H, W)."""
+        self._check(x)
+        if not x.is_floating_point():  # 8-bit pixels enter the encoder scaled to [0, 1]
+            x = x.to(next(self.encoder.parameters()).dtype) / 255.0
+        mean, log_std, h = self.encoder(x)
+        return FlowDistribution(diagonal_gaussian(mean, log_std), self.flow, h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (..., D) -> likelihood parameters (..., P·C, H, W)."""
+        params = self.decoder(z.reshape(-1, self.latent_dim))
+        return params.reshape(*z.shape[:-1], *params.shape[1:])
+
+    def log_densities(self, x: torch.Tensor, q: FlowDistribution, samples: int = 1) -> LogDensities:
+        """Draw ``samples`` z_K ~ q(z|x) and score them; every field is (samples, B)."""
+        z, log_q = q.rsample_and_log_prob((samples,))
+        # Under autocast the networks may run in 16 bits; the densities are summed in at least float32.
+        params, z, log_q = (_at_least_float32(t) for t in (self.decode(z), z, log_q))
+        log_px = self.likelihood.log_prob(params, self.likelihood.prepare(x))
+        return LogDensities(log_px, standard_normal_log_prob(z), log_q, z)
+
+    def forward(self, x: torch.Tensor, samples: int = 1) -> LogDensities:
+        return self.log_densities(x, self.posterior(x), samples)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n images (n, C, H, W): the likelihood's mean at z ~ N(0, I)."""
+        ref = next(self.parameters())
+        z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype)
+        return self.likelihood.mean(self.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean reconstruction of x from one posterior sample, (B, C, H, W)."""
+        z = self.posterior(x).rsample()
+        return self.likelihood.mean(self.decode(z))
+
+
+ARCHITECTURES = ("mlp", "conv", "gated")
+
+
+def build_vae(arch: str, image_shape: Sequence[int], latent_dim: int, likelihood: str | Likelihood = "bernoulli",
+              hidden: int = 300, feature_dim: int = 256, flow: str = "none", flow_steps: int = 0,
+              flow_hidden: int = 320, reflections: int = 8, rank: int | None = None, data_kind: str = "binary") -> VAE:
+    """A ready VAE: 'mlp' (784-300-300-z as in Rezende & Mohamed), 'conv', or 'gated' (van den Berg et al.).
+
+    Flows named as in :func:`flowvae.flows.build_flow`; all are conditioned on the encoder's h.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if latent_dim < 1:
+        raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+    image_shape = tuple(image_shape)
+    lik = build_likelihood(likelihood, data_kind) if isinstance(likelihood, str) else likelihood
+    per_pixel = lik.params_per_pixel
+    if arch == "mlp":
+        body = networks.MLPEncoder(image_shape, (hidden, hidden))
+        decoder = networks.MLPDecoder(latent_dim, image_shape, per_pixel, (hidden, hidden))
+    elif arch == "conv":
+        body = networks.ConvEncoder(image_shape, feature_dim)
+        decoder = networks.ConvDecoder(latent_dim, image_shape, per_pixel)
+    else:
+        body = networks.GatedConvEncoder(image_shape, feature_dim)
+        decoder = networks.GatedConvDecoder(latent_dim, image_shape, per_pixel)
+    encoder = GaussianEncoder(body, body.feature_dim, latent_dim)
+    posterior_flow = build_flow(flow, latent_dim, flow_steps, body.feature_dim, flow_hidden, reflections, rank)
+    return VAE(encoder, decoder, lik, latent_dim, image_shape, posterior_flow)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

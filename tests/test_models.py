@@ -1,0 +1,193 @@
+"""Likelihoods, architectures, and the objectives against closed forms of a linear-Gaussian model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from flowvae import flows, objectives
+from flowvae.models import VAE, GaussianEncoder, build_likelihood, build_vae
+from flowvae.models.likelihoods import Gaussian
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """This module checks maths, so it works in float64."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+class LinearGaussianDecoder(nn.Module):
+    """p(x|z) = N(x; Wz + b, σ² I) with x shaped (1, 1, X) images; Gaussian likelihood parameters."""
+
+    def __init__(self, latent: int, x_dim: int, log_std: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(latent, x_dim)
+        self.raw_log_std = nn.Parameter(torch.full((x_dim,), 7.0 * math.atanh(log_std / 7.0)))  # undo soft clamp
+
+    def forward(self, z):
+        mean = self.linear(z)
+        return torch.stack([mean, self.raw_log_std.expand_as(mean)], 1).unsqueeze(2)  # (N, 2, 1, X)
+
+    def marginal(self) -> torch.distributions.MultivariateNormal:
+        """p(x) = N(b, W Wᵀ + σ² I)."""
+        w, b = self.linear.weight, self.linear.bias
+        sigma2 = torch.exp(2 * 7.0 * torch.tanh(self.raw_log_std / 7.0))
+        return torch.distributions.MultivariateNormal(b, w @ w.T + torch.diag(sigma2))
+
+
+def linear_gaussian_vae(flow: flows.Flow | None = None, latent: int = 2, x_dim: int = 3, seed: int = 0) -> VAE:
+    torch.manual_seed(seed)
+    encoder = GaussianEncoder(nn.Flatten(), x_dim, latent)
+    decoder = LinearGaussianDecoder(latent, x_dim, log_std=-0.5)
+    return VAE(encoder, decoder, Gaussian("binary"), latent, (1, 1, x_dim), flow)
+
+
+def closed_form_elbo(model: VAE, x: torch.Tensor) -> torch.Tensor:
+    """E_q[log p(x|z)] + E_q[log p(z)] + H[q] for Gaussian q and the linear-Gaussian decoder."""
+    mean, log_std, _ = model.encoder(x)
+    dec = model.decoder
+    w, b = dec.linear.weight, dec.linear.bias
+    sigma2 = torch.exp(2 * 7.0 * torch.tanh(dec.raw_log_std / 7.0))
+    var_q = torch.exp(2 * log_std)
+    resid = x.flatten(1) - (mean @ w.T + b)
+    exp_sq = resid ** 2 + (var_q.unsqueeze(1) * w.unsqueeze(0) ** 2).sum(-1)   # E_q[(x - Wz - b)²] per x-dim
+    log_lik = (-0.5 * exp_sq / sigma2 - 0.5 * torch.log(2 * math.pi * sigma2)).sum(-1)
+    log_prior = (-0.5 * (mean ** 2 + var_q) - 0.5 * math.log(2 * math.pi)).sum(-1)
+    entropy = (0.5 * math.log(2 * math.pi * math.e) + log_std).sum(-1)
+    return log_lik + log_prior + entropy
+
+
+def test_elbo_and_its_gradient_match_the_closed_form():
+    model = linear_gaussian_vae()
+    x = torch.randn(4, 1, 1, 3)
+    torch.manual_seed(1)
+    samples = 200_000
+    ld = model(x, samples=samples)
+    estimate = -objectives.negative_elbo(ld)
+    exact = closed_form_elbo(model, x)
+    standard_error = (ld.log_likelihood - ld.kl).std(0) / math.sqrt(samples)
+    assert ((estimate - exact).abs() < 4 * standard_error).all()
+    grads_mc = torch.autograd.grad(estimate.sum(), list(model.parameters()))
+    grads_exact = torch.autograd.grad(exact.sum(), list(model.parameters()))
+    for g_mc, g in zip(grads_mc, grads_exact):
+        torch.testing.assert_close(g_mc, g, atol=0.05, rtol=0.02)
+
+
+def posterior_vae(flow: flows.Flow | None = None, mean_shift: float = 0.0, std_scale: float = 1.0) -> VAE:
+    """Linear-Gaussian VAE whose exact posterior is diagonal (W has orthogonal columns, σ = 1); the
+    encoder outputs that posterior with its mean shifted and its std scaled."""
+    model = linear_gaussian_vae(flow)
+    dec = model.decoder
+    q, _ = torch.linalg.qr(torch.randn(3, 2))
+    with torch.no_grad():
+        dec.linear.weight.copy_(q * torch.tensor([1.5, 0.7]))
+        dec.raw_log_std.fill_(0.0)
+        w, b = dec.linear.weight, dec.linear.bias
+        cov = torch.linalg.inv(torch.eye(2) + w.T @ w)   # diagonal because WᵀW is
+        gain = cov @ w.T
+        model.encoder.mean.weight.copy_(gain)
+        model.encoder.mean.bias.copy_(-gain @ b + mean_shift)
+        model.encoder.log_std.weight.zero_()
+        log_std = 0.5 * torch.log(torch.diag(cov)) + math.log(std_scale)
+        model.encoder.log_std.bias.copy_(8.0 * torch.atanh(log_std / 8.0))  # undo the encoder's soft clamp
+    return model
+
+
+@pytest.mark.parametrize("flow", [None, "iaf", "planar"])
+def test_importance_weighted_nll_converges_to_exact_log_likelihood(flow):
+    torch.manual_seed(0)
+    posterior_flow = flows.build_flow(flow, 2, 2, 3, hidden=8) if flow else None
+    model = posterior_vae(posterior_flow, mean_shift=0.4, std_scale=1.4)
+    x = torch.randn(5, 1, 1, 3) * 2
+    exact = -model.decoder.marginal().log_prob(x.flatten(1))
+    nll = objectives.importance_weighted_nll(model, x, samples=20_000, chunk_size=3000)
+    assert nll.dtype == torch.float64 and nll.shape == (5,)
+    torch.testing.assert_close(nll, exact, atol=0.03, rtol=0)  # the ELBO is >= 0.3 nats off (below)
+    nll_few = objectives.importance_weighted_nll(model, x, samples=2, chunk_size=1)
+    neg_elbo = objectives.negative_elbo(model(x, samples=20_000))
+    assert (nll <= neg_elbo).all(), "the IW estimate must not be worse than the ELBO"
+    assert (neg_elbo - exact > 0.3).all(), "q is deliberately imperfect; the ELBO gap must show"
+    assert nll_few.mean() > nll.mean(), "the bound tightens as K grows"
+
+
+def test_importance_weighted_nll_is_exact_for_the_true_posterior():
+    """With q equal to the exact posterior every weight equals p(x): any K gives log p(x)."""
+    torch.manual_seed(0)
+    model = posterior_vae()
+    x = torch.randn(6, 1, 1, 3)
+    exact = -model.decoder.marginal().log_prob(x.flatten(1))
+    torch.testing.assert_close(objectives.importance_weighted_nll(model, x, samples=3, chunk_size=2), exact)
+
+
+def test_iwae_bound_and_bits_per_dim():
+    model = linear_gaussian_vae()
+    x = torch.randn(3, 1, 1, 3)
+    ld = model(x, samples=7)
+    manual = torch.log(torch.exp(ld.log_weight).mean(0))
+    torch.testing.assert_close(objectives.iwae_bound(ld), manual)
+    assert objectives.bits_per_dim(784 * math.log(2), 784) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name,kind,data", [
+    ("bernoulli", "binary", torch.tensor([0.0, 1.0])),
+    ("categorical256", "8bit", torch.arange(256, dtype=torch.uint8)),
+    ("discretized_logistic", "8bit", torch.arange(256, dtype=torch.uint8)),
+])
+def test_discrete_likelihoods_are_normalized(name, kind, data):
+    lik = build_likelihood(name, kind)
+    torch.manual_seed(0)
+    params = torch.randn(1, lik.params_per_pixel, 1, 1)
+    if name == "discretized_logistic":
+        params = torch.tensor([0.3, -2.0]).view(1, 2, 1, 1)
+    x = data.view(-1, 1, 1, 1)
+    total = torch.exp(lik.log_prob(params, lik.prepare(x))).sum()
+    torch.testing.assert_close(total, torch.tensor(1.0), atol=1e-6, rtol=0)
+    assert lik.mean(params).shape == (1, 1, 1, 1)
+
+
+def test_likelihood_and_data_kind_must_agree():
+    with pytest.raises(ValueError, match="cannot model 'binary'"):
+        build_likelihood("categorical256", "binary")
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        build_likelihood("poisson", "binary")
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv", "gated"])
+@pytest.mark.parametrize("shape,likelihood,kind", [((1, 28, 28), "bernoulli", "binary"),
+                                                    ((1, 28, 20), "categorical256", "8bit"),
+                                                    ((3, 32, 32), "discretized_logistic", "8bit"),
+                                                    ((1, 8, 8), "gaussian", "binary")])
+def test_architectures_fit_every_image_shape(arch, shape, likelihood, kind):
+    torch.set_default_dtype(torch.float32)
+    try:
+        model = build_vae(arch, shape, 6, likelihood, hidden=16, feature_dim=16, flow="iaf", flow_steps=1,
+                          flow_hidden=8, data_kind=kind)
+        x = torch.randint(0, 256 if kind == "8bit" else 2, (2, *shape)).to(torch.uint8 if kind == "8bit" else torch.float32)
+        ld = model(x, samples=3)
+        assert ld.log_likelihood.shape == ld.log_prior.shape == ld.log_posterior.shape == (3, 2)
+        assert torch.isfinite(ld.log_weight).all()
+        assert model.sample(4).shape == (4, *shape)
+        assert model.reconstruct(x).shape == (2, *shape)
+        with pytest.raises(ValueError, match="expects images of shape"):
+            model(torch.zeros(2, *shape[:-1], shape[-1] + 1))
+    finally:
+        torch.set_default_dtype(torch.float64)
+
+
+def test_user_defined_encoder_and_decoder():
+    torch.set_default_dtype(torch.float32)
+    try:
+        body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh())
+        decoder = nn.Sequential(nn.Linear(4, 64), nn.Unflatten(1, (1, 8, 8)))
+        model = VAE(GaussianEncoder(body, 32, 4), decoder, build_likelihood("bernoulli", "binary"), 4, (1, 8, 8),
+                    flows.build_flow("sylvester-householder", 4, 2, context_dim=32, reflections=2))
+        x = torch.bernoulli(torch.full((5, 1, 8, 8), 0.5))
+        loss = objectives.negative_elbo(model(x)).mean()
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        torch.set_default_dtype(torch.float64)
