@@ -85,8 +85,14 @@ def householder_matrix(v: torch.Tensor) -> torch.Tensor:
 
 
 def _matvec(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """m @ x with broadcasting batch dims: m (..., P, Q), x (..., Q) -> (..., P)."""
-    return (m @ x.unsqueeze(-1)).squeeze(-1)
+    """m @ x with broadcasting batch dims: m (..., P, Q), x (..., Q) -> (..., P).
+
+    A global m (P, Q) against a batch x becomes one matmul x @ mᵀ; ``m @ x[..., None]`` would copy m
+    once per batch element (and per importance sample when m is amortized).
+    """
+    if m.dim() == 2:
+        return x @ m.transpose(0, 1)
+    return torch.einsum("...pq,...q->...p", m, x)
 
 
 def sylvester(z: torch.Tensor, q: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, b: torch.Tensor

@@ -24,6 +24,9 @@ class _MaskedAffine(Flow):
         super().__init__()
         self.dim, self.context_dim = dim, context_dim
         self.made = MADE(dim, hidden, n_params=2, context_dim=context_dim, order=order)
+        with torch.no_grad():  # start near the identity: (log_scale, shift) ≈ (const, 0)
+            self.made.output_layer.weight.mul_(1e-2)
+            self.made.output_layer.bias.zero_()
 
     def _scale_shift(self, z: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -61,7 +64,7 @@ class IAF(_MaskedAffine):
     """Inverse autoregressive flow step with the gated update of Kingma et al. (2016), eq. 14-15.
 
     [m, s] = MADE(z, h);  σ = sigmoid(s + gate_bias);  z ← σ ⊙ z + (1 - σ) ⊙ m;  log|det| = Σ log σ.
-    Each step is a convex combination of z and m, and m is soft-clamped to ±``shift_bound``, so
+    Each step is a convex combination of z and m, and m is clamped to ±``shift_bound``, so
     |z| never grows past max(|z₀|, shift_bound) however deep the stack.  ``gate_bias`` (default 3,
     σ ≈ 0.95) and a near-zero output layer start each step close to the identity.  Reverse
     ``order`` between steps.
@@ -73,14 +76,18 @@ class IAF(_MaskedAffine):
                  order: str | Sequence[int] = "natural", gate_bias: float = 3.0, shift_bound: float = 1e3) -> None:
         super().__init__(dim, hidden, context_dim, order)
         self.gate_bias, self.shift_bound = gate_bias, shift_bound
-        with torch.no_grad():
-            self.made.output_layer.weight.mul_(1e-2)
-            self.made.output_layer.bias.zero_()
+
+    def _gate_and_shift(self, z, context):
+        m, s = self.made(z, context).unbind(-2)
+        return s + self.gate_bias, m.clamp(-self.shift_bound, self.shift_bound)
 
     def _scale_shift(self, z, context):
-        m, s = self.made(z, context).unbind(-2)
-        s = s + self.gate_bias
-        return F.logsigmoid(s), torch.sigmoid(-s) * soft_clamp(m, self.shift_bound)
+        s, m = self._gate_and_shift(z, context)
+        return F.logsigmoid(s), torch.sigmoid(-s) * m
+
+    def _one_pass(self, z_in, context):
+        s, m = self._gate_and_shift(z_in, context)
+        return torch.lerp(m, z_in, torch.sigmoid(s)), F.logsigmoid(s).sum(-1)  # σ z + (1 - σ) m
 
 
 class MAF(_MaskedAffine):
@@ -96,9 +103,6 @@ class MAF(_MaskedAffine):
                  shift_bound: float = 1e3) -> None:
         super().__init__(dim, hidden, context_dim, order)
         self.log_scale_bound, self.shift_bound = log_scale_bound, shift_bound
-        with torch.no_grad():
-            self.made.output_layer.weight.mul_(1e-2)
-            self.made.output_layer.bias.zero_()
 
     def _scale_shift(self, z, context):
         mu, alpha = self.made(z, context).unbind(-2)
