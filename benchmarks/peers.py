@@ -1,0 +1,584 @@
+"""Training speed of the same flow VAE in flowvae and in pythae, normflows, Pyro and zuko.
+
+The model: MLP encoder 784-300-300 → (mean, log-std) of 40 latents, decoder 40-300-300-784
+Bernoulli logits, posterior flow (a) 10 planar steps or (b) 4 IAF steps with MADE 40-320-320-80;
+loss = negative ELBO with the flow's log-det; Adam(lr=1e-3); batches of 100 statically binarized
+MNIST images.  Every library builds it with its own public API (what each supports differs:
+see the notes column); the encoder's last hidden layer h (300) conditions the flow where the
+library allows it, and every network uses ELU as flowvae's does (pythae's MADE is fixed to ReLU).
+
+Measured in one process, with the same threads and the same batches for everyone:
+
+- training steps per second (forward, backward, Adam step): ``--warmup`` steps excluded, then
+  ``--repeats`` blocks of ``--steps`` steps, taken round-robin over the implementations so that
+  a change in the machine's load hits all of them alike; the median block gives steps/s;
+- the importance-weighted estimate of −log p(x) with K = ``--nll-samples`` (1000) on
+  ``--nll-points`` (100) test images, with the library's own estimator where it has one
+  (flowvae's ``objectives.importance_weighted_nll``, pythae's ``get_nll``) and otherwise with
+  ``logsumexp`` over the library's own log q and log p, K chunked by ``--chunk``;
+- drawing ``--sample-count`` (10 000) images from the prior through the decoder;
+- FLOP efficiency: FLOPs of one training step (``torch.utils.flop_counter.FlopCounterMode``:
+  matrix products only) × steps/s, divided by the FLOP/s of a ``--matmul``² float32 matmul
+  timed in the same run.
+
+Install the peers once (a separate virtual environment; torch==2.13.0 goes in first):
+
+    bash benchmarks/setup_peers.sh
+    benchmarks/.venv-peers/bin/python benchmarks/peers.py                 # full run
+    benchmarks/.venv-peers/bin/python benchmarks/peers.py --quick         # smoke run, not saved
+    benchmarks/.venv-peers/bin/python benchmarks/peers.py --libraries flowvae pyro --flows iaf
+
+A library that is not installed, or that has no such flow, is listed as unavailable with the
+reason.  Writes ``benchmarks/results/peers.json`` and ``peers.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common
+from common import use_clock, OtherLoad, wait_until_quiet, machine, machine_line, markdown_table, measure, save, set_threads, warn_if_busy
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = next((d / "data" / "binarized_mnist.npz" for d in (ROOT / "shared", ROOT.parent / "shared")
+             if (d / "data" / "binarized_mnist.npz").exists()), ROOT.parent / "shared" / "data" / "binarized_mnist.npz")
+PIXELS, HIDDEN, LATENT, MADE_HIDDEN = 784, 300, 40, 320
+FLOW_STEPS = {"planar": 10, "iaf": 4}
+LIBRARIES = ("flowvae", "pythae", "normflows", "pyro", "zuko")
+DISTRIBUTIONS = {"flowvae": "flowvae", "pythae": "pythae", "normflows": "normflows", "pyro": "pyro-ppl", "zuko": "zuko"}
+
+
+class Unavailable(Exception):
+    """This library cannot build this model here (not installed, or no such flow); the message says why."""
+
+
+@dataclass
+class Implementation:
+    """One library's VAE, reduced to what the benchmark calls.
+
+    ``loss(x)``: mean negative ELBO of a batch x (B, 784) in {0, 1}; ``nll(x, k, chunk)``: mean
+    importance-weighted −log p(x) in nats; ``sample(n)``: n images (Bernoulli means).
+    """
+
+    library: str
+    flow: str
+    notes: str
+    module: nn.Module
+    loss: Callable[[torch.Tensor], torch.Tensor]
+    nll: Callable[[torch.Tensor, int, int], float]
+    sample: Callable[[int], torch.Tensor]
+    optimizer: torch.optim.Optimizer | None = None
+    results: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.library} {self.flow}×{FLOW_STEPS[self.flow]}"
+
+
+# --- shared pieces for the libraries that leave the networks to the user ------------------------
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear layers with ELU between them (none after the last), as flowvae's MLP VAE."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ELU())
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """x (B, 784) -> mean, log-std (B, 40) and the last hidden layer h (B, 300)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(mlp([PIXELS, HIDDEN, HIDDEN]), nn.ELU())
+        self.head = nn.Linear(HIDDEN, 2 * LATENT)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        mean, log_std = self.head(h).chunk(2, dim=-1)
+        return mean, log_std, h
+
+
+def decoder_net() -> nn.Sequential:
+    return mlp([LATENT, HIDDEN, HIDDEN, PIXELS])
+
+
+def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (z * z).sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+
+
+def iw_nll(log_weights: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, k: int, chunk: int) -> float:
+    """−log p(x) ≈ −logsumexp_k(log w_k) + log K, averaged over x; ``log_weights(x, n)`` is (n, B).
+
+    Used for the libraries that have no estimator of their own; chunks of ``chunk`` samples,
+    accumulated in float64.
+    """
+    with torch.no_grad():
+        parts = [log_weights(x, min(chunk, k - start)).double() for start in range(0, k, chunk)]
+        log_w = torch.cat(parts, dim=0)
+        return float((math.log(k) - torch.logsumexp(log_w, dim=0)).mean())
+
+
+# --- flowvae ------------------------------------------------------------------------------------
+
+def build_flowvae(flow: str) -> Implementation:
+    try:
+        from flowvae import objectives
+        from flowvae.models import build_vae
+    except ImportError as error:
+        raise Unavailable(f"flowvae.models / flowvae.objectives not importable: {error}") from error
+    kwargs = {"flow_hidden": MADE_HIDDEN} if flow == "iaf" else {}
+    model = build_vae(arch="mlp", image_shape=(1, 28, 28), latent_dim=LATENT, hidden=HIDDEN,
+                      likelihood="bernoulli", flow=flow, flow_steps=FLOW_STEPS[flow], **kwargs)
+
+    def loss(x):
+        return objectives.negative_elbo(model(x.view(-1, 1, 28, 28), samples=1)).mean()
+
+    def nll(x, k, chunk):
+        with torch.no_grad():
+            return float(objectives.importance_weighted_nll(model, x.view(-1, 1, 28, 28), samples=k,
+                                                            chunk_size=chunk).mean())
+
+    def sample(n):
+        with torch.no_grad():
+            return model.sample(n)
+
+    notes = ("build_vae(arch='mlp'): u, w, b of each step from a linear head on h (amortized), û constraint"
+             if flow == "planar" else
+             "build_vae(arch='mlp'): σ-gated IAF (soft-clamped shift), h through an extra linear into the MADE's "
+             "first layer, ELU MADE 2×320, order reversed between steps")
+    return Implementation("flowvae", flow, notes, model, loss, nll, sample)
+
+
+# --- pythae -------------------------------------------------------------------------------------
+
+def build_pythae(flow: str) -> Implementation:
+    try:
+        from pythae.models import VAE_IAF, VAE_IAF_Config, VAE_LinNF, VAE_LinNF_Config
+        from pythae.models.base.base_utils import ModelOutput
+        from pythae.models.nn import BaseDecoder, BaseEncoder
+        from pythae.samplers import NormalSampler, NormalSamplerConfig
+    except ImportError as error:
+        raise Unavailable(f"pythae not importable: {error}") from error
+
+    class PythaeEncoder(BaseEncoder):
+        def __init__(self):
+            BaseEncoder.__init__(self)
+            self.net = Encoder()
+
+        def forward(self, x):
+            mean, log_std, _ = self.net(x.reshape(x.shape[0], -1))
+            return ModelOutput(embedding=mean, log_covariance=2.0 * log_std)
+
+    class PythaeDecoder(BaseDecoder):
+        # pythae's 'bce' reconstruction loss takes probabilities, so the decoder ends in a sigmoid.
+        def __init__(self):
+            BaseDecoder.__init__(self)
+            self.net = decoder_net()
+
+        def forward(self, z):
+            return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))
+
+    common = {"input_dim": (PIXELS,), "latent_dim": LATENT, "reconstruction_loss": "bce"}
+    if flow == "planar":
+        config = VAE_LinNF_Config(flows=["Planar"] * FLOW_STEPS[flow], **common)
+        model = VAE_LinNF(config, encoder=PythaeEncoder(), decoder=PythaeDecoder())
+        notes = ("VAE_LinNF: global planar parameters (no amortization in its API), no wᵀu ≥ −1 constraint; "
+                 "decoder ends in sigmoid (BCE on probabilities)")
+    else:
+        config = VAE_IAF_Config(n_made_blocks=FLOW_STEPS[flow], n_hidden_in_made=2, hidden_size=MADE_HIDDEN, **common)
+        model = VAE_IAF(config, encoder=PythaeEncoder(), decoder=PythaeDecoder())
+        notes = ("VAE_IAF: ungated affine IAF z·exp(s)+m (s unclamped), no h input, ReLU MADE 2×320 (fixed), "
+                 "features flipped between steps; decoder ends in sigmoid")
+    sampler = NormalSampler(model, NormalSamplerConfig())
+
+    def loss(x):
+        return model({"data": x}).loss
+
+    def nll(x, k, chunk):
+        # pythae's own estimator returns the mean log p(x); it loops over the points one at a time.
+        with torch.no_grad():
+            return -float(model.get_nll(x, n_samples=k, batch_size=chunk))
+
+    def sample(n):
+        with torch.no_grad():
+            return sampler.sample(num_samples=n, batch_size=min(n, 1000), return_gen=True)
+
+    return Implementation("pythae", flow, notes, model, loss, nll, sample)
+
+
+# --- normflows ----------------------------------------------------------------------------------
+
+def build_normflows(flow: str) -> Implementation:
+    try:
+        import normflows as nf
+    except ImportError as error:
+        raise Unavailable(f"normflows not importable: {error}") from error
+
+    encoder = mlp([PIXELS, HIDDEN, HIDDEN, 2 * LATENT])  # NNDiagGaussian: first half mean, second log-variance
+    if flow == "planar":
+        flows = [nf.flows.Planar((LATENT,)) for _ in range(FLOW_STEPS[flow])]
+        notes = ("NormalizingFlowVAE: global planar parameters (the VAE passes no context), wᵀu ≥ −1 "
+                 "constraint; N(0, I) prior as DiagGaussian")
+    else:
+        flows = []
+        for _ in range(FLOW_STEPS[flow]):
+            flows.append(nf.flows.MaskedAffineAutoregressive(LATENT, MADE_HIDDEN, num_blocks=1,
+                                                             use_residual_blocks=False, activation=F.elu))
+            flows.append(nf.flows.Permute(LATENT, mode="shuffle"))
+        flows = flows[:-1]
+        notes = ("NormalizingFlowVAE with MaskedAffineAutoregressive run forward (one pass: IAF), scale "
+                 "sigmoid(s+2)+1e-3, no h (the VAE passes no context), ELU MADE 2×320, fixed random "
+                 "permutation between steps")
+    model = nf.NormalizingFlowVAE(nf.distributions.DiagGaussian(LATENT, trainable=False),
+                                  nf.distributions.NNDiagGaussian(encoder), flows,
+                                  nf.distributions.NNBernoulliDecoder(decoder_net()))
+
+    def loss(x):
+        _, log_q, log_p = model(x, num_samples=1)
+        return (log_q - log_p).mean()
+
+    def log_weights(x, n):
+        _, log_q, log_p = model(x, num_samples=n)  # (B, n)
+        return (log_p - log_q).t()
+
+    def sample(n):
+        with torch.no_grad():
+            z, _ = model.prior(n)
+            return model.decoder(z)
+
+    return Implementation("normflows", flow, notes, model, loss,
+                          lambda x, k, chunk: iw_nll(log_weights, x, k, chunk), sample)
+
+
+# --- Pyro ---------------------------------------------------------------------------------------
+
+def build_pyro(flow: str) -> Implementation:
+    try:
+        import pyro.distributions as dist
+        from pyro.distributions.transforms import ConditionalAffineAutoregressive, ConditionalPlanar
+        from pyro.nn import ConditionalAutoRegressiveNN
+    except ImportError as error:
+        raise Unavailable(f"pyro-ppl not importable: {error}") from error
+
+    class PlanarHead(nn.Module):
+        """h -> (b, u, w) of one planar step, one linear layer as in flowvae's amortized planar."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(HIDDEN, 1 + 2 * LATENT)
+
+        def forward(self, h):
+            return self.linear(h).split([1, LATENT, LATENT], dim=-1)
+
+    if flow == "planar":
+        transforms = [ConditionalPlanar(PlanarHead()) for _ in range(FLOW_STEPS[flow])]
+        notes = ("ConditionalPlanar with a linear hypernet on h (amortized), wᵀu ≥ −1 constraint; "
+                 "pyro.distributions in a plain torch loop (not SVI)")
+    else:
+        orders = [torch.arange(LATENT), torch.arange(LATENT).flip(0)]
+        transforms = [ConditionalAffineAutoregressive(
+            ConditionalAutoRegressiveNN(LATENT, HIDDEN, [MADE_HIDDEN, MADE_HIDDEN], permutation=orders[k % 2],
+                                        nonlinearity=nn.ELU()),
+            stable=True) for k in range(FLOW_STEPS[flow])]
+        notes = ("ConditionalAffineAutoregressive(stable=True: σ-gated IAF), h concatenated to the MADE input, "
+                 "ELU MADE 2×320, order reversed between steps; plain torch loop (not SVI)")
+
+    class PyroVAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder = Encoder(), decoder_net()
+            self.transforms = nn.ModuleList(transforms)
+
+        def log_weights(self, x, n):
+            mean, log_std, h = self.encoder(x)
+            base = dist.Normal(mean, log_std.exp()).to_event(1)
+            q = dist.TransformedDistribution(base, [t.condition(h) for t in self.transforms])
+            z = q.rsample((n,))                      # (n, B, 40); the transforms cache z for log_prob
+            log_q = q.log_prob(z)
+            return bernoulli_log_prob(self.decoder(z), x) + standard_normal_log_prob(z) - log_q
+
+    model = PyroVAE()
+    return Implementation("pyro", flow, notes, model, lambda x: -model.log_weights(x, 1).mean(),
+                          lambda x, k, chunk: iw_nll(model.log_weights, x, k, chunk),
+                          lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach())
+
+
+# --- zuko ---------------------------------------------------------------------------------------
+
+def build_zuko(flow: str) -> Implementation:
+    try:
+        import zuko
+    except ImportError as error:
+        raise Unavailable(f"zuko not importable: {error}") from error
+    if flow == "planar":
+        raise Unavailable("zuko has no planar flow")
+    orders = [torch.arange(LATENT), torch.arange(LATENT).flip(0)]
+    lazy = [zuko.flows.MaskedAutoregressiveTransform(LATENT, context=HIDDEN, order=orders[k % 2],
+                                                     hidden_features=(MADE_HIDDEN, MADE_HIDDEN), activation=nn.ELU)
+            for k in range(FLOW_STEPS[flow])]
+    notes = ("MaskedAutoregressiveTransform used in its one-pass direction (IAF) through "
+             "NormalizingFlow(...).rsample_and_log_prob; exp(a)·z+b with soft-clamped a (ungated), "
+             "h as context, ELU MADE 2×320, order reversed between steps")
+
+    class ZukoVAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder = Encoder(), decoder_net()
+            self.transforms = nn.ModuleList(lazy)
+
+        def log_weights(self, x, n):
+            mean, log_std, h = self.encoder(x)
+            # NormalizingFlow's transform maps samples to the base; its .inv (our steps, in order) samples.
+            sampling = zuko.transforms.ComposedTransform(*(t(h) for t in self.transforms))
+            q = zuko.distributions.NormalizingFlow(sampling.inv, zuko.distributions.DiagNormal(mean, log_std.exp()))
+            z, log_q = q.rsample_and_log_prob((n,))
+            return bernoulli_log_prob(self.decoder(z), x) + standard_normal_log_prob(z) - log_q
+
+    model = ZukoVAE()
+    return Implementation("zuko", flow, notes, model, lambda x: -model.log_weights(x, 1).mean(),
+                          lambda x, k, chunk: iw_nll(model.log_weights, x, k, chunk),
+                          lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach())
+
+
+BUILDERS = {"flowvae": build_flowvae, "pythae": build_pythae, "normflows": build_normflows,
+            "pyro": build_pyro, "zuko": build_zuko}
+
+
+# --- measurement --------------------------------------------------------------------------------
+
+def load_data(path: Path, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    if path.exists():
+        with np.load(path) as data:
+            return data["train"], data["test"], f"{path.name} (static binarization)"
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 2, (10_000, PIXELS), dtype=np.uint8), rng.integers(0, 2, (1_000, PIXELS), dtype=np.uint8),
+            f"random bits ({path} not found)")
+
+
+def train_steps(impl: Implementation, batches: list[torch.Tensor], start: int, count: int) -> int:
+    for i in range(start, start + count):
+        impl.optimizer.zero_grad(set_to_none=True)
+        impl.loss(batches[i % len(batches)]).backward()
+        impl.optimizer.step()
+    return start + count
+
+
+def count_flops(impl: Implementation, x: torch.Tensor) -> int:
+    """Matmul FLOPs of one training step (forward + backward), counted by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        impl.loss(x).backward()
+    impl.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_s(n: int, budget: float) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = measure(lambda: a @ b, budget_s=budget, min_repeats=5)
+    return 2.0 * n ** 3 / t.median
+
+
+def run(args: argparse.Namespace) -> dict:
+    train, test, data_note = load_data(Path(args.data), args.seed)
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(train))[: args.batch * args.n_batches]
+    batches = [torch.from_numpy(train[order[i: i + args.batch]]).float()
+               for i in range(0, len(order), args.batch)]
+    x_test = torch.from_numpy(test[: args.nll_points]).float()
+
+    impls, unavailable = [], []
+    for flow in args.flows:
+        for library in args.libraries:
+            torch.manual_seed(args.seed)
+            try:
+                impl = BUILDERS[library](flow)
+            except Unavailable as why:
+                unavailable.append({"library": library, "flow": flow, "reason": str(why)})
+                print(f"unavailable: {library} {flow}: {why}", file=sys.stderr)
+                continue
+            except Exception as error:  # a peer that breaks on construction is reported, not fatal
+                unavailable.append({"library": library, "flow": flow,
+                                    "reason": f"{type(error).__name__}: {error}".splitlines()[0]})
+                traceback.print_exc()
+                continue
+            impl.optimizer = torch.optim.Adam(impl.module.parameters(), lr=1e-3)
+            impl.results["parameters"] = sum(p.numel() for p in impl.module.parameters())
+            impls.append(impl)
+
+    matmul = matmul_flops_per_s(args.matmul, budget=2.0)
+    print(f"{args.matmul}² float32 matmul: {matmul / 1e9:.1f} GFLOP/s", file=sys.stderr)
+
+    positions = {}
+    for impl in list(impls):
+        try:
+            impl.results["flops_per_step"] = count_flops(impl, batches[0])
+            positions[impl.name] = train_steps(impl, batches, 0, args.warmup)
+        except Exception as error:
+            unavailable.append({"library": impl.library, "flow": impl.flow,
+                                "reason": f"failed in training: {type(error).__name__}: {error}".splitlines()[0]})
+            traceback.print_exc()
+            impls.remove(impl)
+
+    blocks = {impl.name: [] for impl in impls}
+    for r in range(args.repeats):
+        for impl in impls:  # round-robin: every implementation sees the same stretch of machine load
+            start = common.clock()
+            positions[impl.name] = train_steps(impl, batches, positions[impl.name], args.steps)
+            blocks[impl.name].append(args.steps / (common.clock() - start))
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {b[-1]:.1f}/s" for n, b in blocks.items()),
+              file=sys.stderr)
+
+    for impl in impls:
+        rates = sorted(blocks[impl.name])
+        impl.results.update(steps_per_s=float(np.median(rates)), steps_per_s_blocks=rates,
+                            ms_per_step=1e3 / float(np.median(rates)))
+        impl.results["efficiency"] = impl.results["flops_per_step"] * impl.results["steps_per_s"] / matmul
+        with torch.no_grad():
+            impl.results["final_loss"] = float(impl.loss(batches[0]))
+        torch.manual_seed(args.seed)
+        impl.nll(x_test[:2], 10, 10)  # warm-up
+        start = common.clock()
+        impl.results["nll"] = impl.nll(x_test, args.nll_samples, args.chunk)
+        impl.results["nll_s"] = common.clock() - start
+        impl.sample(100)
+        t = measure(lambda impl=impl: impl.sample(args.sample_count), budget_s=3.0, min_repeats=3, max_repeats=5)
+        impl.results["sample_s"] = t.median
+        print(f"{impl.name}: {impl.results['steps_per_s']:.1f} steps/s, −log p(x) {impl.results['nll']:.1f} "
+              f"in {impl.results['nll_s']:.1f} s, {args.sample_count} samples in {t.ms:.0f} ms", file=sys.stderr)
+
+    return {
+        "data": data_note,
+        "matmul_flops_per_s": matmul,
+        "implementations": [{"library": i.library, "flow": i.flow, "steps": FLOW_STEPS[i.flow], "notes": i.notes,
+                             **i.results} for i in impls],
+        "unavailable": unavailable,
+        "versions": versions(),
+    }
+
+
+def interpreter() -> str:
+    """The Python that ran this, relative to the repository when it lives there (the peers' venv)."""
+    path = Path(sys.executable)
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return "python"
+
+
+def versions() -> dict:
+    out = {}
+    for library, distribution in DISTRIBUTIONS.items():
+        try:
+            out[library] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            out[library] = None
+    return out
+
+
+def render(results: dict, info: dict, args: argparse.Namespace) -> str:
+    rows = []
+    reference = {r["flow"]: r for r in results["implementations"] if r["library"] == "flowvae"}
+    for r in results["implementations"]:
+        ref = reference.get(r["flow"])
+        speed = f"{ref['steps_per_s'] / r['steps_per_s']:.2f}" if ref else "—"
+        rows.append([r["library"], f"{r['flow']}×{r['steps']}", f"{r['steps_per_s']:.1f}", f"{r['ms_per_step']:.2f}",
+                     speed, f"{r['flops_per_step'] / 1e6:.0f}", f"{100 * r['efficiency']:.1f}%",
+                     f"{r['nll_s']:.1f}", f"{r['nll']:.1f}", f"{1e3 * r['sample_s']:.0f}", r["notes"]])
+    header = ["library", "model", "steps/s", "ms/step", "flowvae/peer", "MFLOP/step", "FLOP eff.",
+              f"−log p(x) s (K={args.nll_samples}, {args.nll_points} pts)", "−log p(x) nats",
+              f"{args.sample_count} samples ms", "notes"]
+    v = results["versions"]
+    lines = [
+        "# peers: the same flow VAE in flowvae and other libraries",
+        "",
+        f"Machine: {machine_line(info)}.",
+        "Versions: " + ", ".join(f"{k} {v[k] or 'not installed'}" for k in LIBRARIES) + ".",
+        f"Command: `{interpreter()} benchmarks/peers.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Clock: {args.clock}. Data: {results['data']}; batch {args.batch}; Adam lr 1e-3; {args.warmup} warm-up steps, then the "
+        f"median of {args.repeats} blocks of {args.steps} steps (round-robin over libraries). "
+        f"{args.matmul}² float32 matmul: {results['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; FLOP eff. = matmul "
+        "FLOPs of a training step (FlopCounterMode) × steps/s ÷ that. flowvae/peer > 1: flowvae is faster. "
+        "−log p(x) after the timed training steps only (not a trained model; a sanity check).",
+        "",
+        markdown_table(header, rows),
+    ]
+    if results["unavailable"]:
+        lines += ["", "Unavailable:", ""]
+        lines += [f"- {u['library']} {u['flow']}: {u['reason']}" for u in results["unavailable"]]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+    p.add_argument("--flows", nargs="+", default=list(FLOW_STEPS), choices=list(FLOW_STEPS))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all visible cores)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or CPU time of this process (robust on a busy machine with --threads 1)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait up to this long for other processes to leave the cores idle")
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--n-batches", type=int, default=50, help="distinct training batches, cycled")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--steps", type=int, default=50, help="training steps per timed block")
+    p.add_argument("--repeats", type=int, default=7, help="timed blocks per implementation")
+    p.add_argument("--nll-samples", type=int, default=1000)
+    p.add_argument("--nll-points", type=int, default=100)
+    p.add_argument("--chunk", type=int, default=100, help="importance samples per chunk")
+    p.add_argument("--sample-count", type=int, default=10_000)
+    p.add_argument("--matmul", type=int, default=2048)
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a smoke run: few steps, small K; results not saved")
+    p.add_argument("--out", default=None, help="result name under benchmarks/results/ (default peers)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.warmup, args.steps, args.repeats = 3, 5, 2
+        args.nll_samples, args.nll_points, args.sample_count = 20, 10, 1000
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    threads = set_threads(args.threads)
+    info = machine()
+    use_clock(args.clock)
+    if args.wait_quiet > 0:
+        wait_until_quiet(args.wait_quiet)
+    print(f"# {machine_line(info)}", file=sys.stderr)
+    warn_if_busy(threads)
+    load = OtherLoad().start()
+    results = run(args)
+    info["other_processes_cores"] = load.stop()
+    text = render(results, info, args)
+    print(text)
+    if args.quick and args.out is None:
+        print("\n(--quick: results not saved; pass --out NAME to keep them)", file=sys.stderr)
+        return
+    paths = save(args.out or "peers", {"machine": info, "threads": threads, "args": vars(args), **results}, text)
+    print(f"\nsaved {paths[0]} and {paths[1]}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
