@@ -39,3 +39,10 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
     buffer = io.BytesIO()
     plt.imsave(buffer, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0.0, vmax=1.0, format="png")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Render a matplotlib figure to PNG in memory, then write it atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
