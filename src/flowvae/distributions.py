@@ -59,8 +59,14 @@ class FlowDistribution:
     def __init__(self, base: D.Distribution, flow: Flow | None = None, context: torch.Tensor | None = None) -> None:
         self.base, self.flow, self.context = base, flow, context
 
-    def rsample_and_log_prob(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        z0 = self.base.rsample(sample_shape)
+    def rsample_and_log_prob(self, sample_shape: torch.Size | tuple[int, ...] = (), noise: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_K and log q(z_K), (*sample_shape, *batch, D) and (*sample_shape, *batch).
+
+        ``noise`` ε (standard normal, of z's shape) fixes the draw of a location-scale base:
+        z₀ = mean + stddev · ε; without it the base's own ``rsample`` draws.
+        """
+        z0 = self.base.rsample(sample_shape) if noise is None else self.base.mean + self.base.stddev * noise
         log_q = self.base.log_prob(z0)
         if self.flow is None:
             return z0, log_q

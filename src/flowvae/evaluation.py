@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flowvae import objectives
+from flowvae.distributed import Context
 from flowvae.models.vae import VAE
 
 # While importance sampling, at most this many elements of decoder output (times an activation
@@ -27,25 +28,39 @@ def auto_chunk_size(model: VAE, batch_size: int, samples: int) -> int:
 
 @torch.no_grad()
 def evaluate(model: VAE, data: torch.Tensor, *, batch_size: int = 100, samples: int = 0, chunk_size: int | None = None,
-             device: torch.device | str = "cpu", progress: bool = False, desc: str = "eval") -> dict[str, float]:
+             device: torch.device | str = "cpu", progress: bool = False, desc: str = "eval", seed: int | None = None,
+             context: Context = Context()) -> dict[str, float]:
     """Mean over ``data`` (N, C, H, W) of -ELBO, -log p(x|z) and KL (one posterior sample each),
-    and with ``samples`` = K > 0 the importance-weighted -log p(x).  Sums accumulate in float64."""
+    and with ``samples`` = K > 0 the importance-weighted -log p(x).  Sums accumulate in float64.
+
+    With ``seed`` each batch draws its noise from its own generator seeded by (seed, batch index),
+    so results do not depend on how batches are spread over workers: under DDP (``context``)
+    worker r takes batches r, r + W, … and the sums are all-reduced once at the end.
+    """
     was_training = model.training
     model.eval()
-    totals = {"neg_elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
+    device = torch.device(device)
+    names = ["neg_elbo", "reconstruction", "kl"] + (["nll"] if samples else [])
+    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
     if samples:
-        totals["nll"] = 0.0
         chunk_size = chunk_size or auto_chunk_size(model, batch_size, samples)
-    for start in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress, leave=False):
+    starts = list(range(0, len(data), batch_size))[context.rank::context.world_size]
+    for start in tqdm(starts, desc=desc, disable=not progress or not context.is_main, leave=False):
         x = data[start:start + batch_size].to(device)
-        ld = model(x)
-        totals["neg_elbo"] += objectives.negative_elbo(ld).double().sum().item()
-        totals["reconstruction"] -= ld.log_likelihood.double().sum().item()
-        totals["kl"] += ld.kl.double().sum().item()
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device).manual_seed(seed * 1_000_003 + start // batch_size)
+        noise = None if generator is None else torch.randn(1, len(x), model.latent_dim, generator=generator,
+                                                             device=device, dtype=next(model.parameters()).dtype)
+        ld = model(x, noise=noise)
+        batch = [objectives.negative_elbo(ld).double().sum(), -ld.log_likelihood.double().sum(),
+                 ld.kl.double().sum()]
         if samples:
-            totals["nll"] += objectives.importance_weighted_nll(model, x, samples, chunk_size).sum().item()
+            batch.append(objectives.importance_weighted_nll(model, x, samples, chunk_size, generator).sum())
+        totals += torch.stack(batch)
+    context.all_reduce_sum(totals)
     model.train(was_training)
-    results = {k: v / len(data) for k, v in totals.items()}
+    results = dict(zip(names, (totals / len(data)).tolist()))
     if samples:
         results["nll_samples"] = samples
     return results

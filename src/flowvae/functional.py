@@ -9,25 +9,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flowvae.numerics import planar_constraint, radial_parameters, safe_log, tanh_derivative
+from flowvae.numerics import radial_parameters, safe_log, tanh_derivative
 
 
 def planar(z: torch.Tensor, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """f(z) = z + û tanh(wᵀz + b), log|det| = log(1 + tanh'(a) wᵀû) with û from :func:`planar_constraint`.
+    """f(z) = z + û tanh(wᵀz + b), log|det| = log(1 + tanh'(a) wᵀû), û = u + (m(wᵀu) - wᵀu) w/‖w‖²
+    with m(x) = -1 + softplus(x), so that wᵀû = m(wᵀu) >= -1 (Rezende & Mohamed 2015, A.1).
 
     Shapes: z (..., D), u and w (..., D), b (...) -> (..., D), (...).
-    The determinant is computed as tanh²(a) + tanh'(a)(1 + wᵀû), a sum of non-negative terms,
-    so it does not cancel to 0 when wᵀû ≈ -1.
+    The determinant is computed as tanh²(a) + (1 - tanh²(a)) (1 + wᵀû), a sum of non-negative
+    terms, so it does not cancel to 0 when wᵀû ≈ -1.  (wᵀu and ‖w‖² are shared between û and the
+    determinant: on small batches every extra op costs as much as the maths.)
     """
-    u_hat = planar_constraint(u, w)
-    a = (w * z).sum(-1) + b
-    z_new = z + u_hat * torch.tanh(a).unsqueeze(-1)
     wu = (w * u).sum(-1)
     w_norm_sq = (w * w).sum(-1)
-    ratio = w_norm_sq / w_norm_sq.clamp_min(torch.finfo(w.dtype).tiny)  # 1 unless w == 0
-    one_plus_wu_hat = (1.0 - ratio) * (1.0 + wu) + ratio * F.softplus(wu)
-    det = torch.tanh(a) ** 2 + tanh_derivative(a) * one_plus_wu_hat
-    return z_new, safe_log(det)
+    safe_norm_sq = w_norm_sq.clamp_min(torch.finfo(w.dtype).tiny)
+    softplus_wu = F.softplus(wu)
+    u_hat = u + ((softplus_wu - 1.0 - wu) / safe_norm_sq).unsqueeze(-1) * w
+    t = torch.tanh((w * z).sum(-1) + b)
+    z_new = z + u_hat * t.unsqueeze(-1)
+    ratio = w_norm_sq / safe_norm_sq  # 1 unless w == 0, where wᵀû = 0
+    one_plus_wu_hat = softplus_wu * ratio + (1.0 - ratio) * (1.0 + wu)
+    t_sq = t * t
+    return z_new, safe_log(t_sq + (1.0 - t_sq) * one_plus_wu_hat)
 
 
 def _radial_log_det(r: torch.Tensor, alpha: torch.Tensor, alpha_plus_beta: torch.Tensor, dim: int) -> torch.Tensor:

@@ -36,17 +36,6 @@ def tanh_derivative(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(-2.0 * log_cosh(x))
 
 
-def planar_constraint(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """û such that wᵀû >= -1, which keeps the planar flow with tanh invertible.
-
-    Rezende & Mohamed (2015), appendix A.1: û = u + (m(wᵀu) - wᵀu) w / ‖w‖²
-    with m(x) = -1 + softplus(x).  Shapes broadcast: u, w (..., D) -> û (..., D).
-    """
-    wu = (w * u).sum(-1, keepdim=True)
-    w_norm_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    return u + (F.softplus(wu) - 1.0 - wu) * w / w_norm_sq
-
-
 def radial_parameters(alpha_raw: torch.Tensor, beta_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(α, β) with α > 0 and β >= -α, the radial flow's invertibility condition.
 

@@ -19,16 +19,19 @@ def negative_elbo(ld: LogDensities, beta: float = 1.0) -> torch.Tensor:
     return -(ld.log_likelihood - beta * ld.kl).mean(0)
 
 
-def training_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0) -> torch.Tensor:
-    """Scalar loss: batch-mean negative ELBO with KL weight β (warm-up) and free bits.
+def training_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
+                  normalizer: float | None = None) -> torch.Tensor:
+    """Scalar loss: the negative ELBO with KL weight β (warm-up) and free bits, summed over the
+    batch and divided by ``normalizer`` (default: the batch size, i.e. the batch mean).
 
     Free bits (Kingma et al. 2016) with the whole latent vector as one group: the KL term is
-    max(mean KL, free_bits · D), so no gradient pushes the KL below ``free_bits`` nats per latent.
+    max(Σ KL, free_bits · D · B), so no gradient pushes the mean KL below ``free_bits`` nats per latent.
     """
-    kl = ld.kl.mean()
+    batch = ld.kl.shape[-1]
+    kl = ld.kl.mean(0).sum()
     if free_bits > 0:
-        kl = torch.clamp(kl, min=free_bits * ld.z.shape[-1])
-    return -ld.log_likelihood.mean() + beta * kl
+        kl = torch.clamp(kl, min=free_bits * ld.z.shape[-1] * batch)
+    return (-ld.log_likelihood.mean(0).sum() + beta * kl) / (batch if normalizer is None else normalizer)
 
 
 def iwae_bound(ld: LogDensities) -> torch.Tensor:
@@ -37,18 +40,23 @@ def iwae_bound(ld: LogDensities) -> torch.Tensor:
 
 
 @torch.no_grad()
-def importance_weighted_nll(model: VAE, x: torch.Tensor, samples: int = 5000, chunk_size: int = 500) -> torch.Tensor:
+def importance_weighted_nll(model: VAE, x: torch.Tensor, samples: int = 5000, chunk_size: int = 500,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
     """-log p(x) ≈ -log (1/K) Σ_k w_k for x (B, C, H, W) with K = ``samples``: (B,) float64 nats.
 
     The encoder runs once; samples are drawn ``chunk_size`` at a time for all B data points
     together (memory O(chunk_size · B)), and the log-sum-exp is accumulated in float64.
+    ``generator`` (on x's device) makes the draw reproducible.
     """
     if samples < 1 or chunk_size < 1:
         raise ValueError(f"samples and chunk_size must be >= 1, got {samples} and {chunk_size}")
     q = model.posterior(x)
     total = None
     for start in range(0, samples, chunk_size):
-        log_w = model.log_densities(x, q, min(chunk_size, samples - start)).log_weight.double()
+        k = min(chunk_size, samples - start)
+        noise = None if generator is None else torch.randn(k, len(x), model.latent_dim, generator=generator,
+                                                             device=x.device, dtype=q.base.mean.dtype)
+        log_w = model.log_densities(x, q, k, noise).log_weight.double()
         chunk = torch.logsumexp(log_w, 0)
         total = chunk if total is None else torch.logaddexp(total, chunk)
     return -(total - math.log(samples))

@@ -87,6 +87,7 @@ class IAF(_MaskedAffine):
 
     def _one_pass(self, z_in, context):
         s, m = self._gate_and_shift(z_in, context)
+        s, m = s.to(z_in.dtype), m.to(z_in.dtype)  # under autocast the MADE's outputs may be 16-bit
         return torch.lerp(m, z_in, torch.sigmoid(s)), F.logsigmoid(s).sum(-1)  # σ z + (1 - σ) m
 
 

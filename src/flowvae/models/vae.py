@@ -98,16 +98,20 @@ class VAE(nn.Module):
         params = self.decoder(z.reshape(-1, self.latent_dim))
         return params.reshape(*z.shape[:-1], *params.shape[1:])
 
-    def log_densities(self, x: torch.Tensor, q: FlowDistribution, samples: int = 1) -> LogDensities:
-        """Draw ``samples`` z_K ~ q(z|x) and score them; every field is (samples, B)."""
-        z, log_q = q.rsample_and_log_prob((samples,))
+    def log_densities(self, x: torch.Tensor, q: FlowDistribution, samples: int = 1,
+                      noise: torch.Tensor | None = None) -> LogDensities:
+        """Draw ``samples`` z_K ~ q(z|x) and score them; every field is (samples, B).
+
+        ``noise`` (samples, B, D) standard normal fixes the draw (z₀ = μ + σ ε).
+        """
+        z, log_q = q.rsample_and_log_prob((samples,), noise)
         # Under autocast the networks may run in 16 bits; the densities are summed in at least float32.
         params, z, log_q = (_at_least_float32(t) for t in (self.decode(z), z, log_q))
         log_px = self.likelihood.log_prob(params, self.likelihood.prepare(x))
         return LogDensities(log_px, standard_normal_log_prob(z), log_q, z)
 
-    def forward(self, x: torch.Tensor, samples: int = 1) -> LogDensities:
-        return self.log_densities(x, self.posterior(x), samples)
+    def forward(self, x: torch.Tensor, samples: int = 1, noise: torch.Tensor | None = None) -> LogDensities:
+        return self.log_densities(x, self.posterior(x), samples, noise)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,5 @@
+import sys
+
+from flowvae.cli import main
+
+sys.exit(main())

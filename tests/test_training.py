@@ -1,0 +1,176 @@
+"""The trainer and the command line: artifacts, kill-and-resume, bad input, each subcommand."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flowvae import training
+from flowvae.cli import main
+from flowvae.config import ConfigError, TrainConfig
+from flowvae.data import DataError, DatasetSplits
+
+TINY = dict(dataset="digits", arch="mlp", hidden=32, latent_dim=4, flow="iaf", flow_steps=2, flow_hidden=16,
+            epochs=3, eval_samples=20, progress=False, threads=1)
+TINY_FLAGS = ["--dataset", "digits", "--hidden", "32", "--latent-dim", "4", "--flow", "iaf", "--flow-steps", "2",
+              "--flow-hidden", "16", "--eval-samples", "20", "--no-progress", "--threads", "1"]
+
+
+def tiny(tmp_path: Path, **overrides) -> TrainConfig:
+    return TrainConfig(**(TINY | {"out": str(tmp_path / "run")} | overrides))
+
+
+def test_train_writes_every_artifact(tmp_path):
+    results = training.train(tiny(tmp_path, warmup_epochs=1.5, free_bits=0.01))
+    run = tmp_path / "run"
+    for name in ("config.yaml", "checkpoint.pt", "best.pt", "metrics.jsonl", "metrics.csv", "samples.png",
+                 "reconstructions.png", "results.json"):
+        assert (run / name).stat().st_size > 0, name
+    assert json.loads((run / "results.json").read_text()) == json.loads(json.dumps(results))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[0]["beta"] < 1.0 and rows[-1]["beta"] == 1.0  # KL warm-up over 1.5 epochs
+    test = results["test"]
+    assert test["nll_samples"] == 20 and 0 < test["nll"] <= test["neg_elbo"] + 1.0
+    assert 0 <= results["diagnostics"]["active_units"] <= 4 and len(results["diagnostics"]["kl_per_dim_base"]) == 4
+    assert results["objective"] == {"warmup_epochs": 1.5, "free_bits": 0.01}
+    assert yaml.safe_load((run / "config.yaml").read_text())["flow"] == "iaf"
+
+
+def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_killed_run_resumes_to_bit_identical_parameters(tmp_path):
+    straight = tiny(tmp_path / "a", epochs=12)
+    training.train(straight)
+
+    out = tmp_path / "b" / "run"
+    cmd = [sys.executable, "-m", "flowvae", "train", *TINY_FLAGS, "--epochs", "12", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists(), "the run should have been killed before it finished"
+    done = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["epoch"]  # the logs are rebuilt from it
+    assert 1 <= done < 12
+    assert main(["train", *TINY_FLAGS, "--epochs", "12", "--out", str(out), "--resume"]) == 0
+
+    a, b = _model_tensors(Path(straight.out) / "checkpoint.pt"), _model_tensors(out / "checkpoint.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = [json.loads(line) for line in (Path(straight.out) / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(rows_a) == strip(rows_b)
+    assert not list(out.glob(".*.tmp")), "no temporary files left behind"
+
+
+def test_resume_can_extend_training(tmp_path):
+    config = tiny(tmp_path, epochs=2)
+    training.train(config)
+    config.epochs = 4
+    results = training.train(config, resume=True)
+    assert results["epochs_trained"] == 4
+
+
+def test_checkpoint_problems_are_one_line_errors(tmp_path):
+    config = tiny(tmp_path, epochs=1, eval_samples=2)
+    training.train(config)
+    with pytest.raises(training.CheckpointError, match="already holds a run"):
+        training.train(config)
+    other = tiny(tmp_path, epochs=1, flow="planar")
+    with pytest.raises(training.CheckpointError, match="different model: flow='iaf' there, 'planar' here"):
+        training.train(other, resume=True)
+    ckpt = Path(config.out) / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(training.CheckpointError, match="corrupt, truncated"):
+        training.train(config, resume=True)
+    ckpt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(training.CheckpointError, match="corrupt, truncated"):
+        training.load_checkpoint(ckpt)
+    with pytest.raises(training.CheckpointError, match="does not exist"):
+        training.train(tiny(tmp_path / "fresh"), resume=True)
+
+
+def test_nan_data_is_refused(tmp_path, monkeypatch):
+    images = torch.rand(10, 1, 8, 8)
+    images[3, 0, 2, 2] = float("nan")
+    splits = DatasetSplits("nanset", images, torch.rand(5, 1, 8, 8), torch.rand(5, 1, 8, 8), "grayscale")
+    monkeypatch.setattr(training, "load_dataset", lambda *a, **k: splits)
+    with pytest.raises(DataError, match="train split contains NaN"):
+        training.train(tiny(tmp_path))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("field,value,message", [("lr", -1.0, "lr=-1.0"), ("flow", "nice", "flow must be one of"),
+                                                 ("dataset", "imagenet", "dataset must be one of"),
+                                                 ("epochs", 0, "epochs must be > 0")])
+def test_bad_config_values_are_named(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_cli_train_evaluate_sample_and_yaml_config(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"dataset": "digits", "latent_dim": 4, "hidden": 32, "flow": "planar",
+                                      "flow_steps": 3, "epochs": 5, "eval_samples": 10, "progress": False}))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--epochs", "2", "--out", str(out), "--threads", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["nll_samples"] == 10 and printed["test_nll"] > 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 2 and saved["flow"] == "planar"   # flag overrides the file
+    assert main(["evaluate", "--run", str(out), "--samples", "7", "--split", "valid", "--limit", "30",
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["nll_samples"] == 7 and evaluation["split"] == "valid" and evaluation["points"] == 30
+    capsys.readouterr()
+    assert main(["sample", "--run", str(out), "--n", "9", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--lr", "abc"], "lr must be float"),
+    (["train", "--flow", "nice"], "flow must be one of"),
+    (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+    (["evaluate", "--run", "/nonexistent"], "not a flowvae run directory"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_rejects_unknown_yaml_keys(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("latent_dim: 4\nlatnet_dim: 5\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "unknown config key(s) latnet_dim" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "flowvae", "--help"], capture_output=True, text=True,
+                            env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0 and "train" in result.stdout and "toy" in result.stdout
+
+
+def test_bf16_autocast_trains_and_keeps_densities_in_float32(tmp_path):
+    results = training.train(tiny(tmp_path, epochs=2, precision="bf16"))
+    assert all(torch.isfinite(torch.tensor(results["test"][k])) for k in ("neg_elbo", "nll"))
+    from flowvae.models import build_vae
+    model = build_vae("mlp", (1, 8, 8), 4, hidden=16, flow="iaf", flow_steps=2, flow_hidden=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ld = model(torch.bernoulli(torch.full((3, 1, 8, 8), 0.5)))
+    assert ld.log_likelihood.dtype == ld.log_posterior.dtype == ld.log_prior.dtype == torch.float32
