@@ -198,3 +198,27 @@ def _jsonable(value: object) -> object:
     if isinstance(value, Timing):
         return asdict(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def report(default_name: str, args, info: dict, threads: int, results: dict, render, load: "OtherLoad") -> None:
+    """Print a benchmark's table and save it (JSON + Markdown) unless it was a --quick smoke run."""
+    info["other_processes_cores"] = load.stop()
+    text = render(results, info, args)
+    print(text)
+    if args.quick and args.out is None:
+        print("\n(--quick: results not saved; pass --out NAME to keep them)", file=sys.stderr)
+        return
+    paths = save(args.out or default_name, {"machine": info, "threads": threads, "args": vars(args), **results}, text)
+    print(f"\nsaved {paths[0]} and {paths[1]}", file=sys.stderr)
+
+
+def start(args) -> tuple[int, dict, "OtherLoad"]:
+    """Threads, clock, an optional wait for a quiet machine, the machine line; then start watching the load."""
+    threads = set_threads(args.threads)
+    info = machine()
+    use_clock(args.clock)
+    if args.wait_quiet > 0:
+        wait_until_quiet(args.wait_quiet)
+    print(f"# {machine_line(info)}", file=sys.stderr)
+    warn_if_busy(threads)
+    return threads, info, OtherLoad().start()

@@ -39,7 +39,7 @@ import sys
 import torch
 from torch import nn
 
-from common import use_clock, OtherLoad, wait_until_quiet, Timing, machine, machine_line, markdown_table, measure, save, set_threads, warn_if_busy
+from common import report, start, use_clock, OtherLoad, wait_until_quiet, Timing, machine, machine_line, markdown_table, measure, save, set_threads, warn_if_busy
 from flowvae import flows
 from flowvae.flows.base import FlowParameters
 
@@ -312,14 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.quick:
         args.budget = min(args.budget, 0.1)
-    threads = set_threads(args.threads)
-    info = machine()
-    use_clock(args.clock)
-    if args.wait_quiet > 0:
-        wait_until_quiet(args.wait_quiet)
-    print(f"# {machine_line(info)}", file=sys.stderr)
-    warn_if_busy(threads)
-    load = OtherLoad().start()
+    threads, info, load = start(args)
     if args.profile:
         text = profile_iaf(args)
         print(text)
@@ -327,15 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         save(name, {"machine": info, "args": vars(args), "profile": text},
              f"# IAF profile\n\nMachine: {machine_line(info)}.\n\n{text}")
         return
-    results = run(args)
-    info["other_processes_cores"] = load.stop()
-    text = render(results, info, args)
-    print(text)
-    if args.quick and args.out is None:
-        print("\n(--quick: results not saved; pass --out NAME to keep them)", file=sys.stderr)
-        return
-    paths = save(args.out or "flows_speed", {"machine": info, "threads": threads, "args": vars(args), **results}, text)
-    print(f"\nsaved {paths[0]} and {paths[1]}", file=sys.stderr)
+    report("flows_speed", args, info, threads, run(args), render, load)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from common import use_clock, OtherLoad, wait_until_quiet, machine, machine_line, markdown_table, measure, save, set_threads, warn_if_busy
+from common import report, start, use_clock, OtherLoad, wait_until_quiet, machine, machine_line, markdown_table, measure, save, set_threads, warn_if_busy
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = next((d / "data" / "binarized_mnist.npz" for d in (ROOT / "shared", ROOT.parent / "shared")
@@ -593,23 +593,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    threads = set_threads(args.threads)
-    info = machine()
-    use_clock(args.clock)
-    if args.wait_quiet > 0:
-        wait_until_quiet(args.wait_quiet)
-    print(f"# {machine_line(info)}", file=sys.stderr)
-    warn_if_busy(threads)
-    load = OtherLoad().start()
-    results = run(args)
-    info["other_processes_cores"] = load.stop()
-    text = render(results, info, args)
-    print(text)
-    if args.quick and args.out is None:
-        print("\n(--quick: results not saved; pass --out NAME to keep them)", file=sys.stderr)
-        return
-    paths = save(args.out or "peers", {"machine": info, "threads": threads, "args": vars(args), **results}, text)
-    print(f"\nsaved {paths[0]} and {paths[1]}", file=sys.stderr)
+    threads, info, load = start(args)
+    report("peers", args, info, threads, run(args), render, load)
 
 
 if __name__ == "__main__":
