@@ -39,7 +39,7 @@ import sys
 import torch
 from torch import nn
 
-from common import report, start, use_clock, OtherLoad, wait_until_quiet, Timing, machine, machine_line, markdown_table, measure, save, set_threads, warn_if_busy
+from common import report, start, Timing, machine_line, markdown_table, measure, save
 from flowvae import flows
 from flowvae.flows.base import FlowParameters
 

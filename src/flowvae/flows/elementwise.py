@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from flowvae import functional as Fn
 from flowvae.flows.base import Flow, FlowParameters, constant_init, normal_init
