@@ -76,6 +76,16 @@ def test_killed_run_resumes_to_bit_identical_parameters(tmp_path):
     assert not list(out.glob(".*.tmp")), "no temporary files left behind"
 
 
+def test_resume_removes_temporaries_of_an_interrupted_write(tmp_path):
+    config = tiny(tmp_path, epochs=1, eval_samples=2)
+    training.train(config)
+    stale = Path(config.out) / ".metrics.csv.abc123.tmp"
+    stale.write_text("half a file")
+    config.epochs = 2
+    training.train(config, resume=True)
+    assert not stale.exists() and (Path(config.out) / "metrics.csv").read_text().count("\n") == 3
+
+
 def test_resume_can_extend_training(tmp_path):
     config = tiny(tmp_path, epochs=2)
     training.train(config)

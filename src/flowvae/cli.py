@@ -69,7 +69,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.limit:
         split = split[:args.limit]
     results = evaluate(model, split, batch_size=config.eval_batch_size, samples=args.samples, device=device,
-                       progress=True, desc=f"{args.split} -log p(x), K={args.samples}", seed=args.seed)
+                       progress=True, desc=f"{args.split} -log p(x), K={args.samples}", seed=args.seed,
+                       precision=config.precision)
     results.update(split=args.split, checkpoint=args.checkpoint, points=len(split))
     print(json.dumps(results, indent=2))
     if args.output:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,6 +18,13 @@ DECODE_BUDGET = 2 ** 25
 MAX_ROWS = 2 ** 14
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the networks: 'bf16' or 'fp16' autocast, or nothing for 'fp32'."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def auto_chunk_size(model: VAE, batch_size: int, samples: int) -> int:
     """Samples per chunk so that chunk · batch stays within :data:`DECODE_BUDGET` and :data:`MAX_ROWS`."""
     per_image = model.likelihood.params_per_pixel * math.prod(model.image_shape)
@@ -29,13 +37,14 @@ def auto_chunk_size(model: VAE, batch_size: int, samples: int) -> int:
 @torch.no_grad()
 def evaluate(model: VAE, data: torch.Tensor, *, batch_size: int = 100, samples: int = 0, chunk_size: int | None = None,
              device: torch.device | str = "cpu", progress: bool = False, desc: str = "eval", seed: int | None = None,
-             context: Context = Context()) -> dict[str, float]:
+             context: Context = Context(), precision: str = "fp32") -> dict[str, float]:
     """Mean over ``data`` (N, C, H, W) of -ELBO, -log p(x|z) and KL (one posterior sample each),
     and with ``samples`` = K > 0 the importance-weighted -log p(x).  Sums accumulate in float64.
 
     With ``seed`` each batch draws its noise from its own generator seeded by (seed, batch index),
     so results do not depend on how batches are spread over workers: under DDP (``context``)
     worker r takes batches r, r + W, … and the sums are all-reduced once at the end.
+    ``precision`` runs the networks under autocast; the densities are summed in float32/64.
     """
     was_training = model.training
     model.eval()
@@ -52,11 +61,12 @@ def evaluate(model: VAE, data: torch.Tensor, *, batch_size: int = 100, samples: 
             generator = torch.Generator(device).manual_seed(seed * 1_000_003 + start // batch_size)
         noise = None if generator is None else torch.randn(1, len(x), model.latent_dim, generator=generator,
                                                              device=device, dtype=next(model.parameters()).dtype)
-        ld = model(x, noise=noise)
-        batch = [objectives.negative_elbo(ld).double().sum(), -ld.log_likelihood.double().sum(),
-                 ld.kl.double().sum()]
-        if samples:
-            batch.append(objectives.importance_weighted_nll(model, x, samples, chunk_size, generator).sum())
+        with autocast(device, precision):
+            ld = model(x, noise=noise)
+            batch = [objectives.negative_elbo(ld).double().sum(), -ld.log_likelihood.double().sum(),
+                     ld.kl.double().sum()]
+            if samples:
+                batch.append(objectives.importance_weighted_nll(model, x, samples, chunk_size, generator).sum())
         totals += torch.stack(batch)
     context.all_reduce_sum(totals)
     model.train(was_training)

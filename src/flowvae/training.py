@@ -13,7 +13,6 @@ resumed ends with bit-identical parameters to a run that was never interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -31,8 +30,8 @@ from tqdm.auto import tqdm
 from flowvae import distributed, objectives
 from flowvae.config import MODEL_FIELDS, TrainConfig
 from flowvae.data import DataError, DatasetSplits, load_dataset
-from flowvae.evaluation import evaluate, posterior_diagnostics
-from flowvae.io import atomic_torch_save, atomic_write_text
+from flowvae.evaluation import autocast, evaluate, posterior_diagnostics
+from flowvae.io import atomic_torch_save, atomic_write_text, remove_stale_temporaries
 from flowvae.models import VAE, build_vae, count_parameters, default_likelihood
 from flowvae.objectives import bits_per_dim
 from flowvae.plots import save_image_grid
@@ -119,12 +118,6 @@ def _write_history(out: Path, history: list[dict[str, float]]) -> None:
         atomic_write_text(out / "metrics.csv", buffer.getvalue())
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def _save_checkpoint(path: Path, model: VAE, optimizer, config: TrainConfig, state: dict, history: list,
                      generators: dict[str, torch.Generator]) -> None:
     atomic_torch_save({
@@ -183,6 +176,8 @@ def _train(config: TrainConfig, resume: bool, context: distributed.Context, devi
         logger.info("resumed %s at epoch %d", out, state["epoch"])
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for path in remove_stale_temporaries(out):
+            logger.info("removed %s, left by an interrupted write", path)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     step_model = model
@@ -195,7 +190,8 @@ def _train(config: TrainConfig, resume: bool, context: distributed.Context, devi
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     warmup_steps = config.warmup_epochs * steps_per_epoch
     start_time = time.perf_counter() - state["train_seconds"]
-    eval_kwargs = {"batch_size": config.eval_batch_size, "device": device, "seed": config.seed, "context": context}
+    eval_kwargs = {"batch_size": config.eval_batch_size, "device": device, "seed": config.seed, "context": context,
+                   "precision": config.precision}
     logger.info("%s: %d parameters, %s, %d workers, %d training images", config.dataset, count_parameters(model),
                 device, context.world_size, n_train)
 
@@ -215,7 +211,7 @@ def _train(config: TrainConfig, resume: bool, context: distributed.Context, devi
             shard = torch.tensor_split(torch.arange(len(x)), context.world_size)[context.rank]
             x, noise = x[shard].to(device, non_blocking=True), noise[:, shard.to(device)]
             beta = min(1.0, (state["step"] + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-            with _autocast(device, config.precision):
+            with autocast(device, config.precision):
                 ld = step_model(x, noise=noise)
             # Σ over the shard / (global batch / W): DDP's gradient average is then the global batch mean.
             loss = objectives.training_loss(ld, beta, config.free_bits,
@@ -277,7 +273,7 @@ def finish(config: TrainConfig, model: VAE, data: PreparedData, state: dict, dev
     model.load_state_dict(best["model"])
     model.eval()
     kwargs = {"batch_size": config.eval_batch_size, "device": device, "progress": config.progress,
-              "seed": config.seed, "context": context}
+              "seed": config.seed, "context": context, "precision": config.precision}
     results: dict[str, Any] = {
         "dataset": config.dataset, "flow": config.flow, "flow_steps": config.flow_steps if config.flow != "none" else 0,
         "arch": config.arch, "latent_dim": config.latent_dim, "parameters": count_parameters(model),
