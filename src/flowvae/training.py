@@ -32,7 +32,7 @@ from flowvae.config import MODEL_FIELDS, TrainConfig
 from flowvae.data import DataError, DatasetSplits, load_dataset
 from flowvae.evaluation import autocast, evaluate, posterior_diagnostics
 from flowvae.io import atomic_torch_save, atomic_write_text, remove_stale_temporaries
-from flowvae.models import VAE, build_vae, count_parameters, default_likelihood
+from flowvae.models import VAE, as_unit_interval, build_vae, count_parameters, default_likelihood
 from flowvae.objectives import bits_per_dim
 from flowvae.plots import save_image_grid
 
@@ -204,18 +204,18 @@ def _train(config: TrainConfig, resume: bool, context: distributed.Context, devi
         order = torch.randperm(n_train, generator=generators["shuffle"])
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, n_train, config.batch_size):
-            x = data.train[order[start:start + config.batch_size]]
+            x = data.train[order[start:start + config.batch_size]]  # the global batch
+            global_batch = len(x)
             if data.dynamic:
                 x = torch.bernoulli(x, generator=generators["shuffle"])
-            noise = torch.randn(1, len(x), model.latent_dim, generator=generators["noise"], device=device)
-            shard = torch.tensor_split(torch.arange(len(x)), context.world_size)[context.rank]
+            noise = torch.randn(1, global_batch, model.latent_dim, generator=generators["noise"], device=device)
+            shard = torch.tensor_split(torch.arange(global_batch), context.world_size)[context.rank]
             x, noise = x[shard].to(device, non_blocking=True), noise[:, shard.to(device)]
             beta = min(1.0, (state["step"] + 1) / warmup_steps) if warmup_steps > 0 else 1.0
             with autocast(device, config.precision):
                 ld = step_model(x, noise=noise)
             # Σ over the shard / (global batch / W): DDP's gradient average is then the global batch mean.
-            loss = objectives.training_loss(ld, beta, config.free_bits,
-                                            normalizer=len(order[start:start + config.batch_size]) / context.world_size)
+            loss = objectives.training_loss(ld, beta, config.free_bits, normalizer=global_batch / context.world_size)
             global_loss = context.all_reduce_sum(loss.detach().double().clone()) / context.world_size
             if not torch.isfinite(global_loss):
                 raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}, step {state['step']}; "
@@ -227,7 +227,7 @@ def _train(config: TrainConfig, resume: bool, context: distributed.Context, devi
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += global_loss * len(order[start:start + config.batch_size])
+            loss_sum += global_loss * global_batch
             state["step"] += 1
         valid = evaluate(model, data.valid, **eval_kwargs)
         state["epoch"] = epoch + 1
@@ -297,7 +297,7 @@ def finish(config: TrainConfig, model: VAE, data: PreparedData, state: dict, dev
         save_image_grid(model.sample(64, generator), out / "samples.png", nrow=8)
         originals = data.test[:32].to(device)
         recon = model.reconstruct(originals)
-        pairs = torch.stack([_as_image(originals, data.splits.kind), recon], 1).flatten(0, 1)  # original, recon, ...
+        pairs = torch.stack([as_unit_interval(originals, recon.dtype), recon], 1).flatten(0, 1)  # original, recon, ...
         save_image_grid(pairs, out / "reconstructions.png", nrow=8)
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
         logger.info("test -ELBO %.3f  -log p(x) %.3f (K=%d)", results["test"]["neg_elbo"], results["test"]["nll"],
@@ -305,6 +305,3 @@ def finish(config: TrainConfig, model: VAE, data: PreparedData, state: dict, dev
     context.barrier()
     return results
 
-
-def _as_image(x: torch.Tensor, kind: str) -> torch.Tensor:
-    return x.float() / 255.0 if kind == "8bit" else x.float()

@@ -41,6 +41,11 @@ class LogDensities:
         return self.log_likelihood + self.log_prior - self.log_posterior
 
 
+def as_unit_interval(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Images as ``dtype`` in [0, 1]: 8-bit (integer) pixels are divided by 255, float data pass as they are."""
+    return x.to(dtype) if x.is_floating_point() else x.to(dtype) / 255.0
+
+
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -89,7 +94,7 @@ class VAE(nn.Module):
         """q(z_K | x) for x (B, C, H, W)."""
         self._check(x)
         if not x.is_floating_point():  # 8-bit pixels enter the encoder scaled to [0, 1]
-            x = x.to(next(self.encoder.parameters()).dtype) / 255.0
+            x = as_unit_interval(x, next(self.encoder.parameters()).dtype)
         mean, log_std, h = self.encoder(x)
         return FlowDistribution(diagonal_gaussian(mean, log_std), self.flow, h)
 
