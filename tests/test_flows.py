@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flowvae import flows as F
-from flowvae.distributions import FlowDistribution, diagonal_gaussian
+from flowvae.distributions import FlowDistribution, StandardNormal, diagonal_gaussian, standard_normal_log_prob
 
 DIM, CTX, IMG = 5, 3, (4, 3, 3)
 
@@ -264,3 +264,15 @@ def test_compose_rejects_mixed_event_dims_and_unknown_flow_names():
         F.build_flow("nice", 4, 2)
     with pytest.raises(NotImplementedError, match="no inverse"):
         F.Planar(4).inverse(torch.randn(2, 4))
+
+
+def test_standard_normal_base_moves_with_the_model_and_matches_the_closed_form():
+    base = StandardNormal(DIM).double()
+    z = base.sample((6,))
+    assert z.shape == (6, DIM) and z.dtype == torch.float64
+    torch.testing.assert_close(base.log_prob(z), standard_normal_log_prob(z))
+    torch.testing.assert_close(base.log_prob(torch.zeros(DIM, dtype=torch.float64)),
+                               torch.tensor(-0.5 * DIM * math.log(2 * math.pi), dtype=torch.float64))
+    q = FlowDistribution(base.distribution(), F.Reverse(DIM))
+    x, log_q = q.rsample_and_log_prob((4,))
+    torch.testing.assert_close(q.log_prob(x), log_q)

@@ -26,12 +26,6 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (z * z + LOG_2PI).sum(-1)
 
 
-def diagonal_gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """log N(z; mean, diag(exp(log_std))²) summed over the last axis; broadcasts."""
-    eps = (z - mean) * torch.exp(-log_std)
-    return -0.5 * (eps * eps + LOG_2PI).sum(-1) - log_std.sum(-1)
-
-
 class StandardNormal(nn.Module):
     """N(0, I) over ``shape``; a module so that ``.to(device)`` moves it with the model."""
 
