@@ -51,10 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from common import OtherLoad, machine, machine_line, markdown_table, save, set_threads, warn_if_busy
-from flowvae.config import TrainConfig
+from flowvae.config import TrainConfig, load_yaml
 from flowvae.evaluation import evaluate
 from flowvae.objectives import bits_per_dim
 from flowvae.training import load_checkpoint, model_from_config, prepare_data, resolve_device, train
@@ -209,7 +208,7 @@ def train_or_resume(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     saved = out / "config.yaml"
     if saved.exists():
-        old = yaml.safe_load(saved.read_text())
+        old = load_yaml(saved)
         diffs = [k for k, v in cfg.to_dict().items() if k not in _FREE_FIELDS and old.get(k) != v]
         if diffs:
             raise RuntimeError(f"{out} holds a run with other settings ({', '.join(diffs)}); "

@@ -163,6 +163,13 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_cli_refuses_a_run_directory_with_a_corrupt_config(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("flow: [iaf\n")
+    assert main(["evaluate", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not valid YAML" in err and len(err.splitlines()) == 1
+
+
 def test_cli_rejects_unknown_yaml_keys(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("latent_dim: 4\nlatnet_dim: 5\n")

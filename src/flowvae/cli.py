@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
-from flowvae.config import ConfigError, TrainConfig, add_config_arguments, config_from_args
+from flowvae.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, load_yaml
 
 logger = logging.getLogger("flowvae")
 
@@ -30,7 +29,7 @@ def _run_config(run: str) -> TrainConfig:
     path = Path(run) / "config.yaml"
     if not path.exists():
         raise ConfigError(f"{run} is not a flowvae run directory (no config.yaml)")
-    return TrainConfig.from_dict(yaml.safe_load(path.read_text()), source=str(path))
+    return TrainConfig.from_dict(load_yaml(path), source=str(path))
 
 
 def _load_run(args: argparse.Namespace):
