@@ -162,11 +162,11 @@ class FlowParameters(nn.Module):
             value = torch.empty(shape)
             init(value)
             initial[name] = value
+        self.sizes = [math.prod(shape) for shape in self.shapes.values()]
         if context_dim is None:
             self.values = nn.ParameterDict({name: nn.Parameter(v) for name, v in initial.items()})
         else:
-            sizes = [math.prod(s) for s in self.shapes.values()]
-            self.head = nn.Linear(context_dim, sum(sizes))
+            self.head = nn.Linear(context_dim, sum(self.sizes))
             with torch.no_grad():
                 self.head.weight.uniform_(-1e-2 / math.sqrt(context_dim), 1e-2 / math.sqrt(context_dim))
                 self.head.bias.copy_(torch.cat([v.reshape(-1) for v in initial.values()]))
@@ -176,9 +176,8 @@ class FlowParameters(nn.Module):
             return dict(self.values.items())
         flat = self.head(context)
         batch = flat.shape[:-1]
-        sizes = [math.prod(s) for s in self.shapes.values()]
         return {name: chunk.reshape(*batch, *shape)
-                for (name, shape), chunk in zip(self.shapes.items(), flat.split(sizes, dim=-1))}
+                for (name, shape), chunk in zip(self.shapes.items(), flat.split(self.sizes, dim=-1))}
 
 
 def normal_init(std: float) -> Initializer:
