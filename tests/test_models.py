@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flowvae import flows, objectives
-from flowvae.models import VAE, GaussianEncoder, build_likelihood, build_vae
+from flowvae.models import VAE, GaussianEncoder, build_likelihood, build_vae, count_parameters
 from flowvae.models.likelihoods import Gaussian
 
 @pytest.fixture(autouse=True)
@@ -189,5 +189,26 @@ def test_user_defined_encoder_and_decoder():
         loss = objectives.negative_elbo(model(x)).mean()
         loss.backward()
         assert all(p.grad is not None for p in model.parameters())
+    finally:
+        torch.set_default_dtype(torch.float64)
+
+
+@pytest.mark.parametrize("flow", ["planar", "iaf", "sylvester-orthogonal"])
+def test_flow_without_context_has_global_parameters(flow):
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch.manual_seed(0)
+        conditioned = build_vae("mlp", (1, 8, 8), 4, hidden=16, flow=flow, flow_steps=2, flow_hidden=8)
+        global_ = build_vae("mlp", (1, 8, 8), 4, hidden=16, flow=flow, flow_steps=2, flow_hidden=8, flow_context=False)
+        assert conditioned.flow.context_dim == 16 and global_.flow.context_dim is None
+        assert count_parameters(global_.flow) < count_parameters(conditioned.flow)
+        z0, h = torch.randn(5, 4), torch.randn(5, 16)
+        assert torch.equal(global_.flow(z0)[0], global_.flow(z0, h)[0])  # global parameters: h is not read
+        assert not torch.allclose(conditioned.flow(z0, h)[0], conditioned.flow(z0, h.flip(0))[0])
+        x = torch.bernoulli(torch.full((3, 1, 8, 8), 0.5))
+        ld = global_(x, samples=2)
+        assert torch.isfinite(ld.log_weight).all()
+        objectives.negative_elbo(ld).mean().backward()
+        assert all(p.grad is not None for p in global_.flow.parameters())
     finally:
         torch.set_default_dtype(torch.float64)

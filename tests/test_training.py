@@ -102,6 +102,12 @@ def test_checkpoint_problems_are_one_line_errors(tmp_path):
     other = tiny(tmp_path, epochs=1, flow="planar")
     with pytest.raises(training.CheckpointError, match="different model: flow='iaf' there, 'planar' here"):
         training.train(other, resume=True)
+    with pytest.raises(training.CheckpointError, match="flow_context=True there, False here"):
+        training.train(tiny(tmp_path, epochs=1, flow_context=False), resume=True)
+    saved = torch.load(Path(config.out) / "checkpoint.pt", weights_only=True)
+    del saved["config"]["flow_context"]  # a checkpoint from before the key existed keeps its default
+    torch.save(saved, tmp_path / "old.pt")
+    assert training.load_checkpoint(tmp_path / "old.pt", config)["config"]["flow"] == "iaf"
     ckpt = Path(config.out) / "checkpoint.pt"
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
@@ -126,7 +132,8 @@ def test_nan_data_is_refused(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("field,value,message", [("lr", -1.0, "lr=-1.0"), ("flow", "nice", "flow must be one of"),
                                                  ("dataset", "imagenet", "dataset must be one of"),
-                                                 ("epochs", 0, "epochs must be > 0")])
+                                                 ("epochs", 0, "epochs must be > 0"),
+                                                 ("lr_decay", 1.5, "lr_decay must be in")])
 def test_bad_config_values_are_named(field, value, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**{field: value}).validate()
@@ -191,3 +198,20 @@ def test_bf16_autocast_trains_and_keeps_densities_in_float32(tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ld = model(torch.bernoulli(torch.full((3, 1, 8, 8), 0.5)))
     assert ld.log_likelihood.dtype == ld.log_posterior.dtype == ld.log_prior.dtype == torch.float32
+
+
+def test_lr_decays_on_plateau_and_resume_keeps_it(tmp_path, monkeypatch):
+    real_evaluate, calls = training.evaluate, []
+
+    def worsening_evaluate(*args, **kwargs):  # every validation is worse than the last: a plateau from epoch 2
+        result = real_evaluate(*args, **kwargs)
+        calls.append(1)
+        return result | {"neg_elbo": result["neg_elbo"] + 100.0 * len(calls)}
+
+    monkeypatch.setattr(training, "evaluate", worsening_evaluate)
+    config = tiny(tmp_path, epochs=3, lr=1e-3, lr_decay=0.5, lr_patience=2, patience=0)
+    training.train(config)
+    config.epochs = 6
+    training.train(config, resume=True)
+    rows = [json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])

@@ -35,9 +35,12 @@ class TrainConfig:
     flow_steps: int = 4
     flow_hidden: int = 320             # MADE / coupling widths
     reflections: int = 8               # Householder-Sylvester
+    flow_context: bool = True          # condition the flow on the encoder's h (False: global flow parameters)
     epochs: int = 100
     batch_size: int = 100
     lr: float = 1e-3
+    lr_decay: float = 1.0              # lr ×= lr_decay after every lr_patience epochs without a better
+    lr_patience: int = 10              # validation -ELBO (1: off)
     warmup_epochs: float = 0.0         # KL weight β rises linearly from 0 to 1 over this many epochs
     free_bits: float = 0.0             # nats per latent dimension (0: off)
     patience: int = 20                 # early stopping on validation -ELBO (0: off)
@@ -67,11 +70,12 @@ class TrainConfig:
              "device must be auto, cpu or cuda[:N]"),
         ]
         positive = ["latent_dim", "hidden", "feature_dim", "flow_hidden", "reflections", "epochs", "batch_size",
-                    "eval_samples", "eval_batch_size", "lr"]
+                    "lr_patience", "eval_samples", "eval_batch_size", "lr"]
         non_negative = ["threads", "flow_steps", "warmup_epochs", "free_bits", "patience", "grad_clip"]
         checks += [(getattr(self, n) > 0, f"{n} must be > 0") for n in positive]
         checks += [(getattr(self, n) >= 0, f"{n} must be >= 0") for n in non_negative]
         checks.append((self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0"))
+        checks.append((0 < self.lr_decay <= 1, "lr_decay must be in (0, 1]"))
         for ok, message in checks:
             if not ok:
                 field = message.split()[0]
@@ -91,7 +95,7 @@ class TrainConfig:
 
 
 MODEL_FIELDS = ("dataset", "arch", "latent_dim", "hidden", "feature_dim", "likelihood", "flow", "flow_steps",
-                "flow_hidden", "reflections")
+                "flow_hidden", "reflections", "flow_context")
 
 
 def _field_type(cls, name: str) -> type:

@@ -84,7 +84,8 @@ def prepare_data(config: TrainConfig) -> PreparedData:
 def model_from_config(config: TrainConfig, image_shape, data_kind: str) -> VAE:
     return build_vae(config.arch, image_shape, config.latent_dim,
                      config.likelihood or default_likelihood(data_kind), config.hidden, config.feature_dim,
-                     config.flow, config.flow_steps, config.flow_hidden, config.reflections, data_kind=data_kind)
+                     config.flow, config.flow_steps, config.flow_hidden, config.reflections, data_kind=data_kind,
+                     flow_context=config.flow_context)
 
 
 def load_checkpoint(path: str | Path, config: TrainConfig | None = None) -> dict[str, Any]:
@@ -100,9 +101,9 @@ def load_checkpoint(path: str | Path, config: TrainConfig | None = None) -> dict
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a flowvae checkpoint (format {CHECKPOINT_FORMAT})")
     if config is not None:
-        saved = ckpt["config"]
-        diffs = [f"{k}={saved.get(k)!r} there, {getattr(config, k)!r} here" for k in MODEL_FIELDS
-                 if saved.get(k) != getattr(config, k)]
+        saved = TrainConfig().to_dict() | ckpt["config"]  # a key added since the checkpoint keeps its default
+        diffs = [f"{k}={saved[k]!r} there, {getattr(config, k)!r} here" for k in MODEL_FIELDS
+                 if saved[k] != getattr(config, k)]
         if diffs:
             raise CheckpointError(f"checkpoint {path} was written for a different model: {'; '.join(diffs)}")
     return ckpt
@@ -234,13 +235,17 @@ def _train(config: TrainConfig, resume: bool, context: distributed.Context, devi
         state["train_seconds"] = time.perf_counter() - start_time
         row = {"epoch": epoch + 1, "step": state["step"], "beta": beta, "train_loss": loss_sum.item() / n_train,
                "valid_neg_elbo": valid["neg_elbo"], "valid_reconstruction": valid["reconstruction"],
-               "valid_kl": valid["kl"], "seconds": round(state["train_seconds"], 3)}
+               "valid_kl": valid["kl"], "lr": optimizer.param_groups[0]["lr"],
+               "seconds": round(state["train_seconds"], 3)}
         history.append(row)
         improved = valid["neg_elbo"] < state["best_valid"]
         if improved:
             state.update(best_valid=valid["neg_elbo"], best_epoch=epoch + 1, epochs_since_best=0)
         else:
             state["epochs_since_best"] += 1
+            if config.lr_decay < 1 and state["epochs_since_best"] % config.lr_patience == 0:
+                for group in optimizer.param_groups:  # saved with the optimizer's state, so resume keeps it
+                    group["lr"] *= config.lr_decay
         if config.patience and state["epochs_since_best"] >= config.patience:
             state["stopped_early"] = True
         if context.is_main:

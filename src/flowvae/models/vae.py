@@ -137,10 +137,14 @@ ARCHITECTURES = ("mlp", "conv", "gated")
 
 def build_vae(arch: str, image_shape: Sequence[int], latent_dim: int, likelihood: str | Likelihood = "bernoulli",
               hidden: int = 300, feature_dim: int = 256, flow: str = "none", flow_steps: int = 0,
-              flow_hidden: int = 320, reflections: int = 8, rank: int | None = None, data_kind: str = "binary") -> VAE:
+              flow_hidden: int = 320, reflections: int = 8, rank: int | None = None, data_kind: str = "binary",
+              flow_context: bool = True) -> VAE:
     """A ready VAE: 'mlp' (784-300-300-z as in Rezende & Mohamed), 'conv', or 'gated' (van den Berg et al.).
 
-    Flows named as in :func:`flowvae.flows.build_flow`; all are conditioned on the encoder's h.
+    Flows named as in :func:`flowvae.flows.build_flow`.  With ``flow_context`` (the default) they
+    are conditioned on the encoder's h: planar, radial, Householder and Sylvester parameters come
+    from h (amortized), IAF/MAF/coupling networks read h.  Without it, every flow has global
+    parameters shared by all data points (as in pythae's and normflows' VAEs).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
@@ -159,7 +163,8 @@ def build_vae(arch: str, image_shape: Sequence[int], latent_dim: int, likelihood
         body = networks.GatedConvEncoder(image_shape, feature_dim)
         decoder = networks.GatedConvDecoder(latent_dim, image_shape, per_pixel)
     encoder = GaussianEncoder(body, body.feature_dim, latent_dim)
-    posterior_flow = build_flow(flow, latent_dim, flow_steps, body.feature_dim, flow_hidden, reflections, rank)
+    context_dim = body.feature_dim if flow_context else None
+    posterior_flow = build_flow(flow, latent_dim, flow_steps, context_dim, flow_hidden, reflections, rank)
     return VAE(encoder, decoder, lik, latent_dim, image_shape, posterior_flow)
 
 
