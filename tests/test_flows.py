@@ -246,6 +246,17 @@ def test_iaf_step_starts_as_a_gated_pass_through():
     torch.testing.assert_close(ladj, torch.full((10,), DIM * gate.log().item()), atol=0.02, rtol=0)
 
 
+@pytest.mark.parametrize("context_dim", [None, CTX])
+def test_sylvester_triangular_factors_unpack_row_by_row_with_bounded_diagonal(context_dim):
+    flow = F.TriangularSylvester(3, context_dim=context_dim)
+    packed = torch.tensor([[0.5, 1.0, 2.0, -7.0, 3.0, 9.0]])  # rows (0,0) (0,1) (0,2) | (1,1) (1,2) | (2,2)
+    r = flow._triangular(packed)
+    expected = torch.tensor([[math.tanh(0.5), 1.0, 2.0], [0.0, math.tanh(-7.0), 3.0], [0.0, 0.0, math.tanh(9.0)]])
+    assert torch.allclose(r, expected[None]) and r.shape == (1, 3, 3)
+    sizes = dict(zip(flow.params.shapes, flow.params.sizes))
+    assert sizes["r1"] == sizes["r2"] == 6  # an amortized head produces M(M+1)/2 entries, not M²
+
+
 def test_flow_distribution_log_prob_agrees_with_sampling_path():
     torch.manual_seed(0)
     flow = make_flow(CASES[[c.id for c in CASES].index("iaf-context")])

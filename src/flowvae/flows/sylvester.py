@@ -16,17 +16,26 @@ class _Sylvester(Flow):
     def __init__(self, dim: int, rank: int, extra: dict, context_dim: int | None) -> None:
         super().__init__()
         self.dim, self.rank, self.context_dim = dim, rank, context_dim
-        shapes = {"r1": ((rank, rank), normal_init(0.1)), "r2": ((rank, rank), normal_init(0.1)),
+        # R₁ and R₂ are stored packed: their M(M+1)/2 upper-triangular entries, row by row.  An
+        # amortized head then produces only those, half of what full M × M matrices would cost.
+        packed = rank * (rank + 1) // 2
+        shapes = {"r1": ((packed,), normal_init(0.1)), "r2": ((packed,), normal_init(0.1)),
                   "b": ((rank,), constant_init(0.0)), **extra}
         self.params = FlowParameters(shapes, context_dim)
-        self.register_buffer("upper", torch.triu(torch.ones(rank, rank), diagonal=1), persistent=False)
+        rows, cols = torch.triu_indices(rank, rank)
+        unpack = torch.full((rank, rank), packed)  # below the diagonal: the zero appended to the packed entries
+        unpack[rows, cols] = torch.arange(packed)
+        self.register_buffer("unpack", unpack.flatten(), persistent=False)
+        self.register_buffer("packed_diagonal", rows == cols, persistent=False)
 
     def _q(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def _triangular(self, raw: torch.Tensor) -> torch.Tensor:
-        upper = self.upper.to(raw.dtype)
-        return raw * upper + torch.diag_embed(torch.tanh(torch.diagonal(raw, dim1=-2, dim2=-1)))
+    def _triangular(self, packed: torch.Tensor) -> torch.Tensor:
+        """(..., M(M+1)/2) -> (..., M, M) upper triangular with diagonal tanh(·) ∈ (-1, 1)."""
+        packed = torch.where(self.packed_diagonal, torch.tanh(packed), packed)
+        full = torch.nn.functional.pad(packed, (0, 1))[..., self.unpack]
+        return full.unflatten(-1, (self.rank, self.rank))
 
     def forward(self, z, context=None):
         self._check(z, self.dim, context)
