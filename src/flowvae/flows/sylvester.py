@@ -23,19 +23,22 @@ class _Sylvester(Flow):
                   "b": ((rank,), constant_init(0.0)), **extra}
         self.params = FlowParameters(shapes, context_dim)
         rows, cols = torch.triu_indices(rank, rank)
-        unpack = torch.full((rank, rank), packed)  # below the diagonal: the zero appended to the packed entries
+        # Unpacking reads one vector [packed entries, tanh(packed diagonal), 0]: strictly upper cells
+        # take their packed entry, diagonal cells their tanh, cells below the diagonal the 0.
+        unpack = torch.full((rank, rank), packed + rank)
         unpack[rows, cols] = torch.arange(packed)
+        unpack[range(rank), range(rank)] = packed + torch.arange(rank)
         self.register_buffer("unpack", unpack.flatten(), persistent=False)
-        self.register_buffer("packed_diagonal", rows == cols, persistent=False)
+        self.register_buffer("packed_diagonal", torch.nonzero(rows == cols).flatten(), persistent=False)
 
     def _q(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
     def _triangular(self, packed: torch.Tensor) -> torch.Tensor:
         """(..., M(M+1)/2) -> (..., M, M) upper triangular with diagonal tanh(·) ∈ (-1, 1)."""
-        packed = torch.where(self.packed_diagonal, torch.tanh(packed), packed)
-        full = torch.nn.functional.pad(packed, (0, 1))[..., self.unpack]
-        return full.unflatten(-1, (self.rank, self.rank))
+        diagonal = torch.tanh(packed.index_select(-1, self.packed_diagonal))
+        values = torch.cat([packed, diagonal, packed.new_zeros(()).expand(*packed.shape[:-1], 1)], dim=-1)
+        return values.index_select(-1, self.unpack).unflatten(-1, (self.rank, self.rank))
 
     def forward(self, z, context=None):
         self._check(z, self.dim, context)

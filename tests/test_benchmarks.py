@@ -1,0 +1,35 @@
+"""The benchmark scripts still run end to end (their smoke modes), so that they cannot rot unseen."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_peers_quick_compares_flowvae_on_h_and_global(tmp_path):
+    done = run_script("peers.py", "--quick", "--libraries", "flowvae", "--flows", "planar", "--threads", "1",
+                      "--sample-count", "50", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| flowvae |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["planar×10 on h", "planar×10 global"]
+    assert "results not saved" in done.stderr
+
+
+def test_mnist_table_smoke_trains_evaluates_and_resumes(tmp_path):
+    args = ("--budget", "smoke", "--families", "none", "iaf", "--threads", "1", "--out-dir", str(tmp_path / "runs"))
+    first = run_script("mnist_table.py", *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "| no flow |" in first.stdout and "| IAF ×2 |" in first.stdout
+    results = sorted(p.relative_to(tmp_path) for p in (tmp_path / "runs").rglob("results.json"))
+    assert len(results) == 2
+    again = run_script("mnist_table.py", *args, cwd=tmp_path)  # finished runs are read back, not retrained
+    tables = [[line for line in done.stdout.splitlines() if line.startswith("|")] for done in (first, again)]
+    assert again.returncode == 0 and tables[0] == tables[1] and len(tables[0]) >= 4
