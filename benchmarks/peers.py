@@ -4,8 +4,11 @@ The model: MLP encoder 784-300-300 → (mean, log-std) of 40 latents, decoder 40
 Bernoulli logits, posterior flow (a) 10 planar steps or (b) 4 IAF steps with MADE 40-320-320-80;
 loss = negative ELBO with the flow's log-det; Adam(lr=1e-3); batches of 100 statically binarized
 MNIST images.  Every library builds it with its own public API (what each supports differs:
-see the notes column); the encoder's last hidden layer h (300) conditions the flow where the
-library allows it, and every network uses ELU as flowvae's does (pythae's MADE is fixed to ReLU).
+see the notes column), and every network uses ELU as flowvae's does (pythae's MADE is fixed to
+ReLU).  The flow either reads the encoder's last hidden layer h (300; "on h": amortized planar
+parameters, h into the MADE) or has global parameters ("global").  pythae's and normflows' VAEs
+can only do the latter, Pyro and zuko are measured on h, and flowvae is measured both ways, so
+that each peer is compared with flowvae on the same model and the same FLOPs.
 
 Measured in one process, with the same threads and the same batches for everyone:
 
