@@ -40,7 +40,7 @@ class TrainConfig:
     batch_size: int = 100
     lr: float = 1e-3
     lr_decay: float = 1.0              # lr ×= lr_decay after every lr_patience epochs without a better
-    lr_patience: int = 10              # validation -ELBO (1: off)
+    lr_patience: int = 10              # validation -ELBO (lr_decay = 1: never)
     warmup_epochs: float = 0.0         # KL weight β rises linearly from 0 to 1 over this many epochs
     free_bits: float = 0.0             # nats per latent dimension (0: off)
     patience: int = 20                 # early stopping on validation -ELBO (0: off)
