@@ -189,14 +189,14 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
 def run_config(budget: Budget, family: str, seed: int, args: argparse.Namespace, threads: int) -> TrainConfig:
     """The training run of one family and seed.  With a test subset, train() evaluates K = 1 only
     (a cheap −log p(x) we do not report) and :func:`subset_nll` does the K-sample estimate."""
-    return TrainConfig(
+    return TrainConfig.from_dict(dict(
         dataset=budget.dataset, data_dir=args.data_dir, arch=budget.arch, latent_dim=budget.latent_dim,
         hidden=budget.hidden, flow=family, flow_steps=budget.flow_steps, flow_hidden=budget.flow_hidden,
         reflections=budget.reflections, epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr,
         warmup_epochs=budget.warmup_epochs, patience=budget.patience, max_minutes=budget.max_minutes,
         eval_samples=budget.nll_samples if budget.nll_subset is None else 1, seed=seed, threads=threads,
         device=args.device, progress=False,
-        out=str(Path(args.out_dir) / args.budget / budget.dataset / family / f"seed{seed}"))
+        out=str(Path(args.out_dir) / args.budget / budget.dataset / family / f"seed{seed}")))
 
 
 # Fields that may differ between a saved run and this invocation without changing the result.
@@ -208,8 +208,8 @@ def train_or_resume(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     saved = out / "config.yaml"
     if saved.exists():
-        old = load_yaml(saved)
-        diffs = [k for k, v in cfg.to_dict().items() if k not in _FREE_FIELDS and old.get(k) != v]
+        old = TrainConfig.from_dict(load_yaml(saved), source=str(saved)).flat()
+        diffs = [k for k, v in cfg.flat().items() if k not in _FREE_FIELDS and old.get(k) != v]
         if diffs:
             raise RuntimeError(f"{out} holds a run with other settings ({', '.join(diffs)}); "
                                "remove it or choose another --out-dir")

@@ -26,7 +26,7 @@ TINY_FLAGS = ["--dataset", "digits", "--hidden", "32", "--latent-dim", "4", "--f
 
 
 def tiny(tmp_path: Path, **overrides) -> TrainConfig:
-    return TrainConfig(**(TINY | {"out": str(tmp_path / "run")} | overrides))
+    return TrainConfig.from_dict(TINY | {"out": str(tmp_path / "run")} | overrides)
 
 
 def test_train_writes_every_artifact(tmp_path):
@@ -41,9 +41,10 @@ def test_train_writes_every_artifact(tmp_path):
     assert rows[0]["beta"] < 1.0 and rows[-1]["beta"] == 1.0  # KL warm-up over 1.5 epochs
     test = results["test"]
     assert test["nll_samples"] == 20 and 0 < test["nll"] <= test["neg_elbo"] + 1.0
-    assert 0 <= results["diagnostics"]["active_units"] <= 4 and len(results["diagnostics"]["kl_per_dim_base"]) == 4
+    assert 0 <= results["diagnostics"]["active_units"] <= 4 and results["diagnostics"]["units_per_latent"] == {"z": 4}
+    assert results["test"]["kl_groups"]["z"] == pytest.approx(results["test"]["kl"])
     assert results["objective"] == {"warmup_epochs": 1.5, "free_bits": 0.01}
-    assert yaml.safe_load((run / "config.yaml").read_text())["flow"] == "iaf"
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["flow"] == "iaf"
 
 
 def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -73,17 +74,20 @@ def test_killed_run_resumes_to_bit_identical_parameters(tmp_path):
     rows_b = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(rows_a) == strip(rows_b)
-    assert not list(out.glob(".*.tmp")), "no temporary files left behind"
+    assert not list(out.glob(".*tmp")), "no temporary files left behind"
 
 
 def test_resume_removes_temporaries_of_an_interrupted_write(tmp_path):
     config = tiny(tmp_path, epochs=1, eval_samples=2)
     training.train(config)
-    stale = Path(config.out) / ".metrics.csv.abc123.tmp"
+    stale = Path(config.out) / ".metrics.csv.abc123.flowvae-tmp"
     stale.write_text("half a file")
+    users_own = Path(config.out) / ".my-notes.tmp"
+    users_own.write_text("a user's file that merely looks temporary")
     config.epochs = 2
     training.train(config, resume=True)
     assert not stale.exists() and (Path(config.out) / "metrics.csv").read_text().count("\n") == 3
+    assert users_own.read_text().startswith("a user's file")
 
 
 def test_resume_can_extend_training(tmp_path):
@@ -105,7 +109,12 @@ def test_checkpoint_problems_are_one_line_errors(tmp_path):
     with pytest.raises(training.CheckpointError, match="flow_context=True there, False here"):
         training.train(tiny(tmp_path, epochs=1, flow_context=False), resume=True)
     saved = torch.load(Path(config.out) / "checkpoint.pt", weights_only=True)
-    del saved["config"]["flow_context"]  # a checkpoint from before the key existed keeps its default
+    # A format-1 checkpoint (flat config, from before hierarchical models and flow_context) still loads.
+    flat = TrainConfig.from_dict(saved["config"]).flat()
+    for key in ("flow_context", "layers", "channels", "rank", "prior", "prior_flow", "prior_flow_steps",
+                "pseudo_inputs", "optimizer", "ema", "grad_skip"):
+        del flat[key]
+    saved["config"], saved["format"] = flat, 1
     torch.save(saved, tmp_path / "old.pt")
     assert training.load_checkpoint(tmp_path / "old.pt", config)["config"]["flow"] == "iaf"
     ckpt = Path(config.out) / "checkpoint.pt"
@@ -136,7 +145,7 @@ def test_nan_data_is_refused(tmp_path, monkeypatch):
                                                  ("lr_decay", 1.5, "lr_decay must be in")])
 def test_bad_config_values_are_named(field, value, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig(**{field: value}).validate()
+        TrainConfig.from_dict({field: value}).validate()
 
 
 def test_cli_train_evaluate_sample_and_yaml_config(tmp_path, capsys):
@@ -148,7 +157,7 @@ def test_cli_train_evaluate_sample_and_yaml_config(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["nll_samples"] == 10 and printed["test_nll"] > 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["epochs"] == 2 and saved["flow"] == "planar"   # flag overrides the file
+    assert saved["epochs"] == 2 and saved["model"]["flow"] == "planar"   # flag overrides the file
     assert main(["evaluate", "--run", str(out), "--samples", "7", "--split", "valid", "--limit", "30",
                  "--output", str(tmp_path / "eval.json")]) == 0
     evaluation = json.loads((tmp_path / "eval.json").read_text())
@@ -209,6 +218,7 @@ def test_lr_decays_on_plateau_and_resume_keeps_it(tmp_path, monkeypatch):
         return result | {"neg_elbo": result["neg_elbo"] + 100.0 * len(calls)}
 
     monkeypatch.setattr(training, "evaluate", worsening_evaluate)
+    monkeypatch.setattr(training, "DIVERGED_EPOCHS", 10 ** 9)  # the fake plateau is not a divergence
     config = tiny(tmp_path, epochs=3, lr=1e-3, lr_decay=0.5, lr_patience=2, patience=0)
     training.train(config)
     config.epochs = 6

@@ -27,29 +27,50 @@ EXAMPLES = """examples:
 
 def _run_config(run: str) -> TrainConfig:
     path = Path(run) / "config.yaml"
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"{run} is not a flowvae run directory (no config.yaml)")
     return TrainConfig.from_dict(load_yaml(path), source=str(path))
 
 
 def _load_run(args: argparse.Namespace):
     """The trained model of a run directory, its config and data."""
-    from flowvae.training import load_checkpoint, model_from_config, prepare_data, resolve_device
+    from flowvae.training import load_checkpoint, load_weights, model_from_config, prepare_data, resolve_device
 
     config = _run_config(args.run)
     if args.data_dir:
         config.data_dir = args.data_dir
     device = resolve_device(args.device or config.device)
+    path = Path(args.run) / f"{args.checkpoint}.pt"
+    checkpoint = load_checkpoint(path, config)
     data = prepare_data(config)
     model = model_from_config(config, data.splits.image_shape, data.splits.kind)
-    model.load_state_dict(load_checkpoint(Path(args.run) / f"{args.checkpoint}.pt", config)["model"])
+    load_weights(model, checkpoint["model"], path)
     return config, data, model.to(device).eval(), device
+
+
+def _check_writable_file(path: str, flag: str) -> None:
+    """Before any long work: ``path`` can be written as a file."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file name")
+    parent = target.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is not a directory")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"{flag} {path}: cannot create {parent}: {err.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: {parent} is not writable")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from flowvae.training import train
 
     config = config_from_args(args)
+    if args.resume:  # continue with the run's own options; the options given here override them
+        config = config_from_args(args, base=_run_config(config.out))
     results = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, worker 0 reports
         return 0
@@ -63,6 +84,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from flowvae.evaluation import evaluate
 
+    if args.samples < 0 or args.limit < 0:
+        raise ConfigError(f"--samples and --limit must be >= 0, got {args.samples} and {args.limit}")
+    if args.output:
+        _check_writable_file(args.output, "--output")
     config, data, model, device = _load_run(args)
     split = {"train": data.train_eval, "valid": data.valid, "test": data.test}[args.split]
     if args.limit:
@@ -79,9 +104,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_SAMPLES_PER_GRID = 10_000
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from flowvae.plots import save_image_grid
 
+    if not 1 <= args.n <= MAX_SAMPLES_PER_GRID:
+        raise ConfigError(f"--n must be between 1 and {MAX_SAMPLES_PER_GRID}, got {args.n}")
+    _check_writable_file(args.out, "--out")
     _, _, model, device = _load_run(args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     images = model.sample(args.n, generator)
@@ -132,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from flowvae.data import DataError
-    from flowvae.training import CheckpointError
+    from flowvae.training import CheckpointError, RunDirError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FloatingPointError, ValueError) as err:
+    except (ConfigError, DataError, CheckpointError, RunDirError, FloatingPointError, ValueError) as err:
         print(f"flowvae {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

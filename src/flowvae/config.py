@@ -1,23 +1,35 @@
-"""Training configuration: a typed dataclass, read from YAML and overridden by command-line flags."""
+"""Training configuration: typed dataclasses, read from YAML and overridden by command-line flags.
+
+:class:`TrainConfig` holds the run's options and a nested :class:`~flowvae.models.ModelConfig`.
+Both are declared once; the flags (``--latent-dim``), the YAML keys (flat ``latent_dim: 40`` or
+nested under ``model:``), the checks on resume and ``results.json`` are derived from them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from flowvae.flows import FLOW_NAMES
-from flowvae.models import ARCHITECTURES, LIKELIHOODS
+from flowvae.flows.factory import MAX_FLOW_STEPS
+from flowvae.models import ARCHITECTURES, LIKELIHOODS, MODEL_FIELDS, ModelConfig
 
 
 class ConfigError(ValueError):
     """A bad configuration value, as one line naming the field."""
+
+
+PRIORS = ("standard", "flow", "vamp")
+OPTIMIZERS = ("adam", "adamax")
+MAX_SEED = 2 ** 63 - 1
 
 
 @dataclass
@@ -26,26 +38,22 @@ class TrainConfig:
 
     dataset: str = "digits"            # see flowvae.data.available_datasets()
     data_dir: str | None = None        # default: $FLOWVAE_DATA or ~/.cache/flowvae
-    arch: str = "mlp"                  # mlp | conv | gated
-    latent_dim: int = 32
-    hidden: int = 300                  # MLP widths
-    feature_dim: int = 256             # conv encoders' h size
-    likelihood: str | None = None      # default from the data: bernoulli (binary) or categorical256 (8-bit)
-    flow: str = "none"
-    flow_steps: int = 4
-    flow_hidden: int = 320             # MADE / coupling widths
-    reflections: int = 8               # Householder-Sylvester
-    flow_context: bool = True          # condition the flow on the encoder's h (False: global flow parameters)
+    model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 100
     batch_size: int = 100
+    optimizer: str = "adam"            # adam | adamax
     lr: float = 1e-3
     lr_decay: float = 1.0              # lr ×= lr_decay after every lr_patience epochs without a better
-    lr_patience: int = 10              # validation -ELBO (lr_decay = 1: never)
+    lr_patience: int = 10              # validation -ELBO (lr_decay = 1, the default: never)
     warmup_epochs: float = 0.0         # KL weight β rises linearly from 0 to 1 over this many epochs
-    free_bits: float = 0.0             # nats per latent dimension (0: off)
+    free_bits: float = 0.0             # nats per free-bits unit of each KL group (0: off)
     patience: int = 20                 # early stopping on validation -ELBO (0: off)
     max_minutes: float | None = None   # wall-clock budget for the training loop
     grad_clip: float = 0.0             # clip the gradient norm (0: off)
+    grad_skip: float = 50.0            # skip an update whose gradient norm is non-finite or above this many
+                                       # times its running level (0: skip only non-finite ones)
+    ema: float = 0.0                   # decay of an exponential moving average of the weights used for
+                                       # evaluation (e.g. 0.999; 0: off)
     eval_samples: int = 5000           # K for the test -log p(x)
     eval_batch_size: int = 100
     seed: int = 0
@@ -59,76 +67,175 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         from flowvae.data import available_datasets
 
+        m = self.model
+        if isinstance(self.dataset, str):  # names are case-insensitive, '-' and '_' alike
+            self.dataset = self.dataset.lower().replace("-", "_")
         checks = [
-            (self.dataset in available_datasets(), f"dataset must be one of {', '.join(available_datasets())}"),
-            (self.arch in ARCHITECTURES, f"arch must be one of {', '.join(ARCHITECTURES)}"),
-            (self.flow in FLOW_NAMES, f"flow must be one of {', '.join(FLOW_NAMES)}"),
-            (self.likelihood is None or self.likelihood in LIKELIHOODS,
-             f"likelihood must be one of {', '.join(LIKELIHOODS)}"),
-            (self.precision in ("fp32", "bf16", "fp16"), "precision must be fp32, bf16 or fp16"),
-            (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-             "device must be auto, cpu or cuda[:N]"),
+            (self.dataset in available_datasets(), "dataset", f"must be one of {', '.join(available_datasets())}"),
+            (m.arch in ARCHITECTURES, "arch", f"must be one of {', '.join(ARCHITECTURES)}"),
+            (m.flow in FLOW_NAMES or m.flow == "glow", "flow", f"must be one of {', '.join(FLOW_NAMES)}"),
+            (m.likelihood is None or m.likelihood in LIKELIHOODS, "likelihood",
+             f"must be one of {', '.join(LIKELIHOODS)}"),
+            (m.prior in PRIORS, "prior", f"must be one of {', '.join(PRIORS)}"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}"),
+            (self.precision in ("fp32", "bf16", "fp16"), "precision", "must be fp32, bf16 or fp16"),
+            (_valid_device(self.device), "device", "must be auto, cpu, cuda or cuda:N"),
+            (m.flow == "none" or 1 <= m.flow_steps <= MAX_FLOW_STEPS, "flow_steps",
+             f"must be between 1 and {MAX_FLOW_STEPS} for a flow"),
+            (m.rank is None or 1 <= m.rank <= m.latent_dim, "rank", "must be between 1 and latent_dim"),
+            (0 <= self.seed <= MAX_SEED, "seed", f"must be between 0 and {MAX_SEED}"),
+            (bool(self.out and self.out.strip()), "out", "must name a directory"),
+            (self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0"),
+            (0 < self.lr_decay <= 1, "lr_decay", "must be in (0, 1]"),
+            (0 <= self.ema < 1, "ema", "must be in [0, 1)"),
         ]
-        positive = ["latent_dim", "hidden", "feature_dim", "flow_hidden", "reflections", "epochs", "batch_size",
-                    "lr_patience", "eval_samples", "eval_batch_size", "lr"]
-        non_negative = ["threads", "flow_steps", "warmup_epochs", "free_bits", "patience", "grad_clip"]
-        checks += [(getattr(self, n) > 0, f"{n} must be > 0") for n in positive]
-        checks += [(getattr(self, n) >= 0, f"{n} must be >= 0") for n in non_negative]
-        checks.append((self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0"))
-        checks.append((0 < self.lr_decay <= 1, "lr_decay must be in (0, 1]"))
-        for ok, message in checks:
+        positive = ["latent_dim", "layers", "hidden", "channels", "feature_dim", "flow_hidden", "reflections",
+                    "prior_flow_steps", "pseudo_inputs", "epochs", "batch_size", "lr_patience", "eval_samples",
+                    "eval_batch_size", "lr"]
+        non_negative = ["threads", "flow_steps", "warmup_epochs", "free_bits", "patience", "grad_clip", "grad_skip"]
+        checks += [(_get(self, n) > 0, n, "must be > 0") for n in positive]
+        checks += [(_get(self, n) >= 0, n, "must be >= 0") for n in non_negative]
+        checks += [(math.isfinite(_get(self, f.name)), f.name, "must be finite")
+                   for f in _all_fields() if _field_type(f) is float and _get(self, f.name) is not None]
+        for ok, name, message in checks:
             if not ok:
-                field = message.split()[0]
-                raise ConfigError(f"bad config value {field}={getattr(self, field)!r}: {message}")
+                raise ConfigError(f"bad config value {name}={_get(self, name)!r}: {name} {message}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """Nested: the run's options with the model's under ``model``."""
         return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """One level: every field by its own name (model fields included)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        return values | self.model.to_dict()
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        """From flat keys (``latent_dim: 40``) or a nested ``model:`` mapping, each value checked and
+        converted to its field's type."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: the configuration must be a mapping of key: value")
+        values = dict(values)
+        nested = values.pop("model", None) or {}
+        if not isinstance(nested, dict):
+            raise ConfigError(f"{source}: model must be a mapping of key: value, got {nested!r}")
+        known = {f.name for f in _all_fields()}
+        unknown = sorted(set(values) - known) + [f"model.{k}" for k in sorted(set(nested) - set(MODEL_FIELDS))]
         if unknown:
-            raise ConfigError(f"{source}: unknown config key(s) {', '.join(unknown)}")
-        return cls(**{k: _coerce(cls, k, v, source) for k, v in values.items()})
+            raise ConfigError(f"{source}: unknown config key(s) {', '.join(map(str, unknown))}")
+        both = sorted(set(values) & set(nested))
+        if both:
+            raise ConfigError(f"{source}: {', '.join(both)} given both at the top level and under model")
+        merged = {k: _coerce(k, v, source) for k, v in (values | nested).items()}
+        model = ModelConfig(**{k: v for k, v in merged.items() if k in MODEL_FIELDS})
+        return cls(model=model, **{k: v for k, v in merged.items() if k not in MODEL_FIELDS})
 
 
-MODEL_FIELDS = ("dataset", "arch", "latent_dim", "hidden", "feature_dim", "likelihood", "flow", "flow_steps",
-                "flow_hidden", "reflections", "flow_context")
+# Options that define what is trained: a resumed run must keep them (the model fields too).
+MUST_MATCH_ON_RESUME = ("dataset", "seed", "batch_size", "optimizer", "precision") + MODEL_FIELDS
 
 
-def _field_type(cls, name: str) -> type:
-    hint = typing.get_type_hints(cls)[name]
+def resume_differences(saved: dict[str, Any], config: TrainConfig) -> tuple[list[str], dict[str, tuple]]:
+    """Compare a checkpoint's config with ``config``: (refused fields, allowed changes {name: (old, new)})."""
+    old = TrainConfig.from_dict(_upgrade(saved), source="checkpoint").flat()
+    new = config.flat()
+    changed = {k: (old[k], new[k]) for k in new if old.get(k) != new[k]}
+    refused = [f"{k}={old[k]!r} there, {new[k]!r} here" for k in MUST_MATCH_ON_RESUME if k in changed]
+    allowed = {k: v for k, v in changed.items() if k not in MUST_MATCH_ON_RESUME and k != "out"}
+    return refused, allowed
+
+
+def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config written by an older flowvae (flat, fewer keys) as today's: missing keys keep their defaults."""
+    return {k: v for k, v in saved.items() if k in {f.name for f in _all_fields()} | {"model"}}
+
+
+def _valid_device(name: str) -> bool:
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    prefix, _, index = name.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+def _all_fields() -> list[dataclasses.Field]:
+    return [f for f in fields(TrainConfig) if f.name != "model"] + list(fields(ModelConfig))
+
+
+def _get(config: TrainConfig, name: str) -> Any:
+    return getattr(config.model, name) if name in MODEL_FIELDS else getattr(config, name)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    owner = ModelConfig if f.name in MODEL_FIELDS else TrainConfig
+    hint = typing.get_type_hints(owner)[f.name]
     if isinstance(hint, types.UnionType):
         return next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
 
 
-def _coerce(cls, name: str, value: Any, source: str) -> Any:
-    """Convert a YAML or command-line value to the field's type, with a one-line error."""
-    kind = _field_type(cls, name)
+_FIELDS_BY_NAME = {f.name: f for f in _all_fields()}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, with a one-line error.
+
+    Booleans are not numbers, numbers and lists are not strings, and a string becomes a number
+    or a boolean only if it spells one."""
+    kind = _field_type(_FIELDS_BY_NAME[name])
     if value is None:
         return None
+    bad = ConfigError(f"{source}: {name} must be {'a boolean' if kind is bool else kind.__name__}, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad
     try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
+        number = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name} must be {kind.__name__}, got {value!r}") from None
+        raise bad from None
+    if kind is int:
+        if not number.is_integer() or (isinstance(value, str) and not value.strip().lstrip("+-").isdigit()):
+            raise bad
+        return int(value) if isinstance(value, (int, str)) else int(number)
+    return number
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases (which let a tiny file expand into a huge one)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML aliases (*{event.anchor}) are not allowed in a flowvae config")
+        return super().compose_node(parent, index)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping, or a one-line :class:`ConfigError` for anything else."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory")
     try:
-        values = yaml.safe_load(Path(path).read_text())
+        text = path.read_text(encoding="utf-8")
+        values = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise ConfigError(f"config file {path}: {err}") from None
+        raise ConfigError(f"config file {path} is not a text file") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if values is None:
@@ -138,13 +245,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
-    """One flag per config field (``--latent-dim``); unset flags keep the YAML or default value."""
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, model fields included (``--latent-dim``); unset flags keep the
+    YAML or default value."""
     parser.add_argument("--config", help="YAML file of config values (flags override it)")
-    for f in fields(cls):
-        kind = _field_type(cls, f.name)
+    defaults = TrainConfig().flat()
+    for f in _all_fields():
+        kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"default: {f.default}"
+        help_text = f"default: {defaults[f.name]}"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
@@ -152,12 +261,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
                                 help=help_text)
 
 
-def config_from_args(args: argparse.Namespace, cls=TrainConfig) -> TrainConfig:
-    """Defaults, then the YAML file of ``--config``, then the flags given on the command line."""
+def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (default: the defaults), then the YAML file of ``--config``, then the flags given on
+    the command line."""
     path = getattr(args, "config", None)
-    from_file = cls.from_dict(load_yaml(path), source=str(path)) if path else cls()
-    names = {f.name for f in fields(cls)}
-    flags = {k: v for k, v in vars(args).items() if k in names}
-    from_flags = cls.from_dict(flags, source="command line")
-    merged = from_file.to_dict() | {k: getattr(from_flags, k) for k in flags}
-    return cls(**merged).validate()
+    values = (base or TrainConfig()).flat()
+    if path:
+        raw = load_yaml(path)
+        TrainConfig.from_dict(raw, source=str(path))  # unknown keys and bad values fail here, naming the file
+        values |= {k: _coerce(k, v, str(path)) for k, v in _explicit(raw).items()}
+    names = {f.name for f in _all_fields()}
+    flags = {k: _coerce(k, v, "command line") for k, v in vars(args).items() if k in names}
+    return TrainConfig.from_dict(values | flags).validate()
+
+
+def _explicit(values: dict[str, Any]) -> dict[str, Any]:
+    """The keys a YAML file sets, flattened (so a file overrides ``base`` only where it speaks)."""
+    nested = values.get("model") or {}
+    return {k: v for k, v in values.items() if k != "model"} | dict(nested)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from flowvae import objectives
 from flowvae.distributed import Context
-from flowvae.models.vae import VAE
+from flowvae.models.base import LatentVariableModel, draw_noise
 
 # While importance sampling, at most this many elements of decoder output (times an activation
 # factor for convolutional decoders) and at most MAX_ROWS latent samples are held at once.
@@ -25,75 +26,92 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def auto_chunk_size(model: VAE, batch_size: int, samples: int) -> int:
+def auto_chunk_size(model: LatentVariableModel, batch_size: int, samples: int) -> int:
     """Samples per chunk so that chunk · batch stays within :data:`DECODE_BUDGET` and :data:`MAX_ROWS`."""
     per_image = model.likelihood.params_per_pixel * math.prod(model.image_shape)
-    conv = any(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in model.decoder.modules())
+    conv = any(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in model.modules())
     per_image *= 64 if conv else 1
     rows = min(MAX_ROWS, DECODE_BUDGET // per_image)
     return max(1, min(samples, rows // batch_size))
 
 
-@torch.no_grad()
-def evaluate(model: VAE, data: torch.Tensor, *, batch_size: int = 100, samples: int = 0, chunk_size: int | None = None,
-             device: torch.device | str = "cpu", progress: bool = False, desc: str = "eval", seed: int | None = None,
-             context: Context = Context(), precision: str = "fp32") -> dict[str, float]:
-    """Mean over ``data`` (N, C, H, W) of -ELBO, -log p(x|z) and KL (one posterior sample each),
-    and with ``samples`` = K > 0 the importance-weighted -log p(x).  Sums accumulate in float64.
+def _batch_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
+    """Batch ``index``'s own generator, so results do not depend on how batches are spread over workers."""
+    return None if seed is None else torch.Generator(device).manual_seed(seed * 1_000_003 + index)
 
-    With ``seed`` each batch draws its noise from its own generator seeded by (seed, batch index),
-    so results do not depend on how batches are spread over workers: under DDP (``context``)
-    worker r takes batches r, r + W, … and the sums are all-reduced once at the end.
+
+@torch.no_grad()
+def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int = 100, samples: int = 0,
+             chunk_size: int | None = None, device: torch.device | str = "cpu", progress: bool = False,
+             desc: str = "eval", seed: int | None = None, context: Context = Context(),
+             precision: str = "fp32") -> dict[str, Any]:
+    """The one evaluation of a model on ``data`` (N, C, H, W), used by training, ``flowvae evaluate``
+    and the benchmarks alike.
+
+    Means over the data of -ELBO, its reconstruction and KL parts (one posterior sample each), the
+    KL of each of the model's groups (``kl_groups``, Monte Carlo), and with ``samples`` = K > 0 the
+    importance-weighted -log p(x).  For 8-bit data (uint8) also bits/dim of both, after the
+    likelihood's dequantization offset.  Sums accumulate in float64.
+
+    With ``seed`` each batch draws its noise from its own generator seeded by (seed, batch index).
+    Under DDP (``context``) worker r takes batches r, r + W, … and the sums are all-reduced once.
     ``precision`` runs the networks under autocast; the densities are summed in float32/64.
     """
     was_training = model.training
     model.eval()
     device = torch.device(device)
+    group_names = model(data[:1].to(device)).group_names  # a one-point probe: every worker knows the groups
     names = ["neg_elbo", "reconstruction", "kl"] + (["nll"] if samples else [])
-    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
+    totals = torch.zeros(len(names) + len(group_names), dtype=torch.float64, device=device)
     if samples:
         chunk_size = chunk_size or auto_chunk_size(model, batch_size, samples)
     starts = list(range(0, len(data), batch_size))[context.rank::context.world_size]
-    for start in tqdm(starts, desc=desc, disable=not progress or not context.is_main, leave=False):
+    for start in tqdm(starts, desc=desc, disable=not progress or not context.is_main, leave=False,
+                      unit="batch"):
         x = data[start:start + batch_size].to(device)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device).manual_seed(seed * 1_000_003 + start // batch_size)
-        noise = None if generator is None else torch.randn(1, len(x), model.latent_dim, generator=generator,
-                                                             device=device, dtype=next(model.parameters()).dtype)
+        generator = _batch_generator(seed, start // batch_size, device)
+        noise = None if generator is None else draw_noise(model, 1, len(x), generator=generator, device=device)
         with autocast(device, precision):
             ld = model(x, noise=noise)
             batch = [objectives.negative_elbo(ld).double().sum(), -ld.log_likelihood.double().sum(),
                      ld.kl.double().sum()]
             if samples:
                 batch.append(objectives.importance_weighted_nll(model, x, samples, chunk_size, generator).sum())
-        totals += torch.stack(batch)
+        totals += torch.cat([torch.stack(batch), ld.kl_groups.double().mean(0).sum(0)])
     context.all_reduce_sum(totals)
     model.train(was_training)
-    results = dict(zip(names, (totals / len(data)).tolist()))
+    values = (totals / len(data)).tolist()
+    results: dict[str, Any] = dict(zip(names, values))
+    results["kl_groups"] = dict(zip(group_names, values[len(names):]))
     if samples:
         results["nll_samples"] = samples
+    if not data.is_floating_point():  # 8-bit data: also in bits/dim (-log P of the discrete pixels)
+        dim = math.prod(data.shape[1:])
+        offset = model.likelihood.discrete_nats_offset(dim)
+        results["neg_elbo_bits_per_dim"] = objectives.bits_per_dim(results["neg_elbo"] + offset, dim)
+        if samples:
+            results["bits_per_dim"] = objectives.bits_per_dim(results["nll"] + offset, dim)
     return results
 
 
 @torch.no_grad()
-def posterior_diagnostics(model: VAE, data: torch.Tensor, *, batch_size: int = 100, samples: int = 16,
-                          device: torch.device | str = "cpu", threshold: float = 0.01) -> dict:
-    """Active units (Burda et al. 2016): dimension u is active if Var_x(E_q[z_u | x]) > ``threshold``,
-    with E_q estimated from ``samples`` posterior samples (flows make it non-Gaussian).  Also the
-    per-dimension KL of the base Gaussian q₀(z₀|x) to N(0, 1), averaged over x (the exact per-
-    dimension KL when there is no flow)."""
+def posterior_diagnostics(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int = 100,
+                          samples: int = 16, device: torch.device | str = "cpu", threshold: float = 0.01,
+                          seed: int = 0) -> dict[str, Any]:
+    """Active units (Burda et al. 2016) of each latent variable of the model: unit u is active if
+    Var_x(E_q[z_u | x]) > ``threshold``, with E_q estimated from ``samples`` posterior samples
+    (flows make q non-Gaussian, hierarchies make it depend on the layers above)."""
     was_training = model.training
     model.eval()
-    means, base_kl = [], torch.zeros(model.latent_dim, dtype=torch.float64, device=device)
-    for start in range(0, len(data), batch_size):
+    device = torch.device(device)
+    means: dict[str, list[torch.Tensor]] = {}
+    for index, start in enumerate(range(0, len(data), batch_size)):
         x = data[start:start + batch_size].to(device)
-        q = model.posterior(x)
-        means.append(q.rsample((samples,)).mean(0).double())
-        mu, std = q.base.base_dist.loc.double(), q.base.base_dist.scale.double()
-        base_kl += (0.5 * (mu * mu + std * std - 1.0) - torch.log(std)).sum(0)
+        noise = draw_noise(model, samples, len(x), generator=_batch_generator(seed, index, device), device=device)
+        for name, z in model(x, samples, noise).latents.items():
+            means.setdefault(name, []).append(z.double().mean(0).flatten(1))
     model.train(was_training)
-    variance = torch.cat(means).var(0)
-    return {"active_units": int((variance > threshold).sum()), "active_threshold": threshold,
-            "posterior_mean_variance": variance.cpu().tolist(),
-            "kl_per_dim_base": (base_kl / len(data)).cpu().tolist()}
+    active = {name: int((torch.cat(m).var(0) > threshold).sum()) for name, m in means.items()}
+    units = {name: int(m[0].shape[1]) for name, m in means.items()}
+    return {"active_units": sum(active.values()), "units": sum(units.values()), "active_threshold": threshold,
+            "active_units_per_latent": active, "units_per_latent": units}

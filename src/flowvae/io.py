@@ -10,13 +10,16 @@ from typing import Any
 
 import torch
 
+TEMP_SUFFIX = ".flowvae-tmp"
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; the final file gets the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -27,9 +30,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete the temporary files that a killed process left in ``directory`` (``.NAME.*.tmp``)."""
-    stale = [p for p in Path(directory).glob(".*.tmp") if p.is_file()]
+    """Delete the temporary files that a killed flowvae write left in ``directory``
+    (``.NAME.XXXX.flowvae-tmp``); anyone else's files are left alone."""
+    stale = [p for p in Path(directory).glob(f".*{TEMP_SUFFIX}") if p.is_file()]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from flowvae.models.vae import VAE, LogDensities
+from flowvae.models.base import LatentVariableModel, LogDensities, draw_noise
 
 
 def negative_elbo(ld: LogDensities, beta: float = 1.0) -> torch.Tensor:
@@ -24,14 +24,17 @@ def training_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
     """Scalar loss: the negative ELBO with KL weight β (warm-up) and free bits, summed over the
     batch and divided by ``normalizer`` (default: the batch size, i.e. the batch mean).
 
-    Free bits (Kingma et al. 2016) with the whole latent vector as one group: the KL term is
-    max(Σ KL, free_bits · D · B), so no gradient pushes the mean KL below ``free_bits`` nats per latent.
+    Free bits (Kingma et al. 2016) per KL group g of the model (the whole latent vector of a
+    single-latent VAE, each layer of a ladder, each (layer, channel) of spatial latents): the group's
+    term is max(Σ_batch KL_g, λ · units_g · B), so no gradient pushes a group's batch-mean KL below
+    λ nats per unit.
     """
     batch = ld.kl.shape[-1]
-    kl = ld.kl.mean(0).sum()
+    kl = ld.kl_groups.mean(0).sum(0)                                    # (G,), summed over the batch
     if free_bits > 0:
-        kl = torch.clamp(kl, min=free_bits * ld.z.shape[-1] * batch)
-    return (-ld.log_likelihood.mean(0).sum() + beta * kl) / (batch if normalizer is None else normalizer)
+        units = torch.tensor(ld.group_units, dtype=kl.dtype, device=kl.device)
+        kl = torch.maximum(kl, free_bits * units * batch)
+    return (-ld.log_likelihood.mean(0).sum() + beta * kl.sum()) / (batch if normalizer is None else normalizer)
 
 
 def iwae_bound(ld: LogDensities) -> torch.Tensor:
@@ -40,23 +43,23 @@ def iwae_bound(ld: LogDensities) -> torch.Tensor:
 
 
 @torch.no_grad()
-def importance_weighted_nll(model: VAE, x: torch.Tensor, samples: int = 5000, chunk_size: int = 500,
+def importance_weighted_nll(model: LatentVariableModel, x: torch.Tensor, samples: int = 5000, chunk_size: int = 500,
                             generator: torch.Generator | None = None) -> torch.Tensor:
     """-log p(x) ≈ -log (1/K) Σ_k w_k for x (B, C, H, W) with K = ``samples``: (B,) float64 nats.
 
-    The encoder runs once; samples are drawn ``chunk_size`` at a time for all B data points
-    together (memory O(chunk_size · B)), and the log-sum-exp is accumulated in float64.
-    ``generator`` (on x's device) makes the draw reproducible.
+    The sample-independent inference (``model.encode``) runs once; samples are drawn
+    ``chunk_size`` at a time for all B data points together (memory O(chunk_size · B)), and the
+    log-sum-exp is accumulated in float64.  ``generator`` (on x's device) makes the draw
+    reproducible; noise is drawn in the model's dtype, never in 16 bits.
     """
     if samples < 1 or chunk_size < 1:
         raise ValueError(f"samples and chunk_size must be >= 1, got {samples} and {chunk_size}")
-    q = model.posterior(x)
+    encoded = model.encode(x)
     total = None
     for start in range(0, samples, chunk_size):
         k = min(chunk_size, samples - start)
-        noise = None if generator is None else torch.randn(k, len(x), model.latent_dim, generator=generator,
-                                                             device=x.device, dtype=q.base.mean.dtype)
-        log_w = model.log_densities(x, q, k, noise).log_weight.double()
+        noise = None if generator is None else draw_noise(model, k, len(x), generator=generator, device=x.device)
+        log_w = model.log_densities(x, encoded, k, noise).log_weight.double()
         chunk = torch.logsumexp(log_w, 0)
         total = chunk if total is None else torch.logaddexp(total, chunk)
     return -(total - math.log(samples))

@@ -1,26 +1,38 @@
-"""Train a VAE with a flow posterior: one plain function, a checkpoint dict, a run directory.
+"""Train any flowvae model: a plain loop in named steps, a checkpoint dict, a run directory.
+
+    run = start_run(config, resume)          # build or resume: data, model, optimizer, RNG, state
+    while not run_is_over(run):
+        stats = train_epoch(run)             # one pass over the training set
+        end_epoch(run, stats)                # validate, early stopping, lr decay, write files
+    results = finish(run)                    # evaluate the best weights, write results.json
 
 Run directory ``out/``:
-    config.yaml          the resolved configuration
-    checkpoint.pt        model, optimizer, RNG states, history (atomic; every epoch)
-    best.pt              weights with the best validation -ELBO
+    config.yaml          the configuration in effect
+    checkpoint.pt        model, EMA, optimizer, RNG states, run state and history (atomic; every epoch)
+    best.pt              the evaluation weights with the best validation -ELBO
     metrics.jsonl/.csv   one row per epoch
     samples.png, reconstructions.png, results.json
 
 ``resume=True`` continues from ``checkpoint.pt``; the RNG states are restored, so a killed run
-resumed ends with bit-identical parameters to a run that was never interrupted.
+resumed ends with bit-identical parameters to a run that was never interrupted.  The trainer asks
+the model only what :class:`flowvae.models.LatentVariableModel` declares.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
+import fcntl
 import io
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,31 +40,48 @@ import yaml
 from tqdm.auto import tqdm
 
 from flowvae import distributed, objectives
-from flowvae.config import MODEL_FIELDS, TrainConfig
+from flowvae.config import ConfigError, TrainConfig, resume_differences
 from flowvae.data import DataError, DatasetSplits, load_dataset
 from flowvae.evaluation import autocast, evaluate, posterior_diagnostics
 from flowvae.io import atomic_torch_save, atomic_write_text, remove_stale_temporaries
-from flowvae.models import VAE, as_unit_interval, build_vae, count_parameters, default_likelihood
-from flowvae.objectives import bits_per_dim
+from flowvae.models import LatentVariableModel, as_unit_interval, build_model, count_parameters, draw_noise
+from flowvae.models import MODEL_FIELDS
+from flowvae.models.base import select_noise
 from flowvae.plots import save_image_grid
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)            # format 1: flat config, no EMA (flowvae before hierarchical models)
+GUARD_WARMUP_STEPS = 50              # the gradient guard learns the norm's level before it skips spikes
+GUARD_DECAY = 0.99                   # running level of log ‖g‖: an EMA over every finite norm
+MAX_CONSECUTIVE_SKIPS = 200          # that many skipped updates in a row: training has diverged
+DIVERGED_EPOCHS = 3                  # validation -ELBO far above its best for this many epochs: diverged
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or belongs to another model."""
 
 
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used: not writable, not a run, or in use by another process."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return device
 
+
+# --------------------------------------------------------------------------------------------- data
 
 @dataclass
 class PreparedData:
@@ -81,52 +110,398 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     return PreparedData(splits, splits.train, splits.valid, splits.test, splits.train, False)
 
 
-def model_from_config(config: TrainConfig, image_shape, data_kind: str) -> VAE:
-    return build_vae(config.arch, image_shape, config.latent_dim,
-                     config.likelihood or default_likelihood(data_kind), config.hidden, config.feature_dim,
-                     config.flow, config.flow_steps, config.flow_hidden, config.reflections, data_kind=data_kind,
-                     flow_context=config.flow_context)
+def model_from_config(config: TrainConfig, image_shape, data_kind: str) -> LatentVariableModel:
+    return build_model(config.model, image_shape, data_kind)
 
+
+# -------------------------------------------------------------------------------------- checkpoints
 
 def load_checkpoint(path: str | Path, config: TrainConfig | None = None) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``); check it was written for ``config``'s model."""
+    """Load a checkpoint safely (``weights_only=True``); check it was written for ``config``'s model.
+
+    Checkpoints of format 1 (flat config) are read too; their config is upgraded on the fly."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated/corrupt/foreign files
         raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a flowvae checkpoint "
                               f"({type(err).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
-        raise CheckpointError(f"checkpoint {path} is not a flowvae checkpoint (format {CHECKPOINT_FORMAT})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS or "model" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} is not a flowvae checkpoint (formats {READABLE_FORMATS})")
+    if not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"checkpoint {path} has no config; it was not written by flowvae train")
     if config is not None:
-        saved = TrainConfig().to_dict() | ckpt["config"]  # a key added since the checkpoint keeps its default
-        diffs = [f"{k}={saved[k]!r} there, {getattr(config, k)!r} here" for k in MODEL_FIELDS
-                 if saved[k] != getattr(config, k)]
-        if diffs:
-            raise CheckpointError(f"checkpoint {path} was written for a different model: {'; '.join(diffs)}")
+        try:
+            refused, _ = resume_differences(ckpt["config"], config)
+        except ConfigError as err:
+            raise CheckpointError(f"checkpoint {path} has an unreadable config: {err}") from None
+        if refused:
+            what = "model" if any(r.split("=")[0] in MODEL_FIELDS for r in refused) else "run"
+            raise CheckpointError(f"checkpoint {path} was written for a different {what}: {'; '.join(refused)}")
     return ckpt
 
 
-def _write_history(out: Path, history: list[dict[str, float]]) -> None:
+def load_weights(model: torch.nn.Module, weights: Any, path: Path) -> None:
+    """``model.load_state_dict`` with a one-line error for weights of another model."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {first}") from None
+
+
+# ------------------------------------------------------------------------------------ the run state
+
+@dataclass
+class RunState:
+    """Everything about the run's progress that a checkpoint must carry."""
+
+    epoch: int = 0
+    step: int = 0
+    best_valid: float = math.inf
+    best_epoch: int = -1
+    epochs_since_best: int = 0
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    skipped_updates: int = 0
+    consecutive_skips: int = 0
+    log_grad_norm_level: float | None = None    # the gradient guard's running level of log ‖g‖
+    diverging_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    config_changes: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """A run in progress: what :func:`train_epoch` and :func:`end_epoch` work on."""
+
+    config: TrainConfig
+    context: distributed.Context
+    device: torch.device
+    out: Path
+    data: PreparedData
+    model: LatentVariableModel
+    step_model: torch.nn.Module                 # the model as stepped: DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generators: dict[str, torch.Generator]
+    state: RunState
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+    clock: Callable[[], float] = lambda: 0.0     # seconds of training so far, resumed runs included
+
+    @property
+    def eval_model(self) -> LatentVariableModel:
+        """The weights evaluated: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def eval_kwargs(self) -> dict[str, Any]:
+        return {"batch_size": self.config.eval_batch_size, "device": self.device, "seed": self.config.seed,
+                "context": self.context, "precision": self.config.precision}
+
+
+# ----------------------------------------------------------------------------- the run's directory
+
+LOCK_NAME = ".flowvae.lock"
+RUN_FILES = ("config.yaml", LOCK_NAME)
+
+
+def _prepare_out_dir(out: Path, resume: bool) -> bool:
+    """Check ``out`` can hold this run; returns whether it was created now.  One-line errors."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a directory")
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise CheckpointError(f"--resume given but {out / 'checkpoint.pt'} does not exist")
+        return False
+    if (out / "checkpoint.pt").exists():
+        raise CheckpointError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if out.is_dir() and any(p.name not in RUN_FILES for p in out.iterdir()):
+        raise RunDirError(f"--out {out} is a non-empty directory that holds no flowvae run; choose another --out")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".flowvae-write-test.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunDirError(f"--out {out} cannot be written: {err.strerror}") from None
+    return created
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold an exclusive lock on the run directory; a second process gets a one-line error."""
+    path = out / LOCK_NAME
+    try:
+        handle = open(path, "a+")
+    except OSError as err:
+        raise RunDirError(f"--out {out} cannot be written: {err.strerror}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunDirError(f"{out} is in use by another flowvae process (pid {holder})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+# ----------------------------------------------------------------------------- start or resume a run
+
+def _build_optimizer(config: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    if config.optimizer == "adamax":
+        return torch.optim.Adamax(model.parameters(), lr=config.lr, foreach=True)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
+
+
+def _build_ema(config: TrainConfig, model: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel | None:
+    if not config.ema:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+
+
+def start_run(config: TrainConfig, resume: bool, context: distributed.Context, device: torch.device) -> Run:
+    """Build the data, model and optimizer; on ``resume`` restore them from ``checkpoint.pt``."""
+    out = Path(config.out)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    data = prepare_data(config)
+    model = model_from_config(config, data.splits.image_shape, data.splits.kind).to(device)
+    optimizer = _build_optimizer(config, model, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    # Shuffling and binarization (CPU) and the posterior's noise (device): the same on every worker.
+    generators = {"shuffle": torch.Generator().manual_seed(config.seed),
+                  "noise": torch.Generator(device).manual_seed(config.seed + 2)}
+    state = RunState()
+    if resume:
+        ckpt = load_checkpoint(out / "checkpoint.pt", config)
+        load_weights(model, ckpt["model"], out / "checkpoint.pt")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = RunState(**{k: v for k, v in ckpt["state"].items() if k in RunState.__dataclass_fields__},
+                         history=ckpt["history"])
+        _restore_rng(ckpt["rng"], generators, device, config, state)
+        _apply_changes(ckpt["config"], config, optimizer, state)
+    elif hasattr(model, "initialise"):  # data-dependent initialisation (weight normalization)
+        with torch.no_grad():
+            model.initialise(data.train[:config.batch_size].to(device))
+    ema = _build_ema(config, model)
+    if ema is not None and resume and "ema" in ckpt:
+        load_weights(ema, ckpt["ema"], out / "checkpoint.pt")
+    step_model: torch.nn.Module = model
+    if context.distributed:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            gradient_as_bucket_view=True)
+    if config.compile:
+        step_model = torch.compile(step_model)
+    return Run(config, context, device, out, data, model, step_model, optimizer, scaler, generators, state, ema)
+
+
+def _restore_rng(saved: dict[str, torch.Tensor], generators: dict[str, torch.Generator], device: torch.device,
+                 config: TrainConfig, state: RunState) -> None:
+    torch.set_rng_state(saved["torch"])
+    generators["shuffle"].set_state(saved["shuffle"])
+    saved_device = saved.get("noise_device", "cpu")  # format 1 checkpoints were all written on CPUs
+    if saved_device == device.type:
+        with contextlib.suppress(RuntimeError):
+            generators["noise"].set_state(saved["noise"])
+            return
+    # A generator's state is device-specific: reseed from (seed, step), deterministically, and say so.
+    generators["noise"].manual_seed(config.seed * 1_000_003 + state.step + 2)
+    logger.warning("resumed on %s a run saved on %s: the posterior noise is reseeded from (seed, step), so the "
+                   "run continues deterministically but not bit-identically", device.type, saved_device)
+
+
+def _apply_changes(saved_config: dict[str, Any], config: TrainConfig, optimizer: torch.optim.Optimizer,
+                   state: RunState) -> None:
+    """Options that may change on resume take effect now, and the change is recorded."""
+    _, changed = resume_differences(saved_config, config)
+    if "lr" in changed:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr
+    if changed:
+        state.config_changes.append({"epoch": state.epoch, "step": state.step,
+                                     **{k: {"from": old, "to": new} for k, (old, new) in changed.items()}})
+        logger.warning("resumed with changed options: %s",
+                       ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+
+
+# --------------------------------------------------------------------------------------- one epoch
+
+def _guarded_step(run: Run, loss: torch.Tensor) -> bool:
+    """Backpropagate and update, unless the gradient norm is non-finite or a spike far above its
+    running level; returns whether the update was made.  Skipped updates are counted.
+
+    The level is an EMA of log ‖g‖ over every finite norm, skipped ones included, so a lasting
+    change of scale is absorbed within a few hundred steps and the guard can never stall training
+    for good (a fixed threshold can: openai/vdvae issue 25)."""
+    config, state, optimizer, scaler = run.config, run.state, run.optimizer, run.scaler
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+    norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm))
+    finite = math.isfinite(norm)
+    spike = False
+    if finite:
+        log_norm = math.log(max(norm, 1e-30))
+        level = state.log_grad_norm_level
+        spike = (config.grad_skip > 0 and level is not None and state.step >= GUARD_WARMUP_STEPS
+                 and log_norm > level + math.log(config.grad_skip))
+        state.log_grad_norm_level = log_norm if level is None else GUARD_DECAY * level + (1 - GUARD_DECAY) * log_norm
+    if finite and not spike:
+        scaler.step(optimizer)
+        scaler.update()
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        state.consecutive_skips = 0
+        return True
+    if config.precision == "fp16" and not finite:
+        scaler.step(optimizer)  # fp16 overflow: the scaler skips the step and lowers its scale
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    state.skipped_updates += 1
+    state.consecutive_skips += 1
+    if state.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+        raise FloatingPointError(f"training diverged: {state.consecutive_skips} updates in a row had a non-finite "
+                                 f"or exploding gradient (step {state.step}); {_last_good(run)}. Lower --lr or "
+                                 "set --grad-clip")
+    return False
+
+
+def _last_good(run: Run) -> str:
+    for name in ("best.pt", "checkpoint.pt"):
+        if (run.out / name).is_file():
+            return f"the last good weights are in {run.out / name}"
+    return "no checkpoint was written yet"
+
+
+def train_epoch(run: Run) -> dict[str, float]:
+    """One pass over the training set in global batches; every worker takes its shard."""
+    config, state, data, context, device = run.config, run.state, run.data, run.context, run.device
+    run.model.train()
+    n_train = len(data.train)
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    warmup_steps = config.warmup_epochs * steps_per_epoch
+    order = torch.randperm(n_train, generator=run.generators["shuffle"])
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    beta = 1.0
+    started = time.perf_counter()
+    bar = tqdm(range(0, n_train, config.batch_size), desc=f"epoch {state.epoch + 1}", leave=False, unit="step",
+               disable=not (config.progress and context.is_main))
+    for start in bar:
+        x = data.train[order[start:start + config.batch_size]]  # the global batch
+        global_batch = len(x)
+        if data.dynamic:
+            x = torch.bernoulli(x, generator=run.generators["shuffle"])
+        noise = draw_noise(run.model, 1, global_batch, generator=run.generators["noise"], device=device)
+        shard = torch.tensor_split(torch.arange(global_batch), context.world_size)[context.rank]
+        x, noise = x[shard].to(device, non_blocking=True), select_noise(noise, shard.to(device))
+        beta = min(1.0, (state.step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        with autocast(device, config.precision):
+            ld = run.step_model(x, noise=noise)
+        # Σ over the shard / (global batch / W): DDP's gradient average is then the global batch mean.
+        loss = objectives.training_loss(ld, beta, config.free_bits, normalizer=global_batch / context.world_size)
+        global_loss = context.all_reduce_sum(loss.detach().double().clone()) / context.world_size
+        _guarded_step(run, loss)
+        if torch.isfinite(global_loss):
+            loss_sum += global_loss * global_batch
+        state.step += 1
+        if bar.n % 20 == 0 and not bar.disable:
+            images_per_s = (bar.n + 1) * config.batch_size / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{global_loss.item():.2f}", img_s=f"{images_per_s:.0f}")
+    bar.close()
+    return {"train_loss": loss_sum.item() / n_train, "beta": beta}
+
+
+# ------------------------------------------------------------------------------------ end of epoch
+
+def end_epoch(run: Run, stats: dict[str, float]) -> None:
+    """Validate, keep the best weights, decay the learning rate, stop early or on divergence, write."""
+    config, state = run.config, run.state
+    valid = evaluate(run.eval_model, run.data.valid, **run.eval_kwargs())
+    state.epoch += 1
+    state.train_seconds = run.clock()
+    row = {"epoch": state.epoch, "step": state.step, "beta": stats["beta"], "train_loss": stats["train_loss"],
+           "valid_neg_elbo": valid["neg_elbo"], "valid_reconstruction": valid["reconstruction"],
+           "valid_kl": valid["kl"], "lr": run.optimizer.param_groups[0]["lr"],
+           "skipped_updates": state.skipped_updates, "seconds": round(state.train_seconds, 3)}
+    if len(valid["kl_groups"]) > 1:
+        row |= {f"valid_kl_{name}": value for name, value in valid["kl_groups"].items()}
+    state.history.append(row)
+    improved = valid["neg_elbo"] < state.best_valid
+    if improved:
+        state.best_valid, state.best_epoch, state.epochs_since_best = valid["neg_elbo"], state.epoch, 0
+    else:
+        state.epochs_since_best += 1
+        if config.lr_decay < 1 and state.epochs_since_best % config.lr_patience == 0:
+            for group in run.optimizer.param_groups:  # saved with the optimizer's state, so resume keeps it
+                group["lr"] *= config.lr_decay
+    if config.patience and state.epochs_since_best >= config.patience:
+        state.stopped_early = True
+    if run.context.is_main:
+        write_epoch(run, improved)
+    logger.info("epoch %d  train loss %.3f  valid -ELBO %.3f  (β=%.2f)", state.epoch, row["train_loss"],
+                valid["neg_elbo"], stats["beta"])
+    _check_divergence(run, valid["neg_elbo"])
+
+
+def _check_divergence(run: Run, valid_neg_elbo: float) -> None:
+    """Stop with a clear message when the validation -ELBO stays far above its best."""
+    state = run.state
+    far_above = not math.isfinite(valid_neg_elbo) or (
+        math.isfinite(state.best_valid) and valid_neg_elbo > state.best_valid + max(10.0, 0.5 * abs(state.best_valid)))
+    state.diverging_epochs = state.diverging_epochs + 1 if far_above else 0
+    if state.diverging_epochs >= DIVERGED_EPOCHS:
+        raise FloatingPointError(f"training diverged: valid -ELBO {valid_neg_elbo:.4g} against its best "
+                                 f"{state.best_valid:.4g} (epoch {state.best_epoch}) for {state.diverging_epochs} "
+                                 f"epochs; {_last_good(run)}. Lower --lr or set --grad-clip")
+
+
+def write_epoch(run: Run, improved: bool) -> None:
+    """Worker 0: best.pt (if improved), checkpoint.pt, metrics.jsonl/.csv — each written atomically."""
+    if improved:
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "model": run.eval_model.state_dict(),
+                           "config": run.config.to_dict(), "epoch": run.state.epoch}, run.out / "best.pt")
+    atomic_torch_save({
+        "format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "config": run.config.to_dict(), "state": {k: v for k, v in dataclasses.asdict(run.state).items()
+                                                  if k != "history"},
+        "history": run.state.history,
+        "rng": {"torch": torch.get_rng_state(), "noise_device": run.device.type,
+                **{k: g.get_state() for k, g in run.generators.items()}},
+    }, run.checkpoint_path)
+    _write_history(run.out, run.state.history)
+
+
+def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
     if history:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+        names = list(dict.fromkeys(k for row in history for k in row))
+        writer = csv.DictWriter(buffer, fieldnames=names)
         writer.writeheader()
         writer.writerows(history)
         atomic_write_text(out / "metrics.csv", buffer.getvalue())
 
 
-def _save_checkpoint(path: Path, model: VAE, optimizer, config: TrainConfig, state: dict, history: list,
-                     generators: dict[str, torch.Generator]) -> None:
-    atomic_torch_save({
-        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "config": config.to_dict(), "state": state, "history": history,
-        "rng": {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in generators.items()}},
-    }, path)
-
+# ------------------------------------------------------------------------------------------- train
 
 def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train, early-stop on validation -ELBO, evaluate the best model; returns results.json's content.
@@ -139,168 +514,93 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """
     config.validate()
     context, device_name = distributed.setup(config.device)
+    out = Path(config.out)
+    created = False
     try:
-        return _train(config, resume, context, resolve_device(device_name))
+        device = resolve_device(device_name)
+        if context.is_main:
+            created = _prepare_out_dir(out, resume)
+        context.barrier()
+        with run_lock(out) if context.is_main else contextlib.nullcontext():
+            run = start_run(config, resume, context, device)
+            if context.is_main:
+                for path in remove_stale_temporaries(out):
+                    logger.info("removed %s, left by an interrupted write", path)
+                atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+            logger.info("%s: %d parameters, %s, %d workers, %d training images", config.dataset,
+                        count_parameters(run.model), device, context.world_size, len(run.data.train))
+            started = time.perf_counter() - run.state.train_seconds
+            run.clock = lambda: time.perf_counter() - started
+            epochs = tqdm(total=config.epochs, initial=min(run.state.epoch, config.epochs), desc="epochs",
+                          disable=not (config.progress and context.is_main))
+            while not run_is_over(run):
+                stats = train_epoch(run)
+                end_epoch(run, stats)
+                epochs.update(1)
+                epochs.set_postfix(loss=f"{stats['train_loss']:.2f}", valid=f"{run.state.history[-1]['valid_neg_elbo']:.2f}")
+            epochs.close()
+            context.barrier()
+            return finish(run)
+    except BaseException:
+        if context.is_main and created and not (out / "checkpoint.pt").exists():
+            _remove_failed_start(out)
+        raise
     finally:
         distributed.teardown()
 
 
-def _train(config: TrainConfig, resume: bool, context: distributed.Context, device: torch.device) -> dict[str, Any]:
-    out = Path(config.out)
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not resume:
-        raise CheckpointError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and not ckpt_path.exists():
-        raise CheckpointError(f"--resume given but {ckpt_path} does not exist")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    data = prepare_data(config)
-    model = model_from_config(config, data.splits.image_shape, data.splits.kind).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    # Shuffling and binarization (CPU) and reparameterisation noise (device): the same on every worker.
-    generators = {"shuffle": torch.Generator().manual_seed(config.seed),
-                  "noise": torch.Generator(device).manual_seed(config.seed + 2)}
-    state = {"epoch": 0, "step": 0, "best_valid": math.inf, "best_epoch": -1, "epochs_since_best": 0,
-             "stopped_early": False, "train_seconds": 0.0}
-    history: list[dict[str, float]] = []
-
-    if resume:
-        ckpt = load_checkpoint(ckpt_path, config)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state, history = ckpt["state"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        for name, generator in generators.items():
-            generator.set_state(ckpt["rng"][name])
-        logger.info("resumed %s at epoch %d", out, state["epoch"])
-    if context.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for path in remove_stale_temporaries(out):
-            logger.info("removed %s, left by an interrupted write", path)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-    step_model = model
-    if context.distributed:
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        step_model = torch.compile(step_model)
-    n_train = len(data.train)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    warmup_steps = config.warmup_epochs * steps_per_epoch
-    start_time = time.perf_counter() - state["train_seconds"]
-    eval_kwargs = {"batch_size": config.eval_batch_size, "device": device, "seed": config.seed, "context": context,
-                   "precision": config.precision}
-    logger.info("%s: %d parameters, %s, %d workers, %d training images", config.dataset, count_parameters(model),
-                device, context.world_size, n_train)
-
-    epochs = tqdm(range(state["epoch"], config.epochs), desc="epochs", initial=state["epoch"], total=config.epochs,
-                  disable=not (config.progress and context.is_main))
-    for epoch in epochs:
-        if state["stopped_early"] or _out_of_time(config, state, context):
-            break
-        model.train()
-        order = torch.randperm(n_train, generator=generators["shuffle"])
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(0, n_train, config.batch_size):
-            x = data.train[order[start:start + config.batch_size]]  # the global batch
-            global_batch = len(x)
-            if data.dynamic:
-                x = torch.bernoulli(x, generator=generators["shuffle"])
-            noise = torch.randn(1, global_batch, model.latent_dim, generator=generators["noise"], device=device)
-            shard = torch.tensor_split(torch.arange(global_batch), context.world_size)[context.rank]
-            x, noise = x[shard].to(device, non_blocking=True), noise[:, shard.to(device)]
-            beta = min(1.0, (state["step"] + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-            with autocast(device, config.precision):
-                ld = step_model(x, noise=noise)
-            # Σ over the shard / (global batch / W): DDP's gradient average is then the global batch mean.
-            loss = objectives.training_loss(ld, beta, config.free_bits, normalizer=global_batch / context.world_size)
-            global_loss = context.all_reduce_sum(loss.detach().double().clone()) / context.world_size
-            if not torch.isfinite(global_loss):
-                raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}, step {state['step']}; "
-                                         f"the last good checkpoint is {ckpt_path}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += global_loss * global_batch
-            state["step"] += 1
-        valid = evaluate(model, data.valid, **eval_kwargs)
-        state["epoch"] = epoch + 1
-        state["train_seconds"] = time.perf_counter() - start_time
-        row = {"epoch": epoch + 1, "step": state["step"], "beta": beta, "train_loss": loss_sum.item() / n_train,
-               "valid_neg_elbo": valid["neg_elbo"], "valid_reconstruction": valid["reconstruction"],
-               "valid_kl": valid["kl"], "lr": optimizer.param_groups[0]["lr"],
-               "seconds": round(state["train_seconds"], 3)}
-        history.append(row)
-        improved = valid["neg_elbo"] < state["best_valid"]
-        if improved:
-            state.update(best_valid=valid["neg_elbo"], best_epoch=epoch + 1, epochs_since_best=0)
-        else:
-            state["epochs_since_best"] += 1
-            if config.lr_decay < 1 and state["epochs_since_best"] % config.lr_patience == 0:
-                for group in optimizer.param_groups:  # saved with the optimizer's state, so resume keeps it
-                    group["lr"] *= config.lr_decay
-        if config.patience and state["epochs_since_best"] >= config.patience:
-            state["stopped_early"] = True
-        if context.is_main:
-            if improved:
-                atomic_torch_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-                                   "config": config.to_dict(), "epoch": epoch + 1}, out / "best.pt")
-            _save_checkpoint(ckpt_path, model, optimizer, config, state, history, generators)
-            _write_history(out, history)
-        epochs.set_postfix(loss=f"{row['train_loss']:.2f}", valid=f"{valid['neg_elbo']:.2f}")
-        logger.info("epoch %d  train loss %.3f  valid -ELBO %.3f  (β=%.2f)", epoch + 1, row["train_loss"],
-                    valid["neg_elbo"], beta)
-    epochs.close()
-    context.barrier()
-    return finish(config, model, data, state, device, context)
+def _remove_failed_start(out: Path) -> None:
+    """A run that failed before its first checkpoint leaves nothing behind."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    remove_stale_temporaries(out)
+    with contextlib.suppress(OSError):
+        out.rmdir()
 
 
-def _out_of_time(config: TrainConfig, state: dict, context: distributed.Context) -> bool:
+def run_is_over(run: Run) -> bool:
+    state = run.state
+    return state.epoch >= run.config.epochs or state.stopped_early or _out_of_time(run)
+
+
+def _out_of_time(run: Run) -> bool:
     """The wall-clock budget is spent, as worker 0's clock says (so all workers agree)."""
-    if not config.max_minutes:
+    if not run.config.max_minutes:
         return False
-    over = torch.tensor(float(context.is_main and state["train_seconds"] > 60 * config.max_minutes))
-    return bool(context.all_reduce_sum(over) > 0)
+    over = torch.tensor(float(run.context.is_main and run.state.train_seconds > 60 * run.config.max_minutes),
+                        device=run.device)
+    return bool(run.context.all_reduce_sum(over) > 0)
 
 
-def finish(config: TrainConfig, model: VAE, data: PreparedData, state: dict, device: torch.device,
-           context: distributed.Context = distributed.Context()) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------ finish
+
+def finish(run: Run) -> dict[str, Any]:
     """Evaluate the best weights on train/valid/test, write plots and results.json (worker 0)."""
-    out = Path(config.out)
-    best = load_checkpoint(out / "best.pt", config)
-    model.load_state_dict(best["model"])
+    config, data, device, context, out = run.config, run.data, run.device, run.context, run.out
+    model = run.eval_model
+    load_weights(model, load_checkpoint(out / "best.pt", config)["model"], out / "best.pt")
     model.eval()
-    kwargs = {"batch_size": config.eval_batch_size, "device": device, "progress": config.progress,
-              "seed": config.seed, "context": context, "precision": config.precision}
+    kwargs = run.eval_kwargs() | {"progress": config.progress}
+    state = run.state
     results: dict[str, Any] = {
-        "dataset": config.dataset, "flow": config.flow, "flow_steps": config.flow_steps if config.flow != "none" else 0,
-        "arch": config.arch, "latent_dim": config.latent_dim, "parameters": count_parameters(model),
-        "epochs_trained": state["epoch"], "best_epoch": state["best_epoch"], "stopped_early": state["stopped_early"],
-        "train_minutes": round(state["train_seconds"] / 60, 3), "workers": context.world_size,
+        "dataset": config.dataset, "model": config.model.to_dict(), "parameters": count_parameters(model),
+        "epochs_trained": state.epoch, "best_epoch": state.best_epoch, "stopped_early": state.stopped_early,
+        "train_minutes": round(state.train_seconds / 60, 3), "workers": context.world_size,
+        "skipped_updates": state.skipped_updates, "ema": config.ema,
         "objective": {"warmup_epochs": config.warmup_epochs, "free_bits": config.free_bits},
         "train": evaluate(model, data.train_eval, desc="train -ELBO", **kwargs),
         "valid": evaluate(model, data.valid, desc="valid -ELBO", **kwargs),
         "test": evaluate(model, data.test, samples=config.eval_samples, desc=f"test -log p(x), K={config.eval_samples}",
                          **kwargs),
+        "kl_note": "KL figures are single-sample Monte Carlo estimates of E_q[log q(z|x) - log p(z)]",
     }
-    if data.splits.kind == "8bit":
-        offset = model.likelihood.discrete_nats_offset(data.splits.dim)
-        results["test"]["bits_per_dim"] = bits_per_dim(results["test"]["nll"] + offset, data.splits.dim)
-        results["test"]["neg_elbo_bits_per_dim"] = bits_per_dim(results["test"]["neg_elbo"] + offset, data.splits.dim)
     if context.is_main:
-        torch.manual_seed(config.seed)
         results["diagnostics"] = posterior_diagnostics(model, data.test, batch_size=config.eval_batch_size,
-                                                       device=device)
+                                                       device=device, seed=config.seed)
         generator = torch.Generator(device=device).manual_seed(config.seed)
         save_image_grid(model.sample(64, generator), out / "samples.png", nrow=8)
         originals = data.test[:32].to(device)
+        torch.manual_seed(config.seed)
         recon = model.reconstruct(originals)
         pairs = torch.stack([as_unit_interval(originals, recon.dtype), recon], 1).flatten(0, 1)  # original, recon, ...
         save_image_grid(pairs, out / "reconstructions.png", nrow=8)
@@ -309,4 +609,3 @@ def finish(config: TrainConfig, model: VAE, data: PreparedData, state: dict, dev
                     config.eval_samples)
     context.barrier()
     return results
-

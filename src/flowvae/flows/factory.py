@@ -1,41 +1,58 @@
-"""Build a stack of posterior flows by name, as the CLI and the VAE configs do."""
+"""Build a stack of posterior flows by name, as the CLI and the model configs do.
+
+Each family registers one builder ``(dim, step, context_dim, options) -> Flow`` in :data:`FLOWS`;
+``step`` is the index in the stack (orderings and coupling halves alternate with it) and
+``options`` holds the family options (``hidden``, ``reflections``, ``rank``).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from flowvae.flows.autoregressive import IAF, MAF
 from flowvae.flows.base import Compose, Flow
 from flowvae.flows.elementwise import Householder, Planar, Radial
 from flowvae.flows.glow import AffineCoupling
 from flowvae.flows.sylvester import HouseholderSylvester, OrthogonalSylvester, TriangularSylvester
+from flowvae.registry import Registry
 
-FLOW_NAMES = ("none", "planar", "radial", "householder", "sylvester-orthogonal", "sylvester-householder",
-              "sylvester-triangular", "iaf", "maf", "coupling")
+FLOWS: Registry = Registry("flow")
+MAX_FLOW_STEPS = 256
+
+
+def _order(step: int) -> str:
+    return "natural" if step % 2 == 0 else "reversed"
+
+
+FLOWS.register("planar")(lambda dim, k, context_dim, o: Planar(dim, context_dim))
+FLOWS.register("radial")(lambda dim, k, context_dim, o: Radial(dim, context_dim))
+FLOWS.register("householder")(lambda dim, k, context_dim, o: Householder(dim, 1, context_dim))
+FLOWS.register("sylvester-orthogonal")(lambda dim, k, context_dim, o: OrthogonalSylvester(dim, o["rank"], context_dim))
+FLOWS.register("sylvester-householder")(
+    lambda dim, k, context_dim, o: HouseholderSylvester(dim, o["reflections"], context_dim))
+FLOWS.register("sylvester-triangular")(lambda dim, k, context_dim, o: TriangularSylvester(dim, k % 2 == 1, context_dim))
+FLOWS.register("iaf")(lambda dim, k, context_dim, o: IAF(dim, (o["hidden"], o["hidden"]), context_dim, _order(k)))
+FLOWS.register("maf")(lambda dim, k, context_dim, o: MAF(dim, (o["hidden"], o["hidden"]), context_dim, _order(k)))
+FLOWS.register("coupling")(
+    lambda dim, k, context_dim, o: AffineCoupling(dim, o["hidden"], context_dim, event_dim=1, swap=k % 2 == 1))
+
+FLOW_NAMES = ("none", *FLOWS.names())
 
 
 def build_flow(name: str, dim: int, steps: int, context_dim: int | None = None, hidden: int = 320,
-               reflections: int = 8, rank: int | None = None) -> Flow | None:
+               reflections: int = 8, rank: int | None = None, **options: Any) -> Flow | None:
     """A ``Compose`` of ``steps`` flows of one family over ``dim`` latents, or None for 'none'.
 
     Planar, radial, Householder and Sylvester steps are amortized (their parameters come from h);
     IAF, MAF and coupling steps have global weights and read h as an extra input.  Autoregressive
     orderings and coupling halves alternate between steps.
     """
-    if name not in FLOW_NAMES:
-        raise ValueError(f"unknown flow {name!r}; choose one of {', '.join(FLOW_NAMES)}")
-    if name == "none" or steps == 0:
+    if name == "none":
         return None
-    if steps < 0:
-        raise ValueError(f"flow steps must be >= 0, got {steps}")
-    order = lambda k: "natural" if k % 2 == 0 else "reversed"  # noqa: E731
-    make = {
-        "planar": lambda k: Planar(dim, context_dim),
-        "radial": lambda k: Radial(dim, context_dim),
-        "householder": lambda k: Householder(dim, 1, context_dim),
-        "sylvester-orthogonal": lambda k: OrthogonalSylvester(dim, rank, context_dim),
-        "sylvester-householder": lambda k: HouseholderSylvester(dim, reflections, context_dim),
-        "sylvester-triangular": lambda k: TriangularSylvester(dim, k % 2 == 1, context_dim),
-        "iaf": lambda k: IAF(dim, (hidden, hidden), context_dim, order(k)),
-        "maf": lambda k: MAF(dim, (hidden, hidden), context_dim, order(k)),
-        "coupling": lambda k: AffineCoupling(dim, hidden, context_dim, event_dim=1, swap=k % 2 == 1),
-    }[name]
-    return Compose([make(k) for k in range(steps)])
+    builder = FLOWS[name]
+    if not 1 <= steps <= MAX_FLOW_STEPS:
+        raise ValueError(f"flow {name!r} needs between 1 and {MAX_FLOW_STEPS} steps, got {steps}")
+    if rank is not None and not 1 <= rank <= dim:
+        raise ValueError(f"Sylvester rank must be between 1 and the latent size {dim}, got {rank}")
+    options = {"hidden": hidden, "reflections": reflections, "rank": rank, **options}
+    return Compose([builder(dim, k, context_dim, options) for k in range(steps)])

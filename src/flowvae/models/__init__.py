@@ -1,8 +1,13 @@
-"""VAEs with flow posteriors: architectures, likelihoods and the model."""
+"""Latent-variable models behind one protocol (:mod:`flowvae.models.base`): the single-latent VAE
+with a flow posterior, the MLP ladder VAE; architectures, likelihoods and the model registry."""
 
+from flowvae.models.base import LatentVariableModel, LogDensities, draw_noise, select_noise
+from flowvae.models.config import MODEL_FIELDS, ModelConfig
+from flowvae.models.ladder import LadderVAE
 from flowvae.models.likelihoods import LIKELIHOODS, Likelihood, build_likelihood, default_likelihood
-from flowvae.models.vae import (ARCHITECTURES, VAE, GaussianEncoder, LogDensities, as_unit_interval, build_vae,
-                                count_parameters)
+from flowvae.models.vae import VAE, GaussianEncoder, as_unit_interval, build_vae, count_parameters
+from flowvae.models.zoo import ARCHITECTURES, MODELS, build_model
 
-__all__ = ["VAE", "GaussianEncoder", "LogDensities", "build_vae", "count_parameters", "ARCHITECTURES", "as_unit_interval",
-           "Likelihood", "LIKELIHOODS", "build_likelihood", "default_likelihood"]
+__all__ = ["LatentVariableModel", "LogDensities", "draw_noise", "select_noise", "ModelConfig", "MODEL_FIELDS",
+           "VAE", "GaussianEncoder", "LadderVAE", "build_vae", "build_model", "MODELS", "count_parameters",
+           "ARCHITECTURES", "as_unit_interval", "Likelihood", "LIKELIHOODS", "build_likelihood", "default_likelihood"]

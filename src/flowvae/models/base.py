@@ -130,6 +130,11 @@ class LatentVariableModel(nn.Module):
         return next(self.parameters()).dtype
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Densities are summed in at least float32, also when autocast ran the networks in 16 bits."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def draw_noise(model: LatentVariableModel, samples: int, batch: int, *, generator: torch.Generator | None = None,
                device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Noise:
     """Standard-normal noise for ``samples`` posterior draws of ``batch`` data points: {name: (K, B, *shape)}.

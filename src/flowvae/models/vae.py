@@ -9,7 +9,6 @@ the IWAE bound and -log p(x).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,37 +16,14 @@ from torch import nn
 from flowvae.distributions import FlowDistribution, diagonal_gaussian, standard_normal_log_prob
 from flowvae.flows import Flow, build_flow
 from flowvae.models import networks
+from flowvae.models.base import LatentVariableModel, LogDensities, Noise, as_noise, at_least_float32
 from flowvae.models.likelihoods import Likelihood, build_likelihood
 from flowvae.numerics import soft_clamp
-
-
-@dataclass
-class LogDensities:
-    """Per-sample log-densities, each (K, B); z is (K, B, D)."""
-
-    log_likelihood: torch.Tensor  # log p(x | z_K)
-    log_prior: torch.Tensor       # log p(z_K)
-    log_posterior: torch.Tensor   # log q(z_K | x)
-    z: torch.Tensor
-
-    @property
-    def kl(self) -> torch.Tensor:
-        """Single-sample estimate of KL(q(z|x) ‖ p(z)): log q - log p, (K, B)."""
-        return self.log_posterior - self.log_prior
-
-    @property
-    def log_weight(self) -> torch.Tensor:
-        """log p(x, z) - log q(z|x), (K, B)."""
-        return self.log_likelihood + self.log_prior - self.log_posterior
 
 
 def as_unit_interval(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Images as ``dtype`` in [0, 1]: 8-bit (integer) pixels are divided by 255, float data pass as they are."""
     return x.to(dtype) if x.is_floating_point() else x.to(dtype) / 255.0
-
-
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class GaussianEncoder(nn.Module):
@@ -67,62 +43,73 @@ class GaussianEncoder(nn.Module):
         return self.mean(h), soft_clamp(self.log_std(h), 8.0), h
 
 
-class VAE(nn.Module):
-    """Encoder, optional posterior flow, standard-normal prior and a decoder with its likelihood.
+class VAE(LatentVariableModel):
+    """Encoder, optional posterior flow, a prior (N(0, I) by default) and a decoder with its likelihood.
 
     Args:
         encoder: x (B, C, H, W) -> (mean, log_std, h), e.g. a :class:`GaussianEncoder`.
         decoder: z (N, D) -> likelihood parameters (N, P·C, H, W).
         likelihood: a :class:`~flowvae.models.likelihoods.Likelihood`.
         latent_dim: D.
-        flow: a :class:`~flowvae.flows.Flow` over (…, D), conditioned on h if it has a context_dim.
         image_shape: (C, H, W), used by :meth:`sample` and input checks.
+        flow: a :class:`~flowvae.flows.Flow` over (…, D), conditioned on h if it has a context_dim.
+        prior: a module with ``log_prob(z)`` (…, D) -> (…) and ``sample(n, generator)`` (see
+            :mod:`flowvae.priors`); None is N(0, I).
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, latent_dim: int,
-                 image_shape: Sequence[int], flow: Flow | None = None) -> None:
+                 image_shape: Sequence[int], flow: Flow | None = None, prior: nn.Module | None = None) -> None:
         super().__init__()
-        self.encoder, self.decoder, self.flow = encoder, decoder, flow
+        self.encoder, self.decoder, self.flow, self.prior = encoder, decoder, flow, prior
         self.likelihood, self.latent_dim, self.image_shape = likelihood, latent_dim, tuple(image_shape)
 
-    def _check(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"VAE expects images of shape (B, {', '.join(map(str, self.image_shape))}), "
-                             f"got {tuple(x.shape)}")
+    def noise_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"z": (self.latent_dim,)}
 
     def posterior(self, x: torch.Tensor) -> FlowDistribution:
         """q(z_K | x) for x (B, C, H, W)."""
-        self._check(x)
+        self.check_input(x)
         if not x.is_floating_point():  # 8-bit pixels enter the encoder scaled to [0, 1]
             x = as_unit_interval(x, next(self.encoder.parameters()).dtype)
         mean, log_std, h = self.encoder(x)
         return FlowDistribution(diagonal_gaussian(mean, log_std), self.flow, h)
+
+    def encode(self, x: torch.Tensor) -> FlowDistribution:
+        return self.posterior(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (..., D) -> likelihood parameters (..., P·C, H, W)."""
         params = self.decoder(z.reshape(-1, self.latent_dim))
         return params.reshape(*z.shape[:-1], *params.shape[1:])
 
-    def log_densities(self, x: torch.Tensor, q: FlowDistribution, samples: int = 1,
-                      noise: torch.Tensor | None = None) -> LogDensities:
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z), (…, D) -> (…)."""
+        return standard_normal_log_prob(z) if self.prior is None else self.prior.log_prob(z)
+
+    def log_densities(self, x: torch.Tensor, encoded: FlowDistribution, samples: int = 1,
+                      noise: Noise | torch.Tensor | None = None) -> LogDensities:
         """Draw ``samples`` z_K ~ q(z|x) and score them; every field is (samples, B).
 
-        ``noise`` (samples, B, D) standard normal fixes the draw (z₀ = μ + σ ε).
+        ``noise`` {"z": (samples, B, D)} standard normal fixes the draw (z₀ = μ + σ ε).
         """
-        z, log_q = q.rsample_and_log_prob((samples,), noise)
+        noise = as_noise(self, noise)
+        z, log_q = encoded.rsample_and_log_prob((samples,), None if noise is None else noise["z"])
         # Under autocast the networks may run in 16 bits; the densities are summed in at least float32.
-        params, z, log_q = (_at_least_float32(t) for t in (self.decode(z), z, log_q))
+        params, z, log_q = (at_least_float32(t) for t in (self.decode(z), z, log_q))
         log_px = self.likelihood.log_prob(params, self.likelihood.prepare(x))
-        return LogDensities(log_px, standard_normal_log_prob(z), log_q, z)
+        return LogDensities(log_px, at_least_float32(self.log_prior(z)), log_q, {"z": z})
 
-    def forward(self, x: torch.Tensor, samples: int = 1, noise: torch.Tensor | None = None) -> LogDensities:
+    def forward(self, x: torch.Tensor, samples: int = 1, noise: Noise | torch.Tensor | None = None) -> LogDensities:
         return self.log_densities(x, self.posterior(x), samples, noise)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images (n, C, H, W): the likelihood's mean at z ~ N(0, I)."""
+        """n images (n, C, H, W): the likelihood's mean at z ~ p(z)."""
         ref = next(self.parameters())
-        z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype)
+        if self.prior is None:
+            z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype)
+        else:
+            z = self.prior.sample(n, generator).to(ref.dtype)
         return self.likelihood.mean(self.decode(z))
 
     @torch.no_grad()
@@ -132,13 +119,10 @@ class VAE(nn.Module):
         return self.likelihood.mean(self.decode(z))
 
 
-ARCHITECTURES = ("mlp", "conv", "gated")
-
-
 def build_vae(arch: str, image_shape: Sequence[int], latent_dim: int, likelihood: str | Likelihood = "bernoulli",
               hidden: int = 300, feature_dim: int = 256, flow: str = "none", flow_steps: int = 0,
               flow_hidden: int = 320, reflections: int = 8, rank: int | None = None, data_kind: str = "binary",
-              flow_context: bool = True) -> VAE:
+              flow_context: bool = True, prior: nn.Module | None = None) -> VAE:
     """A ready VAE: 'mlp' (784-300-300-z as in Rezende & Mohamed), 'conv', or 'gated' (van den Berg et al.).
 
     Flows named as in :func:`flowvae.flows.build_flow`.  With ``flow_context`` (the default) they
@@ -146,8 +130,8 @@ def build_vae(arch: str, image_shape: Sequence[int], latent_dim: int, likelihood
     from h (amortized), IAF/MAF/coupling networks read h.  Without it, every flow has global
     parameters shared by all data points (as in pythae's and normflows' VAEs).
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if arch not in ("mlp", "conv", "gated"):
+        raise ValueError(f"unknown single-latent architecture {arch!r}; choose one of mlp, conv, gated")
     if latent_dim < 1:
         raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
     image_shape = tuple(image_shape)
@@ -164,8 +148,9 @@ def build_vae(arch: str, image_shape: Sequence[int], latent_dim: int, likelihood
         decoder = networks.GatedConvDecoder(latent_dim, image_shape, per_pixel)
     encoder = GaussianEncoder(body, body.feature_dim, latent_dim)
     context_dim = body.feature_dim if flow_context else None
-    posterior_flow = build_flow(flow, latent_dim, flow_steps, context_dim, flow_hidden, reflections, rank)
-    return VAE(encoder, decoder, lik, latent_dim, image_shape, posterior_flow)
+    posterior_flow = None if flow == "none" else build_flow(flow, latent_dim, flow_steps, context_dim, flow_hidden,
+                                                              reflections, rank)
+    return VAE(encoder, decoder, lik, latent_dim, image_shape, posterior_flow, prior)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,0 +1,37 @@
+"""Every model option, declared once.  The command-line flags, the "same model?" check on resume
+and ``results.json`` are all derived from :class:`ModelConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """The model: architecture, latent variables, posterior flow, prior and likelihood."""
+
+    arch: str = "mlp"                  # mlp | conv | gated | ladder | resnet
+    latent_dim: int = 32               # latents (per stochastic layer for ladder; latent channels for resnet)
+    layers: int = 2                    # stochastic layers (ladder, resnet)
+    hidden: int = 300                  # MLP widths
+    channels: int = 64                 # resnet: deterministic channels per layer
+    feature_dim: int = 256             # conv encoders' h size
+    likelihood: str | None = None      # default from the data: bernoulli (binary) or categorical256 (8-bit)
+    flow: str = "none"                 # posterior flow (per stochastic layer for ladder/resnet)
+    flow_steps: int = 4
+    flow_hidden: int = 320             # MADE / coupling widths
+    reflections: int = 8               # Householder-Sylvester
+    rank: int | None = None            # orthogonal Sylvester: rank M of Q (default: latent_dim)
+    flow_context: bool = True          # condition the flow on the encoder's h (False: global flow parameters)
+    prior: str = "standard"            # standard | flow | vamp (the top layer's prior for hierarchical models)
+    prior_flow: str = "maf"            # flow prior: maf | coupling (vectors); glow for spatial latents
+    prior_flow_steps: int = 4
+    pseudo_inputs: int = 500           # VampPrior components
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))

@@ -1,0 +1,49 @@
+"""The model registry: architecture name -> builder ``(ModelConfig, image_shape, data_kind) -> model``.
+
+``flowvae train --arch NAME`` builds ``MODELS[NAME](config.model, image_shape, data_kind)``; a new
+architecture is added here, in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flowvae.models.base import LatentVariableModel
+from flowvae.models.config import ModelConfig
+from flowvae.models.ladder import LadderVAE
+from flowvae.models.likelihoods import Likelihood, build_likelihood, default_likelihood
+from flowvae.models.vae import build_vae
+from flowvae.registry import Registry
+
+MODELS: Registry = Registry("architecture")
+
+
+def model_likelihood(config: ModelConfig, data_kind: str) -> Likelihood:
+    return build_likelihood(config.likelihood or default_likelihood(data_kind), data_kind)
+
+
+def _single_latent(arch: str):
+    def build(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> LatentVariableModel:
+        return build_vae(arch, image_shape, config.latent_dim, model_likelihood(config, data_kind), config.hidden,
+                         config.feature_dim, config.flow, config.flow_steps, config.flow_hidden, config.reflections,
+                         config.rank, data_kind=data_kind, flow_context=config.flow_context)
+    return build
+
+
+for _arch in ("mlp", "conv", "gated"):
+    MODELS.register(_arch)(_single_latent(_arch))
+
+
+@MODELS.register("ladder")
+def _ladder(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> LatentVariableModel:
+    return LadderVAE(image_shape, model_likelihood(config, data_kind), config.latent_dim, config.layers,
+                     config.hidden, config.flow, config.flow_steps, config.flow_hidden, config.reflections,
+                     config.rank, config.flow_context)
+
+
+ARCHITECTURES = MODELS.names()
+
+
+def build_model(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> LatentVariableModel:
+    """The model that ``config`` describes, for images of ``image_shape`` (C, H, W) of ``data_kind``."""
+    return MODELS[config.arch](config, tuple(image_shape), data_kind)
