@@ -23,8 +23,11 @@ class Likelihood:
     params_per_pixel: int
     data_kinds: tuple[str, ...]
 
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float()
+    def prepare(self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """A data batch as ``log_prob`` reads it, in the model's floating ``dtype``; ``generator``
+        draws any noise the likelihood adds (default: torch's global RNG)."""
+        return x.to(dtype)
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -60,7 +63,8 @@ class Categorical256(Likelihood):
 
     name, params_per_pixel, data_kinds = "categorical256", 256, ("8bit",)
 
-    def prepare(self, x):
+    def prepare(self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         return x.long()
 
     def log_prob(self, params, x):
@@ -86,8 +90,9 @@ class Gaussian(Likelihood):
     def __init__(self, data_kind: str = "8bit") -> None:
         self.eight_bit = data_kind == "8bit"
 
-    def prepare(self, x):
-        return (x.float() + 0.5) / 256.0 if self.eight_bit else x.float()
+    def prepare(self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        return (x.to(dtype) + 0.5) / 256.0 if self.eight_bit else x.to(dtype)
 
     def log_prob(self, params, x):
         mean, raw = _split(params, 2).unbind(-3)
@@ -108,8 +113,9 @@ class DiscretizedLogistic(Likelihood):
 
     name, params_per_pixel, data_kinds = "discretized_logistic", 2, ("8bit",)
 
-    def prepare(self, x):
-        return x.float() / 127.5 - 1.0
+    def prepare(self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        return x.to(dtype) / 127.5 - 1.0
 
     def log_prob(self, params, x):
         mean, raw = _split(params, 2).unbind(-3)

@@ -112,7 +112,7 @@ class VAE(nn.Module):
         z, log_q = q.rsample_and_log_prob((samples,), noise)
         # Under autocast the networks may run in 16 bits; the densities are summed in at least float32.
         params, z, log_q = (_at_least_float32(t) for t in (self.decode(z), z, log_q))
-        log_px = self.likelihood.log_prob(params, self.likelihood.prepare(x))
+        log_px = self.likelihood.log_prob(params, self.likelihood.prepare(x, dtype=params.dtype))
         return LogDensities(log_px, standard_normal_log_prob(z), log_q, z)
 
     def forward(self, x: torch.Tensor, samples: int = 1, noise: torch.Tensor | None = None) -> LogDensities:
