@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from flowvae.models import build_vae
-from flowvae.models.likelihoods import DiscretizedLogistic
+from flowvae.models import build_likelihood, build_vae
+from flowvae.models.likelihoods import DiscretizedLogistic, Gaussian
 
 mpmath = pytest.importorskip("mpmath")
 
@@ -90,3 +90,50 @@ def test_autocast_scores_data_in_at_least_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ld = model(x, samples=2)
     assert ld.log_likelihood.dtype == torch.float32 and torch.isfinite(ld.log_likelihood).all()
+
+
+def sharp_gaussian_at_bin_centres(x: torch.Tensor, log_std: float) -> torch.Tensor:
+    """Gaussian-likelihood params (1, 2C, H, W): mean at each pixel's bin centre (x + 0.5)/256."""
+    mean = (x.double() + 0.5) / 256.0
+    raw = torch.full_like(mean, 7.0 * math.atanh(log_std / 7.0))  # undo the soft clamp
+    return torch.stack([mean, raw], 2).flatten(1, 2)
+
+
+def test_gaussian_on_8bit_data_is_dequantized_so_bits_per_dim_bound_minus_log_P():
+    """A density spiked at the bin centres: at the centres -log p(x) + D ln 256 is -0.63 bits/dim,
+    which no probability can give (-log P(x) >= 0); over uniformly dequantized pixels it is an upper bound."""
+    lik = build_likelihood("gaussian", "8bit")
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
+    dim, log_std = x[0].numel(), -6.9
+    params = sharp_gaussian_at_bin_centres(x, log_std)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([lik.log_prob(params, lik.prepare(x, dtype=torch.float64, generator=generator))
+                         for _ in range(16)])
+    nll = -draws.mean() + lik.discrete_nats_offset(dim)
+    assert nll / (dim * math.log(2)) >= 0.0
+    # E_u[-log N((x + u)/256; centre, σ²)] = log σ + ½ log 2π + (1/256)²/(24 σ²) per pixel, exactly.
+    expected = dim * (log_std + 0.5 * math.log(2 * math.pi) + 1 / (24 * 256 ** 2 * math.exp(2 * log_std)))
+    standard_error = draws.std() / math.sqrt(len(draws))
+    assert abs(-draws.mean().item() - expected) < 4 * standard_error
+    exact_minus_log_P = -dim * math.log(math.erf(0.5 / 256 / math.exp(log_std) / math.sqrt(2)))
+    assert expected + lik.discrete_nats_offset(dim) >= exact_minus_log_P
+
+
+def test_gaussian_dequantization_stays_in_the_bin_follows_the_generator_and_the_dtype():
+    lik = Gaussian("8bit")
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    y = lik.prepare(x, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert y.dtype == torch.float64
+    u = y * 256 - x.double()
+    assert ((u >= 0) & (u < 1)).all() and u.std() > 0.2  # one uniform draw per pixel
+    torch.testing.assert_close(lik.prepare(x, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), y,
+                               rtol=0, atol=0)
+    assert not torch.equal(lik.prepare(x, dtype=torch.float64), lik.prepare(x, dtype=torch.float64))
+    assert lik.prepare(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["binary", "grayscale"])
+def test_gaussian_refuses_binary_data(kind):
+    with pytest.raises(ValueError, match="not a probability"):
+        build_likelihood("gaussian", kind)
