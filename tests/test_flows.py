@@ -343,3 +343,34 @@ def test_iaf_inverse_is_finite_at_a_well_conditioned_point():
         torch.testing.assert_close(ladj_inverse, -ladj, rtol=0, atol=1e-12)
     q = FlowDistribution(diagonal_gaussian(torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)), flow)
     torch.testing.assert_close(q.log_prob(y), standard_normal_log_prob(z) - ladj)
+
+
+def test_orthogonal_sylvester_orthogonalises_in_float32_with_autocast_off(monkeypatch):
+    """CUDA's QR has no 16-bit kernel: the head's bf16 output must reach it cast up, autocast off
+    (CPU autocast upcasts QR by itself, so the call is recorded before autocast can hide it)."""
+    seen = []
+    qr = torch.linalg.qr
+
+    def recording_qr(a: torch.Tensor, *args, **kwargs):
+        seen.append((a.dtype, torch.is_autocast_enabled("cpu")))
+        return qr(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "qr", recording_qr)
+    torch.manual_seed(0)
+    flow = F.OrthogonalSylvester(DIM, 3, CTX)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ladj = flow(torch.randn(4, DIM), torch.randn(4, CTX))
+    assert seen == [(torch.float32, False)]
+    assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_orthogonal_sylvester_under_16bit_autocast_matches_float32(dtype, device):
+    torch.manual_seed(0)
+    flow = F.OrthogonalSylvester(DIM, 3, CTX).to(device)
+    z, h = torch.randn(6, DIM, device=device), torch.randn(6, CTX, device=device)
+    with torch.autocast(device.type, dtype=dtype):
+        y, ladj = flow(z, h)
+    y_ref, ladj_ref = flow(z, h)
+    torch.testing.assert_close(y.float(), y_ref, rtol=0, atol=0.05)
+    torch.testing.assert_close(ladj.float(), ladj_ref, rtol=0, atol=0.05)
