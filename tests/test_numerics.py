@@ -137,3 +137,27 @@ def test_gaussian_dequantization_stays_in_the_bin_follows_the_generator_and_the_
 def test_gaussian_refuses_binary_data(kind):
     with pytest.raises(ValueError, match="not a probability"):
         build_likelihood("gaussian", kind)
+
+
+def test_full_precision_matmul_turns_tf32_off_and_restores_the_settings():
+    from conftest import full_precision_matmul
+
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.cudnn.allow_tf32 = True
+        with full_precision_matmul():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def test_device_fixture_runs_cuda_tests_without_tf32(device):
+    if device.type != "cuda":
+        pytest.skip("TF32 exists only on CUDA; run with --device cuda")
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "highest"
