@@ -1,5 +1,5 @@
 """Likelihood numerics against exact references: the discretized logistic's bin masses, dequantized
-Gaussian bits/dim, and the data's dtype following the model's."""
+Gaussian bits/dim, the data's dtype following the model's; and CUDA tests running without TF32."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import torch
 from flowvae.models import build_likelihood, build_vae
 from flowvae.models.likelihoods import DiscretizedLogistic, Gaussian
 
-mpmath = pytest.importorskip("mpmath")
-
 
 def exact_discretized_logistic(mean: float, log_scale: float, x: float) -> float:
     """log ∫ logistic(t; mean, e^log_scale) dt over x's bin, in 60-digit arithmetic.
@@ -20,10 +18,14 @@ def exact_discretized_logistic(mean: float, log_scale: float, x: float) -> float
     x is the pixel scaled to [-1, 1] (bin half-width 1/255); the edge bins take the tails.  On each
     side of the mean the CDF difference is taken where it is small, so nothing cancels.
     """
+    mpmath = pytest.importorskip("mpmath")  # installed with torch (through sympy)
     with mpmath.workdps(60):
         s, half = mpmath.exp(mpmath.mpf(log_scale)), mpmath.mpf(1) / 255
         a, b = (mpmath.mpf(x) - half - mpmath.mpf(mean)) / s, (mpmath.mpf(x) + half - mpmath.mpf(mean)) / s
-        sigmoid = lambda t: 1 / (1 + mpmath.exp(-t))  # noqa: E731
+
+        def sigmoid(t):
+            return 1 / (1 + mpmath.exp(-t))
+
         if x < -0.999:
             mass = sigmoid(b)
         elif x > 0.999:
