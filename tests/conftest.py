@@ -1,4 +1,9 @@
-"""Shared test options: ``--device cuda`` runs the device-aware tests on a GPU."""
+"""Shared test options: ``--device cuda`` runs the device-aware tests on a GPU, with TF32 off."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -8,9 +13,30 @@ def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="torch device for device-aware tests (cpu or cuda)")
 
 
+@contextmanager
+def full_precision_matmul() -> Iterator[None]:
+    """float32 matmuls and convolutions in float32, not TF32 (10-bit mantissa), restored on exit."""
+    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        # The matmul flag follows the precision; setting it again after "medium" would leave torch
+        # with two disagreeing settings, on which get_float32_matmul_precision raises.
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
 @pytest.fixture
-def device(request) -> torch.device:
+def device(request) -> Iterator[torch.device]:
     name = request.config.getoption("--device")
     if name.startswith("cuda") and not torch.cuda.is_available():
         pytest.fail(f"--device {name} asked for, but CUDA is not available")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type != "cuda":
+        yield device
+        return
+    with full_precision_matmul():
+        yield device

@@ -287,3 +287,90 @@ def test_standard_normal_base_moves_with_the_model_and_matches_the_closed_form()
     q = FlowDistribution(base.distribution(), F.Reverse(DIM))
     x, log_q = q.rsample_and_log_prob((4,))
     torch.testing.assert_close(q.log_prob(x), log_q)
+
+
+def per_row_jacobian_condition(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """Condition number of the Jacobian of a row-wise map at each row of z (B, D) -> (B,)."""
+    jac = torch.autograd.functional.jacobian(fn, z, vectorize=True)  # (B, D, B, D)
+    rows = torch.arange(z.shape[0])
+    return torch.linalg.cond(jac[rows, :, rows])
+
+
+@pytest.mark.parametrize("cls", [F.IAF, F.MAF])
+@pytest.mark.parametrize("order", ["natural", "reversed", "permutation"])
+def test_sequential_direction_round_trips_at_every_well_conditioned_point(cls, order):
+    """The D-pass solve (IAF inverse, MAF sampling) against the one-pass direction, with large weights.
+
+    With weights perturbed by N(0, 0.5²) some gates are tiny and some points are ill-conditioned;
+    every point whose Jacobian has condition number < 1e6 must come back to 1e-8 (float64).
+    """
+    checked = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        flow = cls(16, (64, 64), order=torch.randperm(16).tolist() if order == "permutation" else order).double()
+        with torch.no_grad():
+            for p in flow.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        one_pass, sequential = (flow.forward, flow.inverse) if cls is F.IAF else (flow.inverse, flow.forward)
+        z = torch.randn(16, 16, dtype=torch.float64)
+        y, ladj = one_pass(z)
+        x, ladj_back = sequential(y)
+        good = per_row_jacobian_condition(lambda v: one_pass(v)[0], z) < 1e6
+        checked += int(good.sum())
+        assert torch.isfinite(x[good]).all() and torch.isfinite(ladj_back[good]).all()
+        torch.testing.assert_close(x[good], z[good], rtol=0, atol=1e-8)
+        torch.testing.assert_close(ladj_back[good], -ladj[good], rtol=0, atol=1e-8)
+    assert checked >= 20
+
+
+def test_iaf_inverse_is_finite_at_a_well_conditioned_point():
+    """Review repro: the Jacobian's condition number is 1.07, yet all D positions were updated on
+    every pass and the unsolved ones overflowed the gate into NaN."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        flow = F.IAF(3, (16, 16))
+        with torch.no_grad():
+            for p in flow.parameters():
+                p.add_(torch.randn_like(p))
+        z = 2 * torch.randn(1, 3)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert per_row_jacobian_condition(lambda v: flow(v)[0], z) < 1.1
+    y, ladj = flow(z)
+    for x, ladj_inverse in (flow.inverse(y), F.Inverse(flow)(y)):
+        torch.testing.assert_close(x, z, rtol=0, atol=1e-12)
+        torch.testing.assert_close(ladj_inverse, -ladj, rtol=0, atol=1e-12)
+    q = FlowDistribution(diagonal_gaussian(torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)), flow)
+    torch.testing.assert_close(q.log_prob(y), standard_normal_log_prob(z) - ladj)
+
+
+def test_orthogonal_sylvester_orthogonalises_in_float32_with_autocast_off(monkeypatch):
+    """CUDA's QR has no 16-bit kernel: the head's bf16 output must reach it cast up, autocast off
+    (CPU autocast upcasts QR by itself, so the call is recorded before autocast can hide it)."""
+    seen = []
+    qr = torch.linalg.qr
+
+    def recording_qr(a: torch.Tensor, *args, **kwargs):
+        seen.append((a.dtype, torch.is_autocast_enabled("cpu")))
+        return qr(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "qr", recording_qr)
+    torch.manual_seed(0)
+    flow = F.OrthogonalSylvester(DIM, 3, CTX)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ladj = flow(torch.randn(4, DIM), torch.randn(4, CTX))
+    assert seen == [(torch.float32, False)]
+    assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_orthogonal_sylvester_under_16bit_autocast_matches_float32(dtype, device):
+    torch.manual_seed(0)
+    flow = F.OrthogonalSylvester(DIM, 3, CTX).to(device)
+    z, h = torch.randn(6, DIM, device=device), torch.randn(6, CTX, device=device)
+    with torch.autocast(device.type, dtype=dtype):
+        y, ladj = flow(z, h)
+    y_ref, ladj_ref = flow(z, h)
+    torch.testing.assert_close(y.float(), y_ref, rtol=0, atol=0.05)
+    torch.testing.assert_close(ladj.float(), ladj_ref, rtol=0, atol=0.05)

@@ -43,7 +43,7 @@ def linear_gaussian_vae(flow: flows.Flow | None = None, latent: int = 2, x_dim: 
     torch.manual_seed(seed)
     encoder = GaussianEncoder(nn.Flatten(), x_dim, latent)
     decoder = LinearGaussianDecoder(latent, x_dim, log_std=-0.5)
-    return VAE(encoder, decoder, Gaussian("binary"), latent, (1, 1, x_dim), flow)
+    return VAE(encoder, decoder, Gaussian("continuous"), latent, (1, 1, x_dim), flow)
 
 
 def closed_form_elbo(model: VAE, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,7 @@ def test_likelihood_and_data_kind_must_agree():
 @pytest.mark.parametrize("shape,likelihood,kind", [((1, 28, 28), "bernoulli", "binary"),
                                                     ((1, 28, 20), "categorical256", "8bit"),
                                                     ((3, 32, 32), "discretized_logistic", "8bit"),
-                                                    ((1, 8, 8), "gaussian", "binary")])
+                                                    ((1, 8, 8), "gaussian", "8bit")])
 def test_architectures_fit_every_image_shape(arch, shape, likelihood, kind):
     torch.set_default_dtype(torch.float32)
     try:

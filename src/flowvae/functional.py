@@ -88,6 +88,18 @@ def householder_matrix(v: torch.Tensor) -> torch.Tensor:
     return q
 
 
+def orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
+    """Q of the reduced QR decomposition a = QR: a (..., D, M), M <= D -> Q (..., D, M), QᵀQ = I.
+
+    Computed in at least float32 with autocast off, then returned in a's dtype: CUDA's QR has no
+    16-bit kernel, and a 16-bit orthogonalisation would miss QᵀQ = I, which the log-det assumes.
+    """
+    work = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        q = torch.linalg.qr(work, mode="reduced").Q
+    return q.to(a.dtype)
+
+
 def _matvec(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """m @ x with broadcasting batch dims: m (..., P, Q), x (..., Q) -> (..., P).
 

@@ -39,12 +39,20 @@ class _MaskedAffine(Flow):
         log_scale, shift = self._scale_shift(z_out, context)
         return (z_out - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
 
-    def _sequential(self, z, context, invert: bool):
-        """Solve the autoregressive equations one degree at a time: D MADE passes."""
+    def _sequential(self, z: torch.Tensor, context: torch.Tensor | None, invert: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Solve the autoregressive equations one degree at a time: D MADE passes.
+
+        Pass d writes only the position of degree d, whose (log_scale, shift) read solved positions
+        alone; unsolved positions stay 0, so they never feed values that overflow into the MADE.
+        The last pass sees every input its outputs depend on, so its log-scales give the log-det.
+        """
         x = torch.zeros_like(z)
-        for _ in range(self.dim):
-            log_scale, shift = self._scale_shift(x, context)
-            x = (z - shift) * torch.exp(-log_scale) if invert else z * torch.exp(log_scale) + shift
+        for position in torch.argsort(self.made.degrees).tolist():
+            log_scale, shift = (t.to(z.dtype) for t in self._scale_shift(x, context))
+            z_i, log_scale_i, shift_i = z[..., position], log_scale[..., position], shift[..., position]
+            x_i = (z_i - shift_i) * torch.exp(-log_scale_i) if invert else z_i * torch.exp(log_scale_i) + shift_i
+            x = torch.cat([x[..., :position], x_i.unsqueeze(-1), x[..., position + 1:]], dim=-1)
         return x, (-log_scale if invert else log_scale).sum(-1)
 
     def forward(self, z, context=None):

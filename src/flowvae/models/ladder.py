@@ -185,7 +185,7 @@ class LadderVAE(LatentVariableModel):
 
         z, t, log_q, log_p, latents = self._top_down(d, eps)
         params = at_least_float32(self._decode(z, t))
-        log_px = self.likelihood.log_prob(params, self.likelihood.prepare(x))
+        log_px = self.likelihood.log_prob(params, self.likelihood.prepare(x, dtype=params.dtype))
         log_q_t, log_p_t = torch.stack(log_q, -1), torch.stack(log_p, -1)   # (K, B, L), top layer first
         L = self.layers
         return LogDensities(log_px, log_p_t.sum(-1), log_q_t.sum(-1), latents, kl_groups=log_q_t - log_p_t,

@@ -96,7 +96,7 @@ class VAE(LatentVariableModel):
         z, log_q = encoded.rsample_and_log_prob((samples,), None if noise is None else noise["z"])
         # Under autocast the networks may run in 16 bits; the densities are summed in at least float32.
         params, z, log_q = (at_least_float32(t) for t in (self.decode(z), z, log_q))
-        log_px = self.likelihood.log_prob(params, self.likelihood.prepare(x))
+        log_px = self.likelihood.log_prob(params, self.likelihood.prepare(x, dtype=params.dtype))
         return LogDensities(log_px, at_least_float32(self.log_prior(z)), log_q, {"z": z})
 
     def forward(self, x: torch.Tensor, samples: int = 1, noise: Noise | torch.Tensor | None = None) -> LogDensities:
