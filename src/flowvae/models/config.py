@@ -26,7 +26,7 @@ class ModelConfig:
     rank: int | None = None            # orthogonal Sylvester: rank M of Q (default: latent_dim)
     flow_context: bool = True          # condition the flow on the encoder's h (False: global flow parameters)
     prior: str = "standard"            # standard | flow | vamp (the top layer's prior for hierarchical models)
-    prior_flow: str = "maf"            # flow prior: maf | coupling (vectors); glow for spatial latents
+    prior_flow: str | None = None      # flow prior: maf | coupling (vectors), glow (spatial); None: maf / glow
     prior_flow_steps: int = 4
     pseudo_inputs: int = 500           # VampPrior components
 

@@ -126,6 +126,11 @@ class LadderVAE(LatentVariableModel):
             features.append(h)
         return BottomUp(features)
 
+    def top_gaussian_parameters(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z_L|x)'s base Gaussian: (mean, log_std), each (B, D) (the VampPrior's components)."""
+        mean, log_std = self.top_posterior(self.encode(x).features[-1])
+        return mean, soft_clamp(log_std, LOG_STD_BOUND)
+
     def _flow(self, l: int, z0: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.has_flow:
             return z0, z0.new_zeros(z0.shape[:-1])

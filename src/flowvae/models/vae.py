@@ -77,6 +77,11 @@ class VAE(LatentVariableModel):
     def encode(self, x: torch.Tensor) -> FlowDistribution:
         return self.posterior(x)
 
+    def gaussian_parameters(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's base Gaussian q(z₀|x): (mean, log_std), each (B, D) (the VampPrior's components)."""
+        mean, log_std, _ = self.encoder(as_unit_interval(x, self.dtype))
+        return mean, log_std
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (..., D) -> likelihood parameters (..., P·C, H, W)."""
         params = self.decoder(z.reshape(-1, self.latent_dim))
