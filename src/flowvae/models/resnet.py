@@ -48,6 +48,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 FLOW_KINDS = ("iaf", "glow", "coupling", "none")
 RESIDUAL_SCALE = 0.1   # residual branches are scaled by 0.1 (openai/iaf)
 HEAD_INIT_SCALE = 0.1  # data-dependent init: std of the channels that give means and log-scales
+V_INIT_STD = 0.05      # initial std of the weight-norm directions v (openai/iaf)
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -66,8 +67,19 @@ def gaussian_log_prob_per_channel(z: torch.Tensor, mean: torch.Tensor, log_std: 
 
 def weight_normed(module: nn.Conv2d | nn.ConvTranspose2d, init_scale: float | Sequence[float] = 1.0) -> nn.Module:
     """``module`` with w = g · v / ‖v‖ per output channel, and the standard deviation
-    (one number, or one per output channel) that :func:`initialise` gives its outputs."""
-    module = weight_norm(module, dim=1 if isinstance(module, nn.ConvTranspose2d) else 0)
+    (one number, or one per output channel) that :func:`initialise` gives its outputs.
+
+    v starts N(0, 0.05²) as in openai/iaf, not at PyTorch's ±1/√fan_in: Adam(ax) moves every
+    entry of v by about the learning rate, so the direction turns by ~lr/|v| per step, which at
+    160 channels (|v| ≈ 0.015) made the first steps diverge.  g starts at √(1/3), the norm of
+    PyTorch's default init, so an uninitialised layer keeps the usual scale.
+    """
+    with torch.no_grad():
+        nn.init.normal_(module.weight, 0.0, V_INIT_STD)
+    dim = 1 if isinstance(module, nn.ConvTranspose2d) else 0
+    module = weight_norm(module, dim=dim)
+    with torch.no_grad():
+        module.parametrizations.weight.original0.fill_(math.sqrt(1.0 / 3.0))
     module.init_scale = float(init_scale) if isinstance(init_scale, (int, float)) else tuple(init_scale)
     return module
 
@@ -343,7 +355,10 @@ class ResNetVAE(LatentVariableModel):
         log_std_bound: every log σ is soft-clamped to ±this.
 
     ``noise_shapes()`` is {"z1": (Cz, h, w), …, "zL": …}, z1 the bottom layer.  KL groups are
-    (layer, channel), named "z3/c7", one free-bits unit each.
+    (layer, channel), named "z3/c7", one free-bits unit each, log q − log p summed over space.
+    ConvIAF's log-det is per element, so it splits by channel exactly; a Glow or coupling step's
+    log-det (and a replacement prior without ``log_prob_per_channel``) is shared equally among
+    the layer's channels, so the groups still sum to log q − log p.
     """
 
     def __init__(self, image_shape: Sequence[int], likelihood: Likelihood, layers: int = 4, channels: int = 64,
