@@ -215,7 +215,8 @@ def posterior_flow_steps(kind: str, latent_channels: int, steps: int, hidden: in
     out: list[Flow] = []
     for k in range(steps if kind != "none" else 0):
         if kind == "iaf":
-            out.append(ConvIAF(latent_channels, hidden, context_channels, order="natural" if k % 2 == 0 else "reversed"))
+            order = "natural" if k % 2 == 0 else "reversed"
+            out.append(ConvIAF(latent_channels, hidden, context_channels, order=order))
             continue
         if kind == "glow":
             out += [ActNorm(latent_channels), InvertibleConv1x1(latent_channels)]
@@ -250,7 +251,8 @@ class ResNetLayer(nn.Module):
     def __init__(self, channels: int, latent_channels: int, top: bool, flow: Sequence[Flow],
                  log_std_bound: float = 8.0) -> None:
         super().__init__()
-        self.channels, self.latent_channels, self.top, self.log_std_bound = channels, latent_channels, top, log_std_bound
+        self.channels, self.latent_channels, self.top = channels, latent_channels, top
+        self.log_std_bound = log_std_bound
         c, z = channels, latent_channels
         self.up_sizes = [z, z, c] + ([] if top else [c])
         self.up_in = weight_normed(nn.Conv2d(c, sum(self.up_sizes), 3, padding=1),
@@ -369,7 +371,8 @@ class ResNetVAE(LatentVariableModel):
         if len(image_shape) != 3 or min(image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
         if min(layers, channels, latent_channels) < 1:
-            raise ValueError(f"layers, channels and latent_channels must be >= 1, got {layers}, {channels}, {latent_channels}")
+            raise ValueError(f"layers, channels and latent_channels must be >= 1, "
+                             f"got {layers}, {channels}, {latent_channels}")
         if not isinstance(likelihood, Likelihood):
             raise ValueError(f"likelihood must be a Likelihood, got {type(likelihood).__name__}")
         flow_hidden = channels if flow_hidden is None else flow_hidden
