@@ -40,7 +40,8 @@ def perturbed(flow: F.Flow, seed: int = 0) -> F.Flow:
 def posterior(flow: F.Flow | None, seed: int = 1, validate_args: bool | None = None) -> FlowDistribution:
     """q(z|x) over (BATCH, DIM) as the VAE builds it: diagonal Gaussian base, flow conditioned on h."""
     g = torch.Generator().manual_seed(seed)
-    mean, log_std = torch.randn(BATCH, DIM, generator=g, dtype=f64), 0.3 * torch.randn(BATCH, DIM, generator=g, dtype=f64)
+    mean = torch.randn(BATCH, DIM, generator=g, dtype=f64)
+    log_std = 0.3 * torch.randn(BATCH, DIM, generator=g, dtype=f64)
     h = torch.randn(BATCH, CTX, generator=g, dtype=f64)
     return FlowDistribution(diagonal_gaussian(mean, log_std), flow, h, validate_args=validate_args)
 
@@ -341,7 +342,8 @@ def test_vae_with_a_zuko_spline_posterior_trains_on_digits():
                 flow=F.from_transform(nsf.transform, context_dim=hidden, features=latent))
     assert any(p is q for p in model.parameters() for q in nsf.parameters())  # the spline's weights train
     test = digits.test[:64]
-    nll_before = objectives.importance_weighted_nll(model, test, samples=100, generator=torch.Generator().manual_seed(0))
+    nll_before = objectives.importance_weighted_nll(model, test, samples=100,
+                                                    generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(60):
         batch = digits.train[torch.randint(len(digits.train), (64,))]

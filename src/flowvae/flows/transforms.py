@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import nn
 from torch.distributions import Transform, constraints
 from torch.distributions.utils import _sum_rightmost
 
@@ -63,9 +62,6 @@ class IdentityCache:
             return None
         return payload
 
-    def clear(self) -> None:
-        self._entry = None
-
 
 class FlowTransform(Transform):
     """A flowvae flow as a ``torch.distributions.Transform``: y = flow(x, context).
@@ -85,8 +81,8 @@ class FlowTransform(Transform):
             raise TypeError(f"as_transform expects a flowvae Flow, got {type(flow).__name__}")
         if cache_size not in (0, 1):
             raise ValueError(f"cache_size must be 0 or 1, got {cache_size}")
-        check_context(type(flow).__name__, flow.context_dim, context, context.shape[:-1] if context is not None
-                      else torch.Size())
+        batch = torch.Size() if context is None else context.shape[:-1]  # z is not known yet: check h alone
+        check_context(type(flow).__name__, flow.context_dim, context, batch)
         super().__init__(cache_size=cache_size)
         self.flow, self.context = flow, context
         self._ladj_cache = IdentityCache(self._watched)
@@ -109,25 +105,25 @@ class FlowTransform(Transform):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         hit = self._ladj_cache.get(x, 0) if self._cache_size else None
-        return hit[0] if hit is not None else self._forward_and_store(x)[0]
+        return hit[0] if hit is not None else self._forward_and_store(x)
 
     def _inv_call(self, y: torch.Tensor) -> torch.Tensor:
         hit = self._ladj_cache.get(y, 1) if self._cache_size else None
         if hit is not None:
             return hit[1]
         if not self.flow.has_inverse:
-            raise NotImplementedError(f"{type(self.flow).__name__} has no inverse: this transform can only score "
-                                      "the values it produced itself (e.g. TransformedDistribution.log_prob(rsample()))")
+            raise NotImplementedError(f"{type(self.flow).__name__} has no inverse: this transform can only score the "
+                                      "values it produced, as in TransformedDistribution.log_prob(rsample())")
         x, ladj_inverse = self.flow.inverse(y, self.context)
         if self._cache_size:
             self._ladj_cache.put((x, y), (y, x, -ladj_inverse))
         return x
 
-    def _forward_and_store(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_and_store(self, x: torch.Tensor) -> torch.Tensor:
         y, ladj = self.flow(x, self.context)
         if self._cache_size:
             self._ladj_cache.put((x, y), (y, x, ladj))
-        return y, ladj
+        return y
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         return self.flow(x, self.context)[0]
@@ -223,7 +219,8 @@ class TransformFlow(Flow):
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"{name} expects a floating-point tensor, got {type(z).__name__}")
         if z.dim() < self.event_dim:
-            raise ValueError(f"{name} expects z with at least {self.event_dim} dimension(s), got shape {tuple(z.shape)}")
+            raise ValueError(f"{name} expects z with at least {self.event_dim} dimension(s), "
+                             f"got shape {tuple(z.shape)}")
         check_context(name, self.context_dim, context, self.batch_shape(z))
 
     def _call_and_ladj(self, transform: Transform, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
