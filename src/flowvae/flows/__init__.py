@@ -7,10 +7,12 @@ from flowvae.flows.factory import FLOW_NAMES, build_flow
 from flowvae.flows.glow import ActNorm, AffineCoupling, InvertibleConv1x1, Permute, Reverse
 from flowvae.flows.made import MADE, BernoulliMADE, MaskedLinear
 from flowvae.flows.sylvester import HouseholderSylvester, OrthogonalSylvester, TriangularSylvester
+from flowvae.flows.transforms import FlowTransform, TransformFlow, as_transform, from_transform
 
 __all__ = [
     "Flow", "Compose", "Inverse", "FlowParameters", "build_flow", "FLOW_NAMES",
     "Planar", "Radial", "Householder", "OrthogonalSylvester", "HouseholderSylvester", "TriangularSylvester",
     "MADE", "BernoulliMADE", "MaskedLinear", "IAF", "MAF",
     "ActNorm", "InvertibleConv1x1", "AffineCoupling", "Permute", "Reverse",
+    "as_transform", "from_transform", "FlowTransform", "TransformFlow",
 ]
