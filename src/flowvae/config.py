@@ -20,7 +20,7 @@ import yaml
 
 from flowvae.flows import FLOW_NAMES
 from flowvae.flows.factory import MAX_FLOW_STEPS
-from flowvae.models import ARCHITECTURES, LIKELIHOODS, MODEL_FIELDS, ModelConfig
+from flowvae.models import ARCHITECTURE_FLOWS, LIKELIHOODS, MODEL_FIELDS, MODELS, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -72,8 +72,9 @@ class TrainConfig:
             self.dataset = self.dataset.lower().replace("-", "_")
         checks = [
             (self.dataset in available_datasets(), "dataset", f"must be one of {', '.join(available_datasets())}"),
-            (m.arch in ARCHITECTURES, "arch", f"must be one of {', '.join(ARCHITECTURES)}"),
-            (m.flow in FLOW_NAMES or m.flow == "glow", "flow", f"must be one of {', '.join(FLOW_NAMES)}"),
+            (m.arch in MODELS, "arch", f"must be one of {', '.join(MODELS.names())}"),
+            (m.flow in ARCHITECTURE_FLOWS.get(m.arch, FLOW_NAMES), "flow",
+             f"must be one of {', '.join(ARCHITECTURE_FLOWS.get(m.arch, FLOW_NAMES))} for arch {m.arch}"),
             (m.likelihood is None or m.likelihood in LIKELIHOODS, "likelihood",
              f"must be one of {', '.join(LIKELIHOODS)}"),
             (m.prior in PRIORS, "prior", f"must be one of {', '.join(PRIORS)}"),

@@ -6,8 +6,9 @@ from flowvae.models.config import MODEL_FIELDS, ModelConfig
 from flowvae.models.ladder import LadderVAE
 from flowvae.models.likelihoods import LIKELIHOODS, Likelihood, build_likelihood, default_likelihood
 from flowvae.models.vae import VAE, GaussianEncoder, as_unit_interval, build_vae, count_parameters
-from flowvae.models.zoo import ARCHITECTURES, MODELS, build_model
+from flowvae.models.resnet import ResNetVAE, build_resnet_vae
+from flowvae.models.zoo import ARCHITECTURE_FLOWS, ARCHITECTURES, MODELS, build_model
 
 __all__ = ["LatentVariableModel", "LogDensities", "draw_noise", "select_noise", "ModelConfig", "MODEL_FIELDS",
-           "VAE", "GaussianEncoder", "LadderVAE", "build_vae", "build_model", "MODELS", "count_parameters",
+           "VAE", "GaussianEncoder", "LadderVAE", "ResNetVAE", "build_resnet_vae", "ARCHITECTURE_FLOWS", "build_vae", "build_model", "MODELS", "count_parameters",
            "ARCHITECTURES", "as_unit_interval", "Likelihood", "LIKELIHOODS", "build_likelihood", "default_likelihood"]

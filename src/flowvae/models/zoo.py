@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 
 from flowvae.models.base import LatentVariableModel
 from flowvae.models.config import ModelConfig
+from flowvae.flows import FLOW_NAMES
 from flowvae.models.ladder import LadderVAE
+from flowvae.models.resnet import build_resnet_vae
 from flowvae.models.likelihoods import Likelihood, build_likelihood, default_likelihood
 from flowvae.models.vae import build_vae
 from flowvae.priors import build_prior
@@ -57,7 +59,16 @@ def _ladder(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> 
     return with_prior(model, config, (config.latent_dim,), model.top_gaussian_parameters)
 
 
+@MODELS.register("resnet")
+def _resnet(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> LatentVariableModel:
+    model = build_resnet_vae(image_shape, model_likelihood(config, data_kind), config.layers, config.channels,
+                             config.latent_dim, config.flow, config.flow_steps, config.flow_hidden)
+    return with_prior(model, config, model.latent_shape)
+
+
 ARCHITECTURES = MODELS.names()
+# The posterior flows each architecture takes (vector flows for the MLP/conv models, image flows for resnet).
+ARCHITECTURE_FLOWS = {name: FLOW_NAMES for name in ARCHITECTURES} | {"resnet": ("none", "iaf", "glow", "coupling")}
 
 
 def build_model(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> LatentVariableModel:
