@@ -174,15 +174,18 @@ def plot_curves(history: Sequence[Mapping[str, Any]] | str | Path, out_png: str 
         from matplotlib.lines import Line2D
 
         handles.append(Line2D([], [], color="none"))
-    if handles:
-        bottom.legend(handles, labels, fontsize=8, loc="best")
+    if handles:  # "best" would not see the β axis's line
+        bottom.legend(handles, labels, fontsize=8, loc="lower right" if len(handles) > len(kl_keys) else "best")
 
-    for x, rate in lr_changes(rows):
+    changes = lr_changes(rows)
+    for x, rate in changes:  # labelled above the axes, out of the curves' way
         for ax in (top, bottom):
             ax.axvline(x, color="0.3", ls=":", lw=1.0)
-        top.annotate(f"lr → {rate:.2g}", (x, 1.0), xycoords=("data", "axes fraction"), rotation=90,
-                     va="top", ha="right", fontsize=7, color="0.3")
-    top.set_title(title or "learning curves", fontsize=10)
+        top.annotate(f"{rate:.2g}", (x, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2),
+                     textcoords="offset points", rotation=45, va="bottom", ha="left", fontsize=6.5, color="0.3")
+    if changes:
+        title = f"{title or 'learning curves'}  (dotted: learning rate changed to)"
+    top.set_title(title or "learning curves", fontsize=10, pad=22 if changes else 6)
     fig.tight_layout()
     save_figure(fig, out_png)
 
@@ -400,27 +403,29 @@ def _pad(box: Box, fraction: float) -> Box:
     return (box[0] - fraction * w, box[1] + fraction * w, box[2] - fraction * h, box[3] + fraction * h)
 
 
-def _mass_box(model: torch.nn.Module, x: torch.Tensor, start: Box, log_prior: Callable, size: int = 128,
-              drop: float = 20.0, tries: int = 6) -> Box:
-    """The box around the cells of a coarse grid where log p(x, z) is within ``drop`` nats of its maximum.
-
-    The grid starts on ``start`` and is widened on each side that the kept cells touch.
-    """
+def _mass_boxes(model: torch.nn.Module, x: torch.Tensor, start: Box, log_prior: Callable,
+                drops: Sequence[float] = (20.0, 9.0), size: int = 128, tries: int = 6) -> list[Box]:
+    """For each drop, the box around the cells of a coarse grid where log p(x, z) is within ``drop``
+    nats of its maximum.  The grid starts on ``start`` and is widened on each side that the cells
+    within the largest drop touch."""
     box = start
-    for _ in range(tries):
+    for attempt in range(tries):
         grid, _ = grid_points(box, size)
         lj = log_joint(model, x, grid.reshape(-1, 2), log_prior).reshape(size, size)
-        keep = lj >= lj.max() - drop
-        h1, h2 = (box[1] - box[0]) / size, (box[3] - box[2]) / size
-        z1, z2 = grid[..., 0][keep], grid[..., 1][keep]
-        found = (z1.min().item() - 1.5 * h1, z1.max().item() + 1.5 * h1, z2.min().item() - 1.5 * h2,
-                 z2.max().item() + 1.5 * h2)
+        keep = lj >= lj.max() - max(drops)
         edges = (keep[:, 0].any(), keep[:, -1].any(), keep[0, :].any(), keep[-1, :].any())  # z1 lo/hi, z2 lo/hi
-        if not any(edges):
-            return found
+        if not any(edges) or attempt == tries - 1:
+            break
         w, h = box[1] - box[0], box[3] - box[2]
         box = (box[0] - w * edges[0], box[1] + w * edges[1], box[2] - h * edges[2], box[3] + h * edges[3])
-    return found
+    h1, h2 = (box[1] - box[0]) / size, (box[3] - box[2]) / size
+    boxes = []
+    for drop in drops:
+        keep = lj >= lj.max() - drop
+        z1, z2 = grid[..., 0][keep], grid[..., 1][keep]
+        boxes.append((z1.min().item() - 1.5 * h1, z1.max().item() + 1.5 * h1, z2.min().item() - 1.5 * h2,
+                      z2.max().item() + 1.5 * h2))
+    return boxes
 
 
 @torch.no_grad()
@@ -432,7 +437,8 @@ def posterior_grid(model: torch.nn.Module, x: torch.Tensor, grid: int = 200, sam
     log p(x) = log Σ_cells p(x, z) ΔA (midpoint rule) over a box that holds the posterior's mass
     (found on a coarse grid: log p(x, z) within 20 nats of its maximum), and
     KL(q ‖ p(z|x)) = E_q[log q(z) − log p(x, z)] + log p(x) by Monte Carlo over ``samples`` draws.
-    The grid drawn covers that box and q's samples; ``box`` fixes both instead.
+    The grid returned (and drawn) covers where log p(x, z) is within 9 nats of its maximum and
+    99.8% of q's samples; ``box`` fixes both grids instead.
     ``model`` needs ``latent_dim == 2``, ``posterior``, ``decode`` and ``likelihood``.
     """
     if model.latent_dim != 2:
@@ -453,8 +459,8 @@ def posterior_grid(model: torch.nn.Module, x: torch.Tensor, grid: int = 200, sam
         if box is None:
             low, high = torch.quantile(zs, 0.001, dim=0), torch.quantile(zs, 0.999, dim=0)
             q_box = _pad((low[0].item(), high[0].item(), low[1].item(), high[1].item()), 0.1)
-            mass = _mass_box(model, x[b], _union(q_box, (-4.0, 4.0, -4.0, 4.0)), log_prior)
-            quad_box, show_box = mass, _pad(_union(q_box, mass), 0.05)
+            quad_box, shown = _mass_boxes(model, x[b], _union(q_box, (-4.0, 4.0, -4.0, 4.0)), log_prior)
+            show_box = _pad(_union(q_box, shown), 0.05)
         else:
             quad_box = show_box = box
         points, area = grid_points(quad_box, grid)
@@ -508,7 +514,7 @@ def plot_posteriors(model: torch.nn.Module, x: torch.Tensor, out_png: str | Path
     grids = posterior_grid(model, x, grid=grid, samples=samples, seed=seed)
     n = len(grids)
     fig = _figure(2.3 * n + 0.4, 5.9)
-    axes = np.asarray(fig.subplots(3, n, squeeze=False, gridspec_kw={"height_ratios": [0.7, 1, 1]}))
+    axes = np.asarray(fig.subplots(3, n, squeeze=False, gridspec_kw={"height_ratios": [0.6, 1, 1]}))
     images = as_unit_interval(x.detach().cpu(), torch.float32)
     for j, g in enumerate(grids):
         image = images[j].permute(1, 2, 0).numpy()
