@@ -361,9 +361,17 @@ def prior_log_prob(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Ten
 
 @torch.no_grad()
 def log_joint(model: torch.nn.Module, x: torch.Tensor, z: torch.Tensor,
-              log_prior: Callable[[torch.Tensor], torch.Tensor] | None = None, chunk: int = 8192) -> torch.Tensor:
-    """log p(x, z) = log p(x|z) + log p(z) for one image x (C, H, W) at points z (N, D); float64 (N,)."""
+              log_prior: Callable[[torch.Tensor], torch.Tensor] | None = None, chunk: int | None = None
+              ) -> torch.Tensor:
+    """log p(x, z) = log p(x|z) + log p(z) for one image x (C, H, W) at points z (N, D); float64 (N,).
+
+    z is decoded ``chunk`` points at a time; by default as many as the evaluation's memory budget allows.
+    """
+    from flowvae.evaluation import MAX_ROWS, auto_chunk_size
+    from flowvae.models import VAE
+
     log_prior = log_prior or prior_log_prob(model)
+    chunk = chunk or (auto_chunk_size(model, 1, MAX_ROWS) if isinstance(model, VAE) else 4096)
     ref = next(model.parameters())
     target = model.likelihood.prepare(x.to(ref.device)[None])
     out = []
@@ -611,7 +619,7 @@ def plot_manifold(model: torch.nn.Module, out_png: str | Path, n: int = 20, dims
         ax.set_ylabel("z2")
     else:
         ax.set_yticks([centre(i, h) for i in range(rows)], [f"z{i + 1}" for i in range(rows)], fontsize=7)
-        ax.set_xlabel(f"value of the varied latent (prior quantiles; the other {model.latent_dim - 1} at 0)")
+        ax.set_xlabel("row i: z_i at prior quantiles, the others 0", fontsize=8)
     ax.set_title(title or ("decoded z grid" if two_d else "latent traversals"), fontsize=10)
     fig.tight_layout()
     save_figure(fig, out_png)
