@@ -22,6 +22,9 @@ EXAMPLES = """examples:
   flowvae evaluate --run runs/iaf4 --samples 5000
   flowvae sample --run runs/iaf4 --n 64 --out samples.png
   flowvae toy --target u1 --flow planar --flow-steps 32 --out runs/u1
+  flowvae curves runs/iaf4
+  flowvae compare runs/iaf4 runs/planar8 --csv table.csv --plot valid.png
+  flowvae posterior --run runs/digits-2d --n 6
 """
 
 
@@ -155,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("toy", help="fit flows to 2-D target densities (Rezende & Mohamed 2015, Fig. 3)")
     toy_cli.add_arguments(p)
     p.set_defaults(func=toy_cli.run)
+
+    from flowvae import cli_report
+
+    cli_report.add_subcommands(sub)  # curves, compare, posterior, manifold
     return parser
 
 

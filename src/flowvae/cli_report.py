@@ -1,0 +1,107 @@
+"""The ``flowvae curves | compare | posterior | manifold`` subcommands (figures in :mod:`flowvae.report`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flowvae import report
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory written by flowvae train")
+    p.add_argument("--checkpoint", choices=("best", "checkpoint"), default="best")
+    p.add_argument("--device", default=None, help="default: the run's device")
+    p.add_argument("--data-dir", default=None)
+
+
+def cmd_curves(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    if not run.is_dir():
+        raise ValueError(f"run directory {args.run} does not exist")
+    out = args.out or run / "curves.png"
+    report.plot_curves(run, out, title=f"{args.run}: learning curves")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    comparison = report.compare_runs(args.runs)
+    if args.plot:  # read every metrics file before writing anything
+        report.plot_comparison(comparison, args.plot)
+    print(comparison.markdown())
+    if args.csv:
+        from flowvae.io import atomic_write_text
+
+        atomic_write_text(args.csv, comparison.csv())
+        print(f"wrote {args.csv}")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_posterior(args: argparse.Namespace) -> int:
+    from flowvae.cli import _load_run, _run_config
+
+    latent_dim = _run_config(args.run).latent_dim
+    if latent_dim != 2:  # before loading data and weights
+        raise ValueError(f"{args.run} has latent_dim={latent_dim}; the posterior can be drawn for a 2-D latent "
+                         "only (flowvae manifold draws latent traversals)")
+    if args.n < 1 or args.grid < 8 or args.samples < 2:
+        raise ValueError("--n must be >= 1, --grid >= 8 and --samples >= 2")
+    config, data, model, _ = _load_run(args)
+    split = {"valid": data.valid, "test": data.test}[args.split]
+    out = args.out or Path(args.run) / "posterior.png"
+    flow = f"{config.flow}×{config.flow_steps}" if config.flow != "none" and config.flow_steps else "diagonal Gaussian"
+    grids = report.plot_posteriors(model, split[:args.n], out, grid=args.grid, samples=args.samples, seed=args.seed,
+                                   title=f"{args.run} (q: {flow}): true posterior p(z|x) and q(z|x), {args.split} "
+                                         "images; KL in nats")
+    for i, g in enumerate(grids, start=1):
+        print(f"x{i}: log p(x) = {g.log_px:.3f} (grid)  KL(q‖p(z|x)) = {g.kl:.4f} ± {g.kl_stderr:.4f} "
+              f"(MC, {g.samples} samples)")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_manifold(args: argparse.Namespace) -> int:
+    if args.n < 2 or args.dims < 1:
+        raise ValueError("--n must be >= 2 and --dims >= 1")
+    from flowvae.cli import _load_run
+
+    _, _, model, _ = _load_run(args)
+    out = args.out or Path(args.run) / "manifold.png"
+    report.plot_manifold(model, out, n=args.n, dims=args.dims, title=f"{args.run}: " + (
+        "decoded z grid" if model.latent_dim == 2 else "latent traversals"))
+    print(f"wrote {out}")
+    return 0
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Register curves, compare, posterior and manifold on ``flowvae``'s subparsers."""
+    p = sub.add_parser("curves", help="draw a run's learning curves from its metrics.csv")
+    p.add_argument("run", help="run directory written by flowvae train")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/curves.png)")
+    p.set_defaults(func=cmd_curves)
+
+    p = sub.add_parser("compare", help="one table of several runs' configurations and results")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--csv", default=None, metavar="PATH", help="also write the table (every column) as CSV")
+    p.add_argument("--plot", default=None, metavar="PATH", help="draw the runs' valid -ELBO curves to this PNG")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("posterior", help="2-D latent: the true posterior on a grid next to q(z|x), with the KL")
+    _add_run_arguments(p)
+    p.add_argument("--n", type=int, default=6, help="how many images (default 6)")
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--grid", type=int, default=200, help="grid points per axis (default 200)")
+    p.add_argument("--samples", type=int, default=2000, help="q samples for the Monte Carlo KL (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/posterior.png)")
+    p.set_defaults(func=cmd_posterior)
+
+    p = sub.add_parser("manifold", help="decoded grid of z (2-D latent) or latent traversals")
+    _add_run_arguments(p)
+    p.add_argument("--n", type=int, default=20, help="values per latent axis (default 20)")
+    p.add_argument("--dims", type=int, default=8, help="latents to traverse when there are more than 2 (default 8)")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/manifold.png)")
+    p.set_defaults(func=cmd_manifold)
