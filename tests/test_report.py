@@ -30,8 +30,8 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     """Two tiny 2-D runs on digits: planar×2, and a diagonal Gaussian with a KL warm-up for 3 epochs."""
     root = tmp_path_factory.mktemp("runs")
     planar, diagonal = root / "planar", root / "diagonal"
-    training.train(TrainConfig(**TINY, out=str(planar)))
-    training.train(TrainConfig(**(TINY | dict(flow="none", epochs=3, warmup_epochs=1.5)), out=str(diagonal)))
+    training.train(TrainConfig.from_dict(TINY | {"out": str(planar)}))
+    training.train(TrainConfig.from_dict(TINY | dict(flow="none", epochs=3, warmup_epochs=1.5, out=str(diagonal))))
     return planar, diagonal
 
 

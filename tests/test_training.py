@@ -225,3 +225,20 @@ def test_lr_decays_on_plateau_and_resume_keeps_it(tmp_path, monkeypatch):
     training.train(config, resume=True)
     rows = [json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
+
+
+def test_trainer_tensorboard_events_continue_across_a_resume_without_duplicates(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny(tmp_path, epochs=1, eval_samples=2, tensorboard=True)
+    training.train(config)
+    config.epochs = 2
+    training.train(config, resume=True)
+    steps = torch.load(Path(config.out) / "checkpoint.pt", weights_only=True)["state"]["step"]
+    events = EventAccumulator(str(Path(config.out) / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, steps + 1))
+    assert {"train/kl", "train/reconstruction", "train/lr", "valid/neg_elbo", "valid/kl",
+            "epoch/skipped_updates"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("valid/neg_elbo")) == 2 and "samples" in events.Tags()["images"]
+    assert (Path(config.out) / "curves.png").stat().st_size > 0

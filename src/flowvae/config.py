@@ -62,6 +62,7 @@ class TrainConfig:
     precision: str = "fp32"            # fp32 | bf16 | fp16 (autocast; densities accumulate in fp32)
     compile: bool = False              # torch.compile the model
     progress: bool = True              # progress bars
+    tensorboard: bool = False          # also log to RUN/tensorboard (pip install "flowvae[tensorboard]")
     out: str = "runs/default"
 
     def validate(self) -> "TrainConfig":

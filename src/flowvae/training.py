@@ -8,6 +8,8 @@
 
 Run directory ``out/``:
     config.yaml          the configuration in effect
+    curves.png           learning curves, redrawn every epoch (``flowvae curves RUN`` redraws it too)
+    tensorboard/         with ``--tensorboard``: per-step and per-epoch scalars and image grids
     checkpoint.pt        model, EMA, optimizer, RNG states, run state and history (atomic; every epoch)
     best.pt              the evaluation weights with the best validation -ELBO
     metrics.jsonl/.csv   one row per epoch
@@ -48,6 +50,7 @@ from flowvae.models import LatentVariableModel, as_unit_interval, build_model, c
 from flowvae.models import MODEL_FIELDS
 from flowvae.models.base import select_noise
 from flowvae.plots import save_image_grid
+from flowvae.report import plot_curves
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +192,7 @@ class Run:
     generators: dict[str, torch.Generator]
     state: RunState
     ema: torch.optim.swa_utils.AveragedModel | None = None
+    tensorboard: Any = None                      # a flowvae.tensorboard.TensorBoardLogger on worker 0
     clock: Callable[[], float] = lambda: 0.0     # seconds of training so far, resumed runs included
 
     @property
@@ -422,6 +426,11 @@ def train_epoch(run: Run) -> dict[str, float]:
         if torch.isfinite(global_loss):
             loss_sum += global_loss * global_batch
         state.step += 1
+        if run.tensorboard is not None:
+            run.tensorboard.scalars(state.step, {
+                "train/loss": global_loss.item(), "train/reconstruction": -ld.log_likelihood.detach().mean().item(),
+                "train/kl": ld.kl.detach().mean().item(), "train/beta": beta,
+                "train/lr": run.optimizer.param_groups[0]["lr"], "train/skipped_updates": state.skipped_updates})
         if bar.n % 20 == 0 and not bar.disable:
             images_per_s = (bar.n + 1) * config.batch_size / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(loss=f"{global_loss.item():.2f}", img_s=f"{images_per_s:.0f}")
@@ -488,6 +497,28 @@ def write_epoch(run: Run, improved: bool) -> None:
                 **{k: g.get_state() for k, g in run.generators.items()}},
     }, run.checkpoint_path)
     _write_history(run.out, run.state.history)
+    plot_curves(run.state.history, run.out / "curves.png", title=f"{run.config.dataset}, {run.config.model.arch}")
+    if run.tensorboard is not None:
+        _log_epoch_to_tensorboard(run)
+
+
+IMAGES_EVERY_EPOCHS = 5
+
+
+def _log_epoch_to_tensorboard(run: Run) -> None:
+    row, step = run.state.history[-1], run.state.step
+    run.tensorboard.scalars(step, {f"valid/{k.removeprefix('valid_')}": v for k, v in row.items()
+                                   if k.startswith("valid_")} | {"epoch/lr": row["lr"],
+                                                                  "epoch/skipped_updates": row["skipped_updates"]})
+    if row["epoch"] % IMAGES_EVERY_EPOCHS == 1 or IMAGES_EVERY_EPOCHS == 1:
+        model = run.eval_model
+        generator = torch.Generator(run.device).manual_seed(run.config.seed)
+        run.tensorboard.images("samples", model.sample(64, generator), step)
+        originals = run.data.valid[:32].to(run.device)
+        recon = model.reconstruct(originals)
+        pairs = torch.stack([as_unit_interval(originals, recon.dtype), recon], 1).flatten(0, 1)
+        run.tensorboard.images("reconstructions", pairs, step)
+    run.tensorboard.flush()
 
 
 def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
@@ -527,6 +558,10 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                 for path in remove_stale_temporaries(out):
                     logger.info("removed %s, left by an interrupted write", path)
                 atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+            if context.is_main and config.tensorboard:
+                from flowvae.tensorboard import TensorBoardLogger
+
+                run.tensorboard = TensorBoardLogger(out, resume_step=run.state.step + 1 if resume else None)
             logger.info("%s: %d parameters, %s, %d workers, %d training images", config.dataset,
                         count_parameters(run.model), device, context.world_size, len(run.data.train))
             started = time.perf_counter() - run.state.train_seconds
@@ -539,6 +574,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                 epochs.update(1)
                 epochs.set_postfix(loss=f"{stats['train_loss']:.2f}", valid=f"{run.state.history[-1]['valid_neg_elbo']:.2f}")
             epochs.close()
+            if run.tensorboard is not None:
+                run.tensorboard.close()
             context.barrier()
             return finish(run)
     except BaseException:
