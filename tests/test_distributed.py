@@ -15,10 +15,10 @@ FLAGS = ["--dataset", "digits", "--hidden", "32", "--latent-dim", "4", "--flow",
          "--flow-hidden", "16", "--eval-samples", "20", "--no-progress", "--threads", "1", "--device", "cpu"]
 
 
-def flowvae_train(out: Path, epochs: int, workers: int, resume: bool = False) -> None:
+def flowvae_train(out: Path, epochs: int, workers: int, resume: bool = False, extra: tuple[str, ...] = ()) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}"] \
         if workers > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "flowvae", "train", *FLAGS, "--epochs", str(epochs), "--out", str(out)]
+    cmd = [*launcher, "-m", "flowvae", "train", *FLAGS, "--epochs", str(epochs), "--out", str(out), *extra]
     result = subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     if workers > 1:
@@ -60,3 +60,11 @@ def test_two_workers_match_one_and_resume_across_worker_counts(tmp_path):
             assert got[split][key] == pytest.approx(expected[split][key], rel=1e-5), (split, key)
     rows = [json.loads(line) for line in (one_then_two / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_time_budget_under_torchrun_agrees_across_workers(tmp_path):
+    """--max-minutes all-reduces worker 0's verdict: the collective runs on the compute device."""
+    out = tmp_path / "budget"
+    flowvae_train(out, epochs=50, workers=2, extra=("--max-minutes", "0.0001"))
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs_trained"] == 1 and results["workers"] == 2

@@ -242,3 +242,29 @@ def test_trainer_tensorboard_events_continue_across_a_resume_without_duplicates(
             "epoch/skipped_updates"} <= set(events.Tags()["scalars"])
     assert len(events.Scalars("valid/neg_elbo")) == 2 and "samples" in events.Tags()["images"]
     assert (Path(config.out) / "curves.png").stat().st_size > 0
+
+
+def test_resume_of_a_checkpoint_saved_on_another_device_type_reseeds_and_says_so(tmp_path, caplog):
+    config = tiny(tmp_path, epochs=1, eval_samples=2)
+    training.train(config)
+    path = Path(config.out) / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["rng"]["noise_device"] = "cuda"
+    ckpt["rng"]["noise"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state has another size
+    torch.save(ckpt, path)
+    config.epochs = 2
+    with caplog.at_level("WARNING", logger="flowvae.training"):
+        results = training.train(config, resume=True)
+    assert "reseeded from (seed, step)" in caplog.text and results["epochs_trained"] == 2
+
+
+def test_deterministic_flag_trains_and_repeats_exactly(tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        cmd = [sys.executable, "-m", "flowvae", "train", *TINY_FLAGS, "--epochs", "1", "--deterministic",
+               "--out", str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-1000:]
+    a, b = (_model_tensors(out / "checkpoint.pt") for out in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert yaml.safe_load((outs[0] / "config.yaml").read_text())["deterministic"] is True

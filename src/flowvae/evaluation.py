@@ -26,13 +26,26 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def auto_chunk_size(model: LatentVariableModel, batch_size: int, samples: int) -> int:
-    """Samples per chunk so that chunk · batch stays within :data:`DECODE_BUDGET` and :data:`MAX_ROWS`."""
+def decode_budget(device: torch.device) -> int:
+    """Elements of decoder output to hold at once: :data:`DECODE_BUDGET` on a CPU; on a GPU a
+    quarter of its free memory (float32, with room for the activations), never less."""
+    if device.type != "cuda":
+        return DECODE_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(DECODE_BUDGET, free // (4 * 4 * 4))
+
+
+def auto_chunk_size(model: LatentVariableModel, batch_size: int, samples: int,
+                    budget: int = DECODE_BUDGET) -> tuple[int, int]:
+    """(points, samples) per importance-sampling chunk, so that points · samples rows of decoder
+    output stay within ``budget`` elements (× an activation factor for convolutional decoders) and
+    :data:`MAX_ROWS` rows; a batch larger than the rows allowed is split into smaller sets of points."""
     per_image = model.likelihood.params_per_pixel * math.prod(model.image_shape)
     conv = any(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in model.modules())
     per_image *= 64 if conv else 1
-    rows = min(MAX_ROWS, DECODE_BUDGET // per_image)
-    return max(1, min(samples, rows // batch_size))
+    rows = max(1, min(MAX_ROWS, budget // per_image))
+    points = min(batch_size, rows)
+    return points, max(1, min(samples, rows // points))
 
 
 def _batch_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
@@ -63,8 +76,10 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
     group_names = model(data[:1].to(device)).group_names  # a one-point probe: every worker knows the groups
     names = ["neg_elbo", "reconstruction", "kl"] + (["nll"] if samples else [])
     totals = torch.zeros(len(names) + len(group_names), dtype=torch.float64, device=device)
+    points = batch_size
     if samples:
-        chunk_size = chunk_size or auto_chunk_size(model, batch_size, samples)
+        points, auto_chunk = auto_chunk_size(model, batch_size, samples, decode_budget(device))
+        chunk_size = chunk_size or auto_chunk
     starts = list(range(0, len(data), batch_size))[context.rank::context.world_size]
     for start in tqdm(starts, desc=desc, disable=not progress or not context.is_main, leave=False,
                       unit="batch"):
@@ -76,7 +91,8 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
             batch = [objectives.negative_elbo(ld).double().sum(), -ld.log_likelihood.double().sum(),
                      ld.kl.double().sum()]
             if samples:
-                batch.append(objectives.importance_weighted_nll(model, x, samples, chunk_size, generator).sum())
+                batch.append(sum(objectives.importance_weighted_nll(model, part, samples, chunk_size, generator).sum()
+                                 for part in x.split(points)))
         totals += torch.cat([torch.stack(batch), ld.kl_groups.double().mean(0).sum(0)])
     context.all_reduce_sum(totals)
     model.train(was_training)

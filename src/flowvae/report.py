@@ -371,7 +371,7 @@ def log_joint(model: torch.nn.Module, x: torch.Tensor, z: torch.Tensor,
     from flowvae.models import VAE
 
     log_prior = log_prior or prior_log_prob(model)
-    chunk = chunk or (auto_chunk_size(model, 1, MAX_ROWS) if isinstance(model, VAE) else 4096)
+    chunk = chunk or (auto_chunk_size(model, 1, MAX_ROWS)[1] if isinstance(model, VAE) else 4096)
     ref = next(model.parameters())
     target = model.likelihood.prepare(x.to(ref.device)[None])
     out = []

@@ -278,21 +278,50 @@ def _build_ema(config: TrainConfig, model: torch.nn.Module) -> torch.optim.swa_u
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
 
 
+def configure_backends(config: TrainConfig, device: torch.device) -> None:
+    """Numerics switches: TF32 and cudnn.benchmark (``tf32``), deterministic algorithms (``deterministic``)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
+        torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
+        torch.backends.cudnn.benchmark = config.tf32 and not config.deterministic
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=False)
+
+
+def require_visible(path: Path, context: distributed.Context, device: torch.device) -> None:
+    """Every worker must see ``path``: flowvae needs ``--out`` on a filesystem that all nodes share."""
+    if not context.distributed:
+        return
+    missing = torch.tensor(0.0 if path.is_file() else 1.0, device=device)
+    if context.all_reduce_sum(missing).item() > 0:
+        raise CheckpointError(f"{int(missing.item())} worker(s) cannot see {path}: with several nodes, --out must "
+                              "be on a filesystem that all of them share")
+
+
 def start_run(config: TrainConfig, resume: bool, context: distributed.Context, device: torch.device) -> Run:
     """Build the data, model and optimizer; on ``resume`` restore them from ``checkpoint.pt``."""
     out = Path(config.out)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    configure_backends(config, device)
     torch.manual_seed(config.seed)
     data = prepare_data(config)
+    if device.type == "cuda":  # the training set lives on the GPU: no host gather or copy per step
+        data = dataclasses.replace(data, train=data.train.to(device))
     model = model_from_config(config, data.splits.image_shape, data.splits.kind).to(device)
     optimizer = _build_optimizer(config, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     # Shuffling and binarization (CPU) and the posterior's noise (device): the same on every worker.
     generators = {"shuffle": torch.Generator().manual_seed(config.seed),
                   "noise": torch.Generator(device).manual_seed(config.seed + 2)}
+    if device.type != "cpu":  # dynamic binarization where the data are (on a CPU it draws from "shuffle")
+        generators["binarize"] = torch.Generator(device).manual_seed(config.seed + 3)
     state = RunState()
     if resume:
+        require_visible(out / "checkpoint.pt", context, device)
         ckpt = load_checkpoint(out / "checkpoint.pt", config)
         load_weights(model, ckpt["model"], out / "checkpoint.pt")
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -321,12 +350,15 @@ def _restore_rng(saved: dict[str, torch.Tensor], generators: dict[str, torch.Gen
     torch.set_rng_state(saved["torch"])
     generators["shuffle"].set_state(saved["shuffle"])
     saved_device = saved.get("noise_device", "cpu")  # format 1 checkpoints were all written on CPUs
+    device_generators = [name for name in generators if name != "shuffle"]
     if saved_device == device.type:
-        with contextlib.suppress(RuntimeError):
-            generators["noise"].set_state(saved["noise"])
+        with contextlib.suppress(RuntimeError, KeyError):
+            for name in device_generators:
+                generators[name].set_state(saved[name])
             return
     # A generator's state is device-specific: reseed from (seed, step), deterministically, and say so.
-    generators["noise"].manual_seed(config.seed * 1_000_003 + state.step + 2)
+    for offset, name in enumerate(device_generators):
+        generators[name].manual_seed(config.seed * 1_000_003 + state.step + 2 + offset)
     logger.warning("resumed on %s a run saved on %s: the posterior noise is reseeded from (seed, step), so the "
                    "run continues deterministically but not bit-identically", device.type, saved_device)
 
@@ -395,6 +427,13 @@ def _last_good(run: Run) -> str:
     return "no checkpoint was written yet"
 
 
+def _shard(batch: int, context: distributed.Context) -> slice:
+    """Worker r's contiguous part of a global batch, as ``torch.tensor_split`` would cut it."""
+    base, extra = divmod(batch, context.world_size)
+    start = context.rank * base + min(context.rank, extra)
+    return slice(start, start + base + (context.rank < extra))
+
+
 def train_epoch(run: Run) -> dict[str, float]:
     """One pass over the training set in global batches; every worker takes its shard."""
     config, state, data, context, device = run.config, run.state, run.data, run.context, run.device
@@ -402,7 +441,8 @@ def train_epoch(run: Run) -> dict[str, float]:
     n_train = len(data.train)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     warmup_steps = config.warmup_epochs * steps_per_epoch
-    order = torch.randperm(n_train, generator=run.generators["shuffle"])
+    order = torch.randperm(n_train, generator=run.generators["shuffle"]).to(data.train.device)
+    binarize = run.generators.get("binarize", run.generators["shuffle"])
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     beta = 1.0
     started = time.perf_counter()
@@ -412,10 +452,10 @@ def train_epoch(run: Run) -> dict[str, float]:
         x = data.train[order[start:start + config.batch_size]]  # the global batch
         global_batch = len(x)
         if data.dynamic:
-            x = torch.bernoulli(x, generator=run.generators["shuffle"])
+            x = torch.bernoulli(x, generator=binarize)
         noise = draw_noise(run.model, 1, global_batch, generator=run.generators["noise"], device=device)
-        shard = torch.tensor_split(torch.arange(global_batch), context.world_size)[context.rank]
-        x, noise = x[shard].to(device, non_blocking=True), select_noise(noise, shard.to(device))
+        shard = _shard(global_batch, context)                    # this worker's contiguous slice
+        x, noise = x[shard].to(device, non_blocking=True), select_noise(noise, shard)
         beta = min(1.0, (state.step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
         with autocast(device, config.precision):
             ld = run.step_model(x, noise=noise)
@@ -423,8 +463,7 @@ def train_epoch(run: Run) -> dict[str, float]:
         loss = objectives.training_loss(ld, beta, config.free_bits, normalizer=global_batch / context.world_size)
         global_loss = context.all_reduce_sum(loss.detach().double().clone()) / context.world_size
         _guarded_step(run, loss)
-        if torch.isfinite(global_loss):
-            loss_sum += global_loss * global_batch
+        loss_sum += torch.where(torch.isfinite(global_loss), global_loss * global_batch, 0.0)  # no host sync
         state.step += 1
         if run.tensorboard is not None:
             run.tensorboard.scalars(state.step, {
@@ -615,6 +654,7 @@ def finish(run: Run) -> dict[str, Any]:
     """Evaluate the best weights on train/valid/test, write plots and results.json (worker 0)."""
     config, data, device, context, out = run.config, run.data, run.device, run.context, run.out
     model = run.eval_model
+    require_visible(out / "best.pt", context, device)
     load_weights(model, load_checkpoint(out / "best.pt", config)["model"], out / "best.pt")
     model.eval()
     kwargs = run.eval_kwargs() | {"progress": config.progress}
