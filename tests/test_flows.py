@@ -374,3 +374,10 @@ def test_orthogonal_sylvester_under_16bit_autocast_matches_float32(dtype, device
     y_ref, ladj_ref = flow(z, h)
     torch.testing.assert_close(y.float(), y_ref, rtol=0, atol=0.05)
     torch.testing.assert_close(ladj.float(), ladj_ref, rtol=0, atol=0.05)
+
+
+def test_amortized_flows_take_an_unbatched_context():
+    """h of shape (H,) with z of shape (D,): scalar parameters (planar's b, radial's α and β) have shape ()."""
+    for flow in (F.Planar(2, 3), F.Radial(2, 3)):
+        z, ladj = flow(torch.randn(2), torch.randn(3))
+        assert z.shape == (2,) and ladj.shape == ()

@@ -65,12 +65,17 @@ def check_context(name: str, context_dim: int | None, context: torch.Tensor | No
         raise ValueError(f"{name} was built with context_dim={context_dim} and needs context=h, got None")
     if context.dim() < 1 or context.shape[-1] != context_dim:
         raise ValueError(f"{name} expects context with last dimension {context_dim}, got shape {tuple(context.shape)}")
+    check_broadcast(name, context.shape[:-1], batch_shape)
+
+
+def check_broadcast(name: str, context_batch: torch.Size, batch_shape: torch.Size) -> None:
+    """One-line error unless the context's batch shape broadcasts to z's."""
     try:
-        broadcast = torch.broadcast_shapes(batch_shape, context.shape[:-1])
+        broadcast = torch.broadcast_shapes(batch_shape, context_batch)
     except RuntimeError:
         broadcast = None
     if broadcast != batch_shape:
-        raise ValueError(f"{name}: context batch shape {tuple(context.shape[:-1])} does not broadcast to "
+        raise ValueError(f"{name}: context batch shape {tuple(context_batch)} does not broadcast to "
                          f"z's batch shape {tuple(batch_shape)}")
 
 
@@ -176,7 +181,7 @@ class FlowParameters(nn.Module):
             return dict(self.values.items())
         flat = self.head(context)
         batch = flat.shape[:-1]
-        return {name: chunk.reshape(*batch, *shape)
+        return {name: chunk.reshape(tuple(batch) + tuple(shape))  # () for a scalar of an unbatched h
                 for (name, shape), chunk in zip(self.shapes.items(), flat.split(self.sizes, dim=-1))}
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowvae.flows.base import Flow
+from flowvae.flows.base import Flow, check_broadcast
 from flowvae.flows.made import input_degrees
 from flowvae.numerics import soft_clamp
 
@@ -72,14 +72,7 @@ def check_spatial(name: str, z: torch.Tensor, channels: int, context: torch.Tens
     if context.dim() < 3 or context.shape[-3] != context_channels or context.shape[-2:] != z.shape[-2:]:
         raise ValueError(f"{name} expects context of shape (..., {context_channels}, {z.shape[-2]}, {z.shape[-1]}), "
                          f"got shape {tuple(context.shape)}")
-    batch = z.shape[:-3]
-    try:
-        broadcast = torch.broadcast_shapes(batch, context.shape[:-3])
-    except RuntimeError:
-        broadcast = None
-    if broadcast != batch:
-        raise ValueError(f"{name}: context batch shape {tuple(context.shape[:-3])} does not broadcast to "
-                         f"z's batch shape {tuple(batch)}")
+    check_broadcast(name, context.shape[:-3], z.shape[:-3])
 
 
 def add_context(hidden: torch.Tensor, batch: torch.Size, projected: torch.Tensor) -> torch.Tensor:

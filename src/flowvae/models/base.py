@@ -147,6 +147,14 @@ def draw_noise(model: LatentVariableModel, samples: int, batch: int, *, generato
             for name, shape in model.noise_shapes().items()}
 
 
+def sample_prior(prior: nn.Module | None, n: int, event_shape: tuple[int, ...], like: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """n draws (n, *event_shape) from ``prior`` (None: N(0, I)) in ``like``'s dtype and device."""
+    if prior is None:
+        return torch.randn(n, *event_shape, generator=generator, device=like.device, dtype=like.dtype)
+    return prior.sample(n, generator).to(like.dtype)
+
+
 def select_noise(noise: Mapping[str, torch.Tensor], index: torch.Tensor | slice) -> Noise:
     """The data points ``index`` (along axis 1, the batch) of every noise tensor."""
     return {name: t[:, index] for name, t in noise.items()}

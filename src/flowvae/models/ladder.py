@@ -29,7 +29,7 @@ from torch import nn
 
 from flowvae.distributions import LOG_2PI
 from flowvae.flows import Flow, build_flow
-from flowvae.models.base import LatentVariableModel, LogDensities, Noise, as_noise, at_least_float32
+from flowvae.models.base import LatentVariableModel, LogDensities, Noise, as_noise, at_least_float32, sample_prior
 from flowvae.models.likelihoods import Likelihood
 from flowvae.numerics import soft_clamp
 
@@ -199,10 +199,7 @@ class LadderVAE(LatentVariableModel):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         ref = next(self.parameters())
-        if self.prior is None:
-            z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype)
-        else:
-            z = self.prior.sample(n, generator).to(ref.dtype)
+        z = sample_prior(self.prior, n, (self.latent_dim,), ref, generator)
         t = None
         for l in range(self.layers - 2, -1, -1):
             t, mean, log_std = self._prior_step(l, z)

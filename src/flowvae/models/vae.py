@@ -16,7 +16,7 @@ from torch import nn
 from flowvae.distributions import FlowDistribution, diagonal_gaussian, standard_normal_log_prob
 from flowvae.flows import Flow, build_flow
 from flowvae.models import networks
-from flowvae.models.base import LatentVariableModel, LogDensities, Noise, as_noise, at_least_float32
+from flowvae.models.base import LatentVariableModel, LogDensities, Noise, as_noise, at_least_float32, sample_prior
 from flowvae.models.likelihoods import Likelihood, build_likelihood
 from flowvae.numerics import soft_clamp
 
@@ -111,10 +111,7 @@ class VAE(LatentVariableModel):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images (n, C, H, W): the likelihood's mean at z ~ p(z)."""
         ref = next(self.parameters())
-        if self.prior is None:
-            z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device, dtype=ref.dtype)
-        else:
-            z = self.prior.sample(n, generator).to(ref.dtype)
+        z = sample_prior(self.prior, n, (self.latent_dim,), ref, generator)
         return self.likelihood.mean(self.decode(z))
 
     @torch.no_grad()
