@@ -52,6 +52,7 @@ QUICK = ["--hidden", "8", "--latent-dim", "2", "--eval-samples", "2", "--epochs"
 WORKERS = 3
 CASE_TIMEOUT_S = 240
 EXEC_ALL = os.environ.get("FLOWVAE_BAD_INPUT_EXEC") == "1"
+DATA_DIR = Path(tempfile.gettempdir()) / "flowvae-bad-input-no-data"  # never ~/.cache/flowvae (set by the fixture)
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -71,7 +72,7 @@ def _env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[1] / "src")
     path = os.environ.get("PYTHONPATH", "")
     return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": src + (os.pathsep + path if path else ""),
-                         "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+                         "PYTHONWARNINGS": "ignore::DeprecationWarning", "FLOWVAE_DATA": str(DATA_DIR)}
 
 
 def flowvae(argv: list[str], cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess:
@@ -295,13 +296,14 @@ def _cases() -> tuple[list[Case], list[Case]]:
              r"--output /proc/flowvae.json: cannot write in /proc", exec_=True, **r),
         Case("evaluate-output-under-file", ["evaluate", "--run", "{run}", "--output", "afile/e.json"],
              r"--output afile/e.json: .*afile is not a directory", setup=_write("afile", "x"), **r),
-        Case("evaluate-output-dev-null", ["evaluate", "--run", "{run}", "--output", "/dev/null"],
-             r"--output /dev/null exists and is not a regular file", **r),
+        # A FIFO of the case's own, never /dev/null: as root, the unguarded write replaced /dev/null itself.
+        Case("evaluate-output-fifo", ["evaluate", "--run", "{run}", "--samples", "2", "--output", "fifo"],
+             r"--output fifo exists and is not a regular file", setup=lambda case: os.mkfifo(case / "fifo"), **r),
         # 11. counts, devices, flow lengths, seeds, checkpoints
         Case("sample-n-0", ["sample", "--run", "{run}", "--n", "0"], r"--n must be between 1 and 10000, got 0", **r),
         Case("sample-n-negative", ["sample", "--run", "{run}", "--n", "-5"], r"--n must be between 1 and 10000", **r),
-        Case("evaluate-limit-negative", ["evaluate", "--run", "{run}", "--limit", "-5"], r"--limit must be >= 0",
-             **r),
+        Case("evaluate-limit-negative", ["evaluate", "--run", "{run}", "--limit", "-5", "--samples", "2"],
+             r"--limit must be >= 0", **r),
         Case("evaluate-device-cuda-abc", ["evaluate", "--run", "{run}", "--device", "cuda:abc"],
              r"device must be auto, cpu, cuda or cuda:N, got 'cuda:abc'", **r),
         Case("evaluate-device-cudaxyz", ["evaluate", "--run", "{run}", "--device", "cudaXYZ"],
@@ -310,8 +312,8 @@ def _cases() -> tuple[list[Case], list[Case]]:
         Case("train-device-cudaxyz", ["train", "--device", "cudaXYZ"], r"device='cudaXYZ': device must be"),
         Case("flow-steps-0", ["train", "--flow", "iaf", "--flow-steps", "0"],
              r"flow_steps=0: flow_steps must be between 1 and 256 for a flow"),
-        Case("flow-steps-unbounded", ["train", "--flow", "iaf", "--flow-steps", "100000000"],
-             r"flow_steps=100000000: flow_steps must be between 1 and 256"),
+        Case("flow-steps-unbounded", ["train", "--flow", "iaf", "--flow-steps", "100000000", "--out", "afile"],
+             r"flow_steps=100000000: flow_steps must be between 1 and 256", setup=_write("afile", "x")),
         Case("seed-negative", ["train", "--seed", "-1"], r"seed=-1: seed must be between 0 and 4294967295"),
         Case("seed-oversized", ["train", "--seed", "99999999999999999999999"], r"seed=9+: seed must be between"),
         Case("checkpoint-without-config", ["evaluate", "--run", "copy"], r"best\.pt has no config",
@@ -364,7 +366,9 @@ def _cases() -> tuple[list[Case], list[Case]]:
         Case("precision-fp8", ["train", "--precision", "fp8"],
              r"precision='fp8': precision must be fp32, bf16 or fp16"),
         Case("device-tpu", ["train", "--device", "tpu"], r"device='tpu': device must be auto, cpu, cuda or cuda:N"),
-        Case("threads-absurd", ["train", "--threads", "100000"], r"threads=100000: threads must be at most 1024"),
+        # --out afile: were the bound lost, the run stops there before torch starts 100000 threads
+        Case("threads-absurd", ["train", "--threads", "100000", "--out", "afile"],
+             r"threads=100000: threads must be at most 1024", setup=_write("afile", "x")),
         # models that cannot be built
         Case("arch-unknown", ["train", "--arch", "transformer"], r"arch='transformer': arch must be one of mlp"),
         Case("resnet-planar", ["train", "--arch", "resnet", "--flow", "planar"],
@@ -449,8 +453,8 @@ def _cases() -> tuple[list[Case], list[Case]]:
              setup=lambda case: (case / "adir").mkdir()),
         Case("posterior-latent-4", ["posterior", "--run", "{run}"], r"has latent_dim=4; the posterior can be drawn "
              r"for a 2-D latent only", **r),
-        Case("posterior-huge-grid", ["posterior", "--run", "{run2d}", "--grid", "100000"], r"--grid in \[8, 1000\]",
-             **r),
+        Case("posterior-huge-grid", ["posterior", "--run", "{run2d}", "--grid", "100000", "--out", "/proc/p.png"],
+             r"--grid in \[8, 1000\]", **r),
         Case("posterior-out-unwritable", ["posterior", "--run", "{run2d}", "--out", "/proc/p.png"],
              r"--out /proc/p\.png: cannot write in /proc", **r),
         Case("manifold-non-run", ["manifold", "--run", "adir"], r"adir is not a flowvae run directory",
@@ -468,8 +472,8 @@ def _cases() -> tuple[list[Case], list[Case]]:
              setup=lambda case: (case / "adir").mkdir()),
         Case("compare-csv-under-file", ["compare", "{run}", "--csv", "afile/t.csv"], r"--csv afile/t\.csv: "
              r".*afile is not a directory", setup=_write("afile", "x"), **r),
-        Case("compare-plot-dev-null", ["compare", "{run}", "--plot", "/dev/null"], r"--plot /dev/null exists and "
-             r"is not a regular file", **r),
+        Case("compare-plot-fifo", ["compare", "{run}", "--plot", "fifo.png"], r"--plot fifo\.png exists and is not "
+             r"a regular file", setup=lambda case: os.mkfifo(case / "fifo.png"), **r),
         Case("toy-out-is-file", ["toy", "--out", "afile", "--iterations", "1"], r"afile: File exists",
              setup=_write("afile", "x")),
         Case("toy-zero-steps", ["toy", "--flow-steps", "0"], r"flow lengths must be >= 1"),
@@ -493,6 +497,8 @@ def _run_case(case: Case, root: Path) -> Result:
     if case.setup is not None:
         case.setup(directory)
     argv = [a.format(run=root / "runs" / "tiny", run2d=root / "runs" / "tiny2d") for a in case.argv]
+    if argv[:1] == ["train"] and "--resume" not in argv:  # a regression trains one tiny epoch, not 100 big ones
+        argv = ["train", *QUICK, *argv[1:]]
     before = snapshot(directory)
     started = time.perf_counter()
     done = command(argv, directory, exec_=case.exec_)
@@ -514,6 +520,8 @@ def _lock_and_interrupt(root: Path) -> Result:
         while not (lock.exists() and lock.read_text().strip()) and first.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         second = command(["train", *TINY, "--epochs", "500", "--out", "run"], directory)
+        while not (directory / "run" / "config.yaml").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # --resume reads the run's config.yaml first
         second_resume = command(["train", "--out", "run", "--resume"], directory)
         while not (directory / "run" / "checkpoint.pt").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.05)
@@ -535,8 +543,8 @@ def _interrupt_before_checkpoint(root: Path) -> Result:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lock, deadline = directory / "new" / "run" / ".flowvae.lock", time.time() + CASE_TIMEOUT_S
-        while not lock.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
+        while not (lock.exists() and lock.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)  # the pid is written once the lock is held
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=CASE_TIMEOUT_S)
     finally:
@@ -602,8 +610,10 @@ def _timed(scenario: Callable[[Path], Result], root: Path) -> Result:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    global DATA_DIR
     root = tmp_path_factory.mktemp("bad_input")
     (root / "runs").mkdir()
+    DATA_DIR = root / "data-cache"  # a download, were one attempted, lands in the test's own directory
     started = time.perf_counter()
     for _ in range(0 if EXEC_ALL else WORKERS):
         SERVERS.put(ForkServer())

@@ -289,11 +289,11 @@ def run_lock(out: Path, on_error: Callable[[], None] | None = None):
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise RunDirError(f"{out} is in use by another flowvae process (pid {holder})") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
         try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
             yield
         except BaseException:
             if on_error is not None:
