@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
-from flowvae.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, load_yaml
+from flowvae.config import MAX_SEED, ConfigError, TrainConfig, add_config_arguments, config_from_args, load_yaml
+from flowvae.io import TEMP_SUFFIX
 
 logger = logging.getLogger("flowvae")
 
@@ -28,11 +32,37 @@ EXAMPLES = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and a "did you mean" for mistyped flags."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def unrecognized(self, extra: list[str]) -> None:
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        hints = {}
+        for token in extra:
+            flag = token.split("=")[0]
+            close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.6) if flag.startswith("-") else []
+            hints |= {flag: close[0]} if close else {}
+        hint = ", ".join(f"{good} for {bad}" if len(hints) > 1 else good for bad, good in hints.items())
+        self.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {hint}?)" if hints else ""))
+
+
 def _run_config(run: str) -> TrainConfig:
     path = Path(run) / "config.yaml"
+    if not Path(run).exists():
+        raise ConfigError(f"{run} is not a flowvae run directory (it does not exist)")
+    if not Path(run).is_dir():
+        raise ConfigError(f"{run} is not a flowvae run directory (it is not a directory)")
     if not path.is_file():
         raise ConfigError(f"{run} is not a flowvae run directory (no config.yaml)")
     return TrainConfig.from_dict(load_yaml(path), source=str(path))
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
 def _load_run(args: argparse.Namespace):
@@ -51,21 +81,29 @@ def _load_run(args: argparse.Namespace):
     return config, data, model.to(device).eval(), device
 
 
-def _check_writable_file(path: str, flag: str) -> None:
-    """Before any long work: ``path`` can be written as a file."""
+def check_output_file(path: str | Path, flag: str, suffix: str | None = None) -> None:
+    """Before any long work: ``path`` can be written as a file (nothing is created here)."""
+    if not str(path).strip():
+        raise ConfigError(f"{flag} must name a file")
     target = Path(path)
     if target.is_dir():
         raise ConfigError(f"{flag} {path} is a directory; give a file name")
-    parent = target.parent
-    if parent.exists() and not parent.is_dir():
-        raise ConfigError(f"{flag} {path}: {parent} is not a directory")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"{flag} {path}: cannot create {parent}: {err.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{flag} {path}: {parent} is not writable")
+    if target.exists() and not target.is_file():
+        raise ConfigError(f"{flag} {path} exists and is not a regular file")
+    if suffix and target.suffix.lower() != suffix:
+        raise ConfigError(f"{flag} {path}: this file is written as {suffix[1:].upper()}; "
+                          f"give a name ending in {suffix}")
+    ancestor = target.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path}: {ancestor} is not a directory")
+    try:  # os.access says yes to root on read-only file systems, /proc and the like: try it
+        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".flowvae-probe.", suffix=TEMP_SUFFIX)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: cannot write in {ancestor} ({err.strerror})") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -74,6 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.resume:  # continue with the run's own options; the options given here override them
         config = config_from_args(args, base=_run_config(config.out))
+    args.run_out = config.out  # for the message on Ctrl-C
     results = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, worker 0 reports
         return 0
@@ -89,8 +128,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.samples < 0 or args.limit < 0:
         raise ConfigError(f"--samples and --limit must be >= 0, got {args.samples} and {args.limit}")
-    if args.output:
-        _check_writable_file(args.output, "--output")
+    check_seed(args.seed)
+    if args.output is not None:
+        check_output_file(args.output, "--output")
     config, data, model, device = _load_run(args)
     split = {"train": data.train_eval, "valid": data.valid, "test": data.test}[args.split]
     if args.limit:
@@ -100,7 +140,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        precision=config.precision)
     results.update(split=args.split, checkpoint=args.checkpoint, points=len(split))
     print(json.dumps(results, indent=2))
-    if args.output:
+    if args.output is not None:
         from flowvae.io import atomic_write_text
 
         atomic_write_text(args.output, json.dumps(results, indent=2))
@@ -115,7 +155,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if not 1 <= args.n <= MAX_SAMPLES_PER_GRID:
         raise ConfigError(f"--n must be between 1 and {MAX_SAMPLES_PER_GRID}, got {args.n}")
-    _check_writable_file(args.out, "--out")
+    check_seed(args.seed)
+    check_output_file(args.out, "--out", suffix=".png")
     _, _, model, device = _load_run(args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     images = model.sample(args.n, generator)
@@ -125,7 +166,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowvae", description="VAEs with normalizing-flow posteriors.",
+    parser = _Parser(prog="flowvae", description="VAEs with normalizing-flow posteriors.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        subcommands[args.command].unrecognized(extra)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from flowvae.data import DataError
     from flowvae.training import CheckpointError, RunDirError
@@ -175,11 +219,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, RunDirError, FloatingPointError, ValueError) as err:
-        print(f"flowvae {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(args, str(err))
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError and the CPU allocator's RuntimeError
+        if not isinstance(err, MemoryError) and not re.search(r"out of memory|can't allocate memory", str(err)):
+            raise  # a bug: the traceback is wanted
+        size = re.search(r"allocate (\d+) bytes", str(err))
+        tried = f" (tried to allocate {int(size.group(1)) / 2 ** 30:.1f} GiB)" if size else ""
+        return _fail(args, f"out of memory{tried}: make the model smaller (--hidden, --channels, --latent-dim, "
+                           "--flow-steps, ...) or lower --batch-size / --eval-batch-size")
+    except OSError as err:  # a file-system problem that no earlier check caught
+        where = f"{err.filename}: " if err.filename else ""
+        return _fail(args, f"{where}{err.strerror or err}")
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
+        out = getattr(args, "run_out", None)
+        if out is not None and (Path(out) / "checkpoint.pt").is_file():
+            message = f"interrupted; continue with: flowvae train --out {out} --resume"
+        elif out is not None:
+            message = "interrupted before the first checkpoint; nothing was kept"
+        else:
+            message = "interrupted"
+        print(f"flowvae {args.command}: {message}", file=sys.stderr)
         return 130
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """The one line a user sees for a mistake (whitespace, newlines included, collapsed)."""
+    print(f"flowvae {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

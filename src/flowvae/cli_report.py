@@ -15,44 +15,66 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None)
 
 
+MAX_IMAGES = 64        # posterior: images drawn
+MAX_GRID = 1000        # posterior: grid points per axis
+MAX_SAMPLES = 100_000  # posterior: q samples for the KL
+MAX_AXIS = 100         # manifold: values per latent axis
+MAX_DIMS = 64          # manifold: latents traversed
+
+
 def cmd_curves(args: argparse.Namespace) -> int:
+    from flowvae.cli import check_output_file
+
     run = Path(args.run)
-    if not run.is_dir():
+    if not run.exists():
         raise ValueError(f"run directory {args.run} does not exist")
-    out = args.out or run / "curves.png"
+    if not run.is_dir():
+        raise ValueError(f"{args.run} is not a directory; give a run directory written by flowvae train")
+    out = args.out if args.out is not None else run / "curves.png"
+    check_output_file(out, "--out", suffix=".png")
     report.plot_curves(run, out, title=f"{args.run}: learning curves")
     print(f"wrote {out}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from flowvae.cli import check_output_file
+
+    if args.plot is not None:
+        check_output_file(args.plot, "--plot", suffix=".png")
+    if args.csv is not None:
+        check_output_file(args.csv, "--csv")
     comparison = report.compare_runs(args.runs)
-    if args.plot:  # read every metrics file before writing anything
+    if args.plot is not None:  # read every metrics file before writing anything
         report.plot_comparison(comparison, args.plot)
     print(comparison.markdown())
-    if args.csv:
+    if args.csv is not None:
         from flowvae.io import atomic_write_text
 
         atomic_write_text(args.csv, comparison.csv())
         print(f"wrote {args.csv}")
-    if args.plot:
+    if args.plot is not None:
         print(f"wrote {args.plot}")
     return 0
 
 
 def cmd_posterior(args: argparse.Namespace) -> int:
-    from flowvae.cli import _load_run, _run_config
+    from flowvae.cli import _load_run, _run_config, check_output_file, check_seed
 
-    latent_dim = _run_config(args.run).latent_dim
-    if latent_dim != 2:  # before loading data and weights
-        raise ValueError(f"{args.run} has latent_dim={latent_dim}; the posterior can be drawn for a 2-D latent "
-                         "only (flowvae manifold draws latent traversals)")
-    if args.n < 1 or args.grid < 8 or args.samples < 2:
-        raise ValueError("--n must be >= 1, --grid >= 8 and --samples >= 2")
+    if not (1 <= args.n <= MAX_IMAGES and 8 <= args.grid <= MAX_GRID and 2 <= args.samples <= MAX_SAMPLES):
+        raise ValueError(f"--n must be in [1, {MAX_IMAGES}], --grid in [8, {MAX_GRID}] and --samples in "
+                         f"[2, {MAX_SAMPLES}]; got {args.n}, {args.grid} and {args.samples}")
+    check_seed(args.seed)
+    run_model = _run_config(args.run).model
+    if run_model.latent_dim != 2:  # before loading data and weights
+        raise ValueError(f"{args.run} has latent_dim={run_model.latent_dim}; the posterior can be drawn for a 2-D "
+                         "latent only (flowvae manifold draws latent traversals)")
+    out = args.out if args.out is not None else Path(args.run) / "posterior.png"
+    check_output_file(out, "--out", suffix=".png")
     config, data, model, _ = _load_run(args)
     split = {"valid": data.valid, "test": data.test}[args.split]
-    out = args.out or Path(args.run) / "posterior.png"
-    flow = f"{config.flow}×{config.flow_steps}" if config.flow != "none" and config.flow_steps else "diagonal Gaussian"
+    m = config.model
+    flow = f"{m.flow}×{m.flow_steps}" if m.flow != "none" and m.flow_steps else "diagonal Gaussian"
     grids = report.plot_posteriors(model, split[:args.n], out, grid=args.grid, samples=args.samples, seed=args.seed,
                                    title=f"{args.run} (q: {flow}): true posterior p(z|x) and q(z|x), {args.split} "
                                          "images; KL in nats")
@@ -64,12 +86,14 @@ def cmd_posterior(args: argparse.Namespace) -> int:
 
 
 def cmd_manifold(args: argparse.Namespace) -> int:
-    if args.n < 2 or args.dims < 1:
-        raise ValueError("--n must be >= 2 and --dims >= 1")
-    from flowvae.cli import _load_run
+    if not (2 <= args.n <= MAX_AXIS and 1 <= args.dims <= MAX_DIMS):
+        raise ValueError(f"--n must be in [2, {MAX_AXIS}] and --dims in [1, {MAX_DIMS}]; got {args.n} and {args.dims}")
+    from flowvae.cli import _load_run, _run_config, check_output_file
 
+    _run_config(args.run)  # a run directory? (before the output check)
+    out = args.out if args.out is not None else Path(args.run) / "manifold.png"
+    check_output_file(out, "--out", suffix=".png")
     _, _, model, _ = _load_run(args)
-    out = args.out or Path(args.run) / "manifold.png"
     report.plot_manifold(model, out, n=args.n, dims=args.dims, title=f"{args.run}: " + (
         "decoded z grid" if model.latent_dim == 2 else "latent traversals"))
     print(f"wrote {out}")

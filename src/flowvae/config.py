@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
 PRIORS = ("standard", "flow", "vamp")
 OPTIMIZERS = ("adam", "adamax")
-MAX_SEED = 2 ** 63 - 1
+MAX_SEED = 2 ** 32 - 1              # the trainer derives generator seeds from it (seed + 2, seed·10⁶ + step)
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -72,8 +73,11 @@ class TrainConfig:
 
         m = self.model
         if isinstance(self.dataset, str):  # names are case-insensitive, '-' and '_' alike
-            self.dataset = self.dataset.lower().replace("-", "_")
-        checks = [
+            self.dataset = self.dataset.strip().lower().replace("-", "_")
+        # Non-finite numbers first: NaN fails every comparison, so "lr must be > 0" would be misleading.
+        checks = [(math.isfinite(_get(self, f.name)), f.name, "must be finite")
+                  for f in _all_fields() if _field_type(f) is float and _get(self, f.name) is not None]
+        checks += [
             (self.dataset in available_datasets(), "dataset", f"must be one of {', '.join(available_datasets())}"),
             (m.arch in MODELS, "arch", f"must be one of {', '.join(MODELS.names())}"),
             (m.flow in ARCHITECTURE_FLOWS.get(m.arch, FLOW_NAMES), "flow",
@@ -92,6 +96,9 @@ class TrainConfig:
             (self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0"),
             (0 < self.lr_decay <= 1, "lr_decay", "must be in (0, 1]"),
             (0 <= self.ema < 1, "ema", "must be in [0, 1)"),
+            (self.grad_skip == 0 or self.grad_skip > 1, "grad_skip",
+             "must be 0 (skip only non-finite updates) or a factor > 1 over the gradient norm's running level"),
+            (self.threads <= MAX_THREADS, "threads", f"must be at most {MAX_THREADS}"),
         ]
         positive = ["latent_dim", "layers", "hidden", "channels", "feature_dim", "flow_hidden", "reflections",
                     "prior_flow_steps", "pseudo_inputs", "epochs", "batch_size", "lr_patience", "eval_samples",
@@ -99,8 +106,6 @@ class TrainConfig:
         non_negative = ["threads", "flow_steps", "warmup_epochs", "free_bits", "patience", "grad_clip", "grad_skip"]
         checks += [(_get(self, n) > 0, n, "must be > 0") for n in positive]
         checks += [(_get(self, n) >= 0, n, "must be >= 0") for n in non_negative]
-        checks += [(math.isfinite(_get(self, f.name)), f.name, "must be finite")
-                   for f in _all_fields() if _field_type(f) is float and _get(self, f.name) is not None]
         for ok, name, message in checks:
             if not ok:
                 raise ConfigError(f"bad config value {name}={_get(self, name)!r}: {name} {message}")
@@ -179,6 +184,13 @@ def _field_type(f: dataclasses.Field) -> type:
     return hint
 
 
+def _optional(f: dataclasses.Field) -> bool:
+    """Whether the field may hold None (``int | None``)."""
+    owner = ModelConfig if f.name in MODEL_FIELDS else TrainConfig
+    hint = typing.get_type_hints(owner)[f.name]
+    return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+
+
 _FIELDS_BY_NAME = {f.name: f for f in _all_fields()}
 
 
@@ -188,9 +200,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     Booleans are not numbers, numbers and lists are not strings, and a string becomes a number
     or a boolean only if it spells one."""
     kind = _field_type(_FIELDS_BY_NAME[name])
-    if value is None:
-        return None
     bad = ConfigError(f"{source}: {name} must be {'a boolean' if kind is bool else kind.__name__}, got {value!r}")
+    if value is None:
+        if _optional(_FIELDS_BY_NAME[name]):
+            return None
+        raise bad
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -215,13 +229,24 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """Safe YAML without anchors and aliases (which let a tiny file expand into a huge one)."""
+    """Safe YAML without anchors and aliases (which let a tiny file expand into a huge one) and
+    without repeated keys (which YAML silently resolves to the last one)."""
 
     def compose_node(self, parent, index):  # noqa: ANN001
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise ConfigError(f"YAML aliases (*{event.anchor}) are not allowed in a flowvae config")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

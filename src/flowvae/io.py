@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tempfile
@@ -14,8 +15,14 @@ TEMP_SUFFIX = ".flowvae-tmp"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+    """Write to a temporary file beside ``path``, fsync, then rename over it.
+
+    Only a regular file (or nothing) is replaced: renaming over a directory fails anyway, and
+    renaming over ``/dev/null`` or a FIFO would silently swap a special file for a plain one."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise OSError(errno.EISDIR if path.is_dir() else errno.EINVAL, f"{kind}; give a file name", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:

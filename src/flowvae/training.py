@@ -81,6 +81,8 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -119,15 +121,16 @@ def model_from_config(config: TrainConfig, image_shape, data_kind: str) -> Laten
 
 # -------------------------------------------------------------------------------------- checkpoints
 
-def load_checkpoint(path: str | Path, config: TrainConfig | None = None) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, config: TrainConfig | None = None, *, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``); check it was written for ``config``'s model.
 
-    Checkpoints of format 1 (flat config) are read too; their config is upgraded on the fly."""
+    Checkpoints of format 1 (flat config) are read too; their config is upgraded on the fly.
+    ``mmap=True`` maps the tensors instead of reading them: a cheap look at the config and state."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types for truncated/corrupt/foreign files
         raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a flowvae checkpoint "
                               f"({type(err).__name__})") from None
@@ -135,6 +138,8 @@ def load_checkpoint(path: str | Path, config: TrainConfig | None = None) -> dict
         raise CheckpointError(f"checkpoint {path} is not a flowvae checkpoint (formats {READABLE_FORMATS})")
     if not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"checkpoint {path} has no config; it was not written by flowvae train")
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"checkpoint {path} holds no model weights")
     if config is not None:
         try:
             refused, _ = resume_differences(ckpt["config"], config)
@@ -147,12 +152,21 @@ def load_checkpoint(path: str | Path, config: TrainConfig | None = None) -> dict
 
 
 def load_weights(model: torch.nn.Module, weights: Any, path: Path) -> None:
-    """``model.load_state_dict`` with a one-line error for weights of another model."""
+    """``model.load_state_dict`` with a one-line error for weights of another model or non-finite weights."""
     try:
         model.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {first}") from None
+    except (RuntimeError, TypeError, AttributeError, KeyError) as err:
+        # torch's message opens with "Error(s) in loading state_dict for VAE:"; the first problem follows.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if not line.startswith("Error(s) in loading")), None)
+        detail = (detail or type(err).__name__).rstrip(".")
+        if len(lines) > 2:
+            detail += f" (and {len(lines) - 2} more)"
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {detail}") from None
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
+                              "it cannot be evaluated or resumed")
 
 
 # ------------------------------------------------------------------------------------ the run state
@@ -215,32 +229,54 @@ LOCK_NAME = ".flowvae.lock"
 RUN_FILES = ("config.yaml", LOCK_NAME)
 
 
-def _prepare_out_dir(out: Path, resume: bool) -> bool:
-    """Check ``out`` can hold this run; returns whether it was created now.  One-line errors."""
+def _prepare_out_dir(out: Path, resume: bool) -> Path | None:
+    """Check ``out`` can hold this run; returns the topmost directory created now (``out`` or one of
+    its parents), or None.  One-line errors."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a directory")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunDirError(f"--out {out}: {parent} is a file, not a directory")
+            break
+    if (out / LOCK_NAME).is_file():  # another process at work here is the first thing to say
+        with open(out / LOCK_NAME) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            except OSError:
+                holder = handle.read().strip() or "unknown"
+                raise RunDirError(f"{out} is in use by another flowvae process (pid {holder})") from None
     if resume:
         if not (out / "checkpoint.pt").is_file():
             raise CheckpointError(f"--resume given but {out / 'checkpoint.pt'} does not exist")
-        return False
+        return None
     if (out / "checkpoint.pt").exists():
         raise CheckpointError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if out.is_dir() and any(p.name not in RUN_FILES for p in out.iterdir()):
         raise RunDirError(f"--out {out} is a non-empty directory that holds no flowvae run; choose another --out")
-    created = not out.exists()
+    import tempfile  # local imports: this function's own needs
+
+    from flowvae.io import TEMP_SUFFIX
+
+    missing = [d for d in (out, *out.parents) if not d.exists()]
+    created = missing[-1] if missing else None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".flowvae-write-test.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".flowvae-probe.", suffix=TEMP_SUFFIX)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
+        if created is not None:
+            _remove_failed_start(out, created, ours=False)
         raise RunDirError(f"--out {out} cannot be written: {err.strerror}") from None
     return created
 
 
 @contextlib.contextmanager
-def run_lock(out: Path):
-    """Hold an exclusive lock on the run directory; a second process gets a one-line error."""
+def run_lock(out: Path, on_error: Callable[[], None] | None = None):
+    """Hold an exclusive lock on the run directory; a second process gets a one-line error.
+    ``on_error`` runs, still under the lock, when the body raises."""
     path = out / LOCK_NAME
     try:
         handle = open(path, "a+")
@@ -253,11 +289,16 @@ def run_lock(out: Path):
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise RunDirError(f"{out} is in use by another flowvae process (pid {holder})") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        yield
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield
+        except BaseException:
+            if on_error is not None:
+                on_error()
+            raise
     finally:
         handle.close()
 
@@ -421,6 +462,13 @@ def _guarded_step(run: Run, loss: torch.Tensor) -> bool:
 
 
 def _last_good(run: Run) -> str:
+    state, splits = run.state, run.data.splits
+    # As in _check_divergence: beyond 10x the -ELBO of equal mass on every pixel value is no model.
+    limit = 10 * splits.dim * math.log(256 if splits.kind == "8bit" else 2)
+    sane = math.isfinite(state.best_valid) and (
+        state.best_valid + run.model.likelihood.discrete_nats_offset(splits.dim) <= limit)
+    if not sane and state.epoch > 0:
+        return "no good weights were saved"
     for name in ("best.pt", "checkpoint.pt"):
         if (run.out / name).is_file():
             return f"the last good weights are in {run.out / name}"
@@ -510,15 +558,32 @@ def end_epoch(run: Run, stats: dict[str, float]) -> None:
 
 
 def _check_divergence(run: Run, valid_neg_elbo: float) -> None:
-    """Stop with a clear message when the validation -ELBO stays far above its best."""
-    state = run.state
-    far_above = not math.isfinite(valid_neg_elbo) or (
+    """Stop with a clear message when the validation -ELBO stays far above its best, or beyond any
+    sane value, for DIVERGED_EPOCHS epochs, or when the run ends with no sane weights at all.
+
+    Sane: at most 10x the -ELBO of a model that puts equal mass on every pixel value
+    (D·log 2 nats for binary data, D·log 256 for 8-bit; a density's -log p(x) is moved to the
+    discrete scale first).  Only a divergence gets there: an untrained model is near 1x."""
+    state, splits = run.state, run.data.splits
+    limit = 10 * splits.dim * math.log(256 if splits.kind == "8bit" else 2)
+    offset = run.model.likelihood.discrete_nats_offset(splits.dim)
+
+    def insane(value: float) -> bool:
+        return not math.isfinite(value) or value + offset > limit
+
+    far_above = insane(valid_neg_elbo) or (
         math.isfinite(state.best_valid) and valid_neg_elbo > state.best_valid + max(10.0, 0.5 * abs(state.best_valid)))
     state.diverging_epochs = state.diverging_epochs + 1 if far_above else 0
+    sane = f"{limit - offset:.4g} nats (10x that of equal mass on every value of the {splits.dim} pixels)"
+    advice = "Lower --lr or set --grad-clip"
     if state.diverging_epochs >= DIVERGED_EPOCHS:
-        raise FloatingPointError(f"training diverged: valid -ELBO {valid_neg_elbo:.4g} against its best "
-                                 f"{state.best_valid:.4g} (epoch {state.best_epoch}) for {state.diverging_epochs} "
-                                 f"epochs; {_last_good(run)}. Lower --lr or set --grad-clip")
+        where = f"beyond {sane}" if insane(valid_neg_elbo) else \
+            f"against its best {state.best_valid:.4g} (epoch {state.best_epoch})"
+        raise FloatingPointError(f"training diverged: valid -ELBO {valid_neg_elbo:.4g} for {state.diverging_epochs} "
+                                 f"epochs, {where}; {_last_good(run)}. {advice}")
+    if insane(state.best_valid) and run_is_over(run):
+        raise FloatingPointError(f"training diverged: the run ends with a best valid -ELBO of {state.best_valid:.4g}, "
+                                 f"beyond {sane}; {_last_good(run)}. {advice}")
 
 
 def write_epoch(run: Run, improved: bool) -> None:
@@ -585,13 +650,29 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     config.validate()
     context, device_name = distributed.setup(config.device)
     out = Path(config.out)
-    created = False
+    created: Path | None = None  # the topmost directory this call created, removed again if the start fails
     try:
         device = resolve_device(device_name)
         if context.is_main:
             created = _prepare_out_dir(out, resume)
+        if resume:  # refuse another run's options before loading any data (a cheap, memory-mapped look)
+            ckpt = load_checkpoint(out / "checkpoint.pt", config, mmap=True)
+            missing = [k for k in ("optimizer", "state", "history", "rng") if not isinstance(ckpt.get(k), (dict, list))]
+            if missing:
+                raise CheckpointError(f"{out / 'checkpoint.pt'} has no {', '.join(missing)}: it holds weights only "
+                                      "(like best.pt) and cannot be resumed")
+            done = ckpt["state"].get("epoch", 0)
+            del ckpt
+            if config.epochs < done:
+                raise ConfigError(f"--epochs {config.epochs} is below the {done} epochs {out} has already trained; "
+                                  f"give --epochs {done} or more")
         context.barrier()
-        with run_lock(out) if context.is_main else contextlib.nullcontext():
+
+        def undo_failed_start() -> None:  # run by run_lock on an error, still holding the lock
+            if not resume and not (out / "checkpoint.pt").exists():
+                _remove_failed_start(out, created, ours=True)  # a new run that failed leaves nothing
+
+        with run_lock(out, on_error=undo_failed_start) if context.is_main else contextlib.nullcontext():
             run = start_run(config, resume, context, device)
             if context.is_main:
                 for path in remove_stale_temporaries(out):
@@ -618,20 +699,32 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             context.barrier()
             return finish(run)
     except BaseException:
-        if context.is_main and created and not (out / "checkpoint.pt").exists():
-            _remove_failed_start(out)
+        if context.is_main and created is not None and not (out / "checkpoint.pt").exists():
+            _remove_failed_start(out, created, ours=False)  # e.g. the lock could not be taken: empty dirs only
         raise
     finally:
         distributed.teardown()
 
 
-def _remove_failed_start(out: Path) -> None:
-    """A run that failed before its first checkpoint leaves nothing behind."""
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    remove_stale_temporaries(out)
-    with contextlib.suppress(OSError):
-        out.rmdir()
+def _remove_failed_start(out: Path, created: Path | None, *, ours: bool) -> None:
+    """Undo a start that failed before its first checkpoint.  ``ours``: this process held the run's
+    lock, so every flowvae file in ``out`` is its own (a new run starts in a directory holding at most
+    config.yaml and the lock) and is removed; then the directories it created, if empty."""
+    import shutil
+
+    if ours:
+        for name in (*RUN_FILES, "best.pt", "metrics.jsonl", "metrics.csv", "curves.png"):
+            (out / name).unlink(missing_ok=True)
+        if (out / "tensorboard").is_dir() and not (out / "tensorboard").is_symlink():
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        remove_stale_temporaries(out)
+    if created is None:
+        return
+    for directory in (out, *out.parents):
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only succeeds when empty: a user's file is never removed
+        if directory == created or directory.exists():
+            break
 
 
 def run_is_over(run: Run) -> bool:

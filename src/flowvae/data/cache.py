@@ -88,7 +88,7 @@ def download(url: str, dest: str | Path, sha256: str | None) -> Path:
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     except OSError as exc:
         raise DataError(
-            f"cannot write to data directory {dest.parent} ({exc}); "
+            f"cannot write to data directory {dest.parent} ({exc.strerror or exc}); "
             "pass another data_dir or set FLOWVAE_DATA"
         ) from None
     tmp = Path(tmp_name)
@@ -112,7 +112,9 @@ def download(url: str, dest: str | Path, sha256: str | None) -> Path:
             raise DataError(
                 f"{dest.name}: checksum mismatch for {url} ({algo} expected {expected}, got {actual})"
             )
-        tmp.chmod(0o644)
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o666 & ~mask)  # mkstemp made it 0600; the file gets the mode the user's umask asks for
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
