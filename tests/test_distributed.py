@@ -68,3 +68,14 @@ def test_time_budget_under_torchrun_agrees_across_workers(tmp_path):
     flowvae_train(out, epochs=50, workers=2, extra=("--max-minutes", "0.0001"))
     results = json.loads((out / "results.json").read_text())
     assert results["epochs_trained"] == 1 and results["workers"] == 2
+
+
+def test_two_workers_match_one_for_a_ladder_vae(tmp_path):
+    """The hierarchical model's per-layer noise is drawn globally and sharded like the single latent's."""
+    ladder = ("--arch", "ladder", "--layers", "2")
+    single, double = tmp_path / "one", tmp_path / "two"
+    flowvae_train(single, epochs=2, workers=1, extra=ladder)
+    flowvae_train(double, epochs=2, workers=2, extra=ladder)
+    assert_same_params(single, double)
+    a, b = (json.loads((run / "results.json").read_text())["test"] for run in (single, double))
+    assert b["nll"] == pytest.approx(a["nll"], rel=1e-5) and set(b["kl_groups"]) == {"z1", "z2"}
