@@ -80,7 +80,7 @@ def test_compare_puts_differing_fields_first_in_markdown_and_csv(runs, tmp_path,
     assert main(["compare", str(planar), str(diagonal), "--csv", str(table), "--plot", str(plot)]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header[:4] == ["run", "flow", "epochs", "warmup_epochs"]  # in config order; out is the run column
+    assert header[:4] == ["run", "model.flow", "epochs", "warmup_epochs"]  # in config order; out is the run column
     assert header[4:8] == ["train −ELBO", "valid −ELBO", "test −ELBO", "test −log p(x)"]
     assert "bits/dim" not in header  # no run has it
     results = json.loads((planar / "results.json").read_text())
@@ -92,9 +92,9 @@ def test_compare_puts_differing_fields_first_in_markdown_and_csv(runs, tmp_path,
 
     rows = list(csv.DictReader(io.StringIO(table.read_text())))
     columns = list(rows[0])
-    assert columns[:4] == ["run", "flow", "epochs", "warmup_epochs"] and "dataset" in columns[4:]
+    assert columns[:4] == ["run", "model.flow", "epochs", "warmup_epochs"] and "dataset" in columns[4:]
     assert float(rows[1]["test_nll"]) == json.loads((diagonal / "results.json").read_text())["test"]["nll"]
-    assert rows[1]["epochs_trained"] == "3" and rows[0]["latent_dim"] == "2"
+    assert rows[1]["epochs_trained"] == "3" and rows[0]["model.latent_dim"] == "2"
     assert plot.read_bytes()[:8] == PNG
 
 
@@ -238,7 +238,8 @@ def test_posterior_command_draws_the_figure(runs, tmp_path, capsys):
 
 
 def test_posterior_refuses_a_latent_that_is_not_2d(runs, tmp_path, capsys):
-    config = yaml.safe_load((runs[0] / "config.yaml").read_text()) | {"latent_dim": 4}
+    config = yaml.safe_load((runs[0] / "config.yaml").read_text())
+    config["model"]["latent_dim"] = 4
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["posterior", "--run", str(tmp_path)]) == 2
     assert "latent_dim=4; the posterior can be drawn for a 2-D latent only" in _one_line_error(capsys)
