@@ -461,13 +461,21 @@ def _guarded_step(run: Run, loss: torch.Tensor) -> bool:
     return False
 
 
-def _last_good(run: Run) -> str:
-    state, splits = run.state, run.data.splits
-    # As in _check_divergence: beyond 10x the -ELBO of equal mass on every pixel value is no model.
+def _sane_limit(run: Run) -> float:
+    """The largest sane -ELBO in the model's own nats: 10x that of a model that puts equal mass on
+    every pixel value (D·log 2 for binary data, D·log 256 for 8-bit), less the likelihood's
+    dequantization offset.  Only a divergence gets beyond it: an untrained model is near 1x."""
+    splits = run.data.splits
     limit = 10 * splits.dim * math.log(256 if splits.kind == "8bit" else 2)
-    sane = math.isfinite(state.best_valid) and (
-        state.best_valid + run.model.likelihood.discrete_nats_offset(splits.dim) <= limit)
-    if not sane and state.epoch > 0:
+    return limit - run.model.likelihood.discrete_nats_offset(splits.dim)
+
+
+def _is_sane(run: Run, neg_elbo: float) -> bool:
+    return math.isfinite(neg_elbo) and neg_elbo <= _sane_limit(run)
+
+
+def _last_good(run: Run) -> str:
+    if not _is_sane(run, run.state.best_valid) and run.state.epoch > 0:
         return "no good weights were saved"
     for name in ("best.pt", "checkpoint.pt"):
         if (run.out / name).is_file():
@@ -559,22 +567,17 @@ def end_epoch(run: Run, stats: dict[str, float]) -> None:
 
 def _check_divergence(run: Run, valid_neg_elbo: float) -> None:
     """Stop with a clear message when the validation -ELBO stays far above its best, or beyond any
-    sane value, for DIVERGED_EPOCHS epochs, or when the run ends with no sane weights at all.
-
-    Sane: at most 10x the -ELBO of a model that puts equal mass on every pixel value
-    (D·log 2 nats for binary data, D·log 256 for 8-bit; a density's -log p(x) is moved to the
-    discrete scale first).  Only a divergence gets there: an untrained model is near 1x."""
+    sane value (:func:`_sane_limit`), for DIVERGED_EPOCHS epochs, or when the run ends with no sane
+    weights at all."""
     state, splits = run.state, run.data.splits
-    limit = 10 * splits.dim * math.log(256 if splits.kind == "8bit" else 2)
-    offset = run.model.likelihood.discrete_nats_offset(splits.dim)
 
     def insane(value: float) -> bool:
-        return not math.isfinite(value) or value + offset > limit
+        return not _is_sane(run, value)
 
     far_above = insane(valid_neg_elbo) or (
         math.isfinite(state.best_valid) and valid_neg_elbo > state.best_valid + max(10.0, 0.5 * abs(state.best_valid)))
     state.diverging_epochs = state.diverging_epochs + 1 if far_above else 0
-    sane = f"{limit - offset:.4g} nats (10x that of equal mass on every value of the {splits.dim} pixels)"
+    sane = f"{_sane_limit(run):.4g} nats (10x that of equal mass on every value of the {splits.dim} pixels)"
     advice = "Lower --lr or set --grad-clip"
     if state.diverging_epochs >= DIVERGED_EPOCHS:
         where = f"beyond {sane}" if insane(valid_neg_elbo) else \
