@@ -45,6 +45,7 @@ from flowvae import distributed, objectives
 from flowvae.config import ConfigError, TrainConfig, resume_differences
 from flowvae.data import DataError, DatasetSplits, load_dataset
 from flowvae.evaluation import autocast, evaluate, posterior_diagnostics
+from flowvae.gradient_guard import MAX_CONSECUTIVE_SKIPS, GradientGuard
 from flowvae.io import atomic_torch_save, atomic_write_text, remove_stale_temporaries
 from flowvae.models import LatentVariableModel, as_unit_interval, build_model, count_parameters, draw_noise
 from flowvae.models import MODEL_FIELDS
@@ -56,9 +57,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)            # format 1: flat config, no EMA (flowvae before hierarchical models)
-GUARD_WARMUP_STEPS = 50              # the gradient guard learns the norm's level before it skips spikes
-GUARD_DECAY = 0.99                   # running level of log ‖g‖: an EMA over every finite norm
-MAX_CONSECUTIVE_SKIPS = 200          # that many skipped updates in a row: training has diverged
+GUARD_SYNC_STEPS = 50                # the gradient guard's counters reach the host this often, and per epoch
 DIVERGED_EPOCHS = 3                  # validation -ELBO far above its best for this many epochs: diverged
 
 
@@ -206,6 +205,7 @@ class Run:
     generators: dict[str, torch.Generator]
     state: RunState
     ema: torch.optim.swa_utils.AveragedModel | None = None
+    guard: GradientGuard | None = None           # built by start_run
     tensorboard: Any = None                      # a flowvae.tensorboard.TensorBoardLogger on worker 0
     clock: Callable[[], float] = lambda: 0.0     # seconds of training so far, resumed runs included
 
@@ -383,7 +383,11 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
             gradient_as_bucket_view=True)
     if config.compile:
         step_model = torch.compile(step_model)
-    return Run(config, context, device, out, data, model, step_model, optimizer, scaler, generators, state, ema)
+    guard = GradientGuard(model, optimizer, scaler, max_norm=config.grad_clip, skip_factor=config.grad_skip,
+                          device=device, ema=ema, ema_decay=config.ema)
+    guard.load(state.log_grad_norm_level, state.skipped_updates, state.consecutive_skips)
+    return Run(config, context, device, out, data, model, step_model, optimizer, scaler, generators, state, ema,
+               guard)
 
 
 def _restore_rng(saved: dict[str, torch.Tensor], generators: dict[str, torch.Generator], device: torch.device,
@@ -420,45 +424,25 @@ def _apply_changes(saved_config: dict[str, Any], config: TrainConfig, optimizer:
 
 # --------------------------------------------------------------------------------------- one epoch
 
-def _guarded_step(run: Run, loss: torch.Tensor) -> bool:
-    """Backpropagate and update, unless the gradient norm is non-finite or a spike far above its
-    running level; returns whether the update was made.  Skipped updates are counted.
+def _guarded_step(run: Run, loss: torch.Tensor) -> torch.Tensor:
+    """Backpropagate and update unless the gradient is non-finite or a spike (see
+    :mod:`flowvae.gradient_guard`); returns that decision as a device tensor.  The guard's counters
+    reach the host every :data:`GUARD_SYNC_STEPS` steps, where a diverged run stops."""
+    made = run.guard.step(loss, run.state.step)
+    if (run.state.step + 1) % GUARD_SYNC_STEPS == 0:
+        _sync_guard(run)
+    return made
 
-    The level is an EMA of log ‖g‖ over every finite norm, skipped ones included, so a lasting
-    change of scale is absorbed within a few hundred steps and the guard can never stall training
-    for good (a fixed threshold can: openai/vdvae issue 25)."""
-    config, state, optimizer, scaler = run.config, run.state, run.optimizer, run.scaler
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-    norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm))
-    finite = math.isfinite(norm)
-    spike = False
-    if finite:
-        log_norm = math.log(max(norm, 1e-30))
-        level = state.log_grad_norm_level
-        spike = (config.grad_skip > 0 and level is not None and state.step >= GUARD_WARMUP_STEPS
-                 and log_norm > level + math.log(config.grad_skip))
-        state.log_grad_norm_level = log_norm if level is None else GUARD_DECAY * level + (1 - GUARD_DECAY) * log_norm
-    if finite and not spike:
-        scaler.step(optimizer)
-        scaler.update()
-        if run.ema is not None:
-            run.ema.update_parameters(run.model)
-        state.consecutive_skips = 0
-        return True
-    if config.precision == "fp16" and not finite:
-        scaler.step(optimizer)  # fp16 overflow: the scaler skips the step and lowers its scale
-        scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    state.skipped_updates += 1
-    state.consecutive_skips += 1
+
+def _sync_guard(run: Run) -> None:
+    """Copy the guard's counters into the run's state (one host sync); stop a run whose updates
+    have all been skipped for ``MAX_CONSECUTIVE_SKIPS`` steps."""
+    state = run.state
+    state.log_grad_norm_level, state.skipped_updates, state.consecutive_skips = run.guard.sync()
     if state.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
         raise FloatingPointError(f"training diverged: {state.consecutive_skips} updates in a row had a non-finite "
                                  f"or exploding gradient (step {state.step}); {_last_good(run)}. Lower --lr or "
                                  "set --grad-clip")
-    return False
 
 
 def _sane_limit(run: Run) -> float:
@@ -517,19 +501,20 @@ def train_epoch(run: Run) -> dict[str, float]:
             ld = run.step_model(x, noise=noise)
         # Σ over the shard / (global batch / W): DDP's gradient average is then the global batch mean.
         loss = objectives.training_loss(ld, beta, config.free_bits, normalizer=global_batch / context.world_size)
-        global_loss = context.all_reduce_sum(loss.detach().double().clone()) / context.world_size
         _guarded_step(run, loss)
-        loss_sum += torch.where(torch.isfinite(global_loss), global_loss * global_batch, 0.0)  # no host sync
+        loss_sum += torch.where(torch.isfinite(loss), loss.detach() * (global_batch / context.world_size), 0.0)
         state.step += 1
-        if run.tensorboard is not None:
+        if run.tensorboard is not None:  # worker 0's shard, read on the host every step
             run.tensorboard.scalars(state.step, {
-                "train/loss": global_loss.item(), "train/reconstruction": -ld.log_likelihood.detach().mean().item(),
+                "train/loss": loss.item(), "train/reconstruction": -ld.log_likelihood.detach().mean().item(),
                 "train/kl": ld.kl.detach().mean().item(), "train/beta": beta,
-                "train/lr": run.optimizer.param_groups[0]["lr"], "train/skipped_updates": state.skipped_updates})
+                "train/lr": run.optimizer.param_groups[0]["lr"], "train/skipped_updates": run.guard.skipped.item()})
         if bar.n % 20 == 0 and not bar.disable:
             images_per_s = (bar.n + 1) * config.batch_size / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{global_loss.item():.2f}", img_s=f"{images_per_s:.0f}")
+            bar.set_postfix(loss=f"{loss.item():.2f}", img_s=f"{images_per_s:.0f}")
     bar.close()
+    _sync_guard(run)
+    loss_sum = context.all_reduce_sum(loss_sum)  # the one collective of the epoch outside DDP's own
     return {"train_loss": loss_sum.item() / n_train, "beta": beta}
 
 
