@@ -1,13 +1,24 @@
-"""Training throughput (images/s) of flowvae VAEs with an IAF posterior, by precision and compilation.
+"""Training throughput (images/s) of flowvae VAEs with an IAF posterior: the real trainer step.
 
-    python benchmarks/gpu_throughput.py                      # on CUDA when available, else CPU
-    python benchmarks/gpu_throughput.py --device cpu --quick  # smoke run
+    python benchmarks/gpu_throughput.py                       # on CUDA when available, else CPU
+    python benchmarks/gpu_throughput.py --device cpu --quick  # smoke run (seconds)
 
 Models: the MLP VAE (784-300-300, z = 40) and the gated-convolution VAE of van den Berg et al.
-(z = 64), each with 4 IAF steps of MADE width 320, on 28x28 binary images, batch 100 (MLP) / 100
-(gated).  For each: fp32 and bf16 autocast, with and without ``torch.compile``.  Median time per
-training step after warm-up (compilation excluded), images/s, peak GPU memory.  Prints a
-Markdown table and writes benchmarks/results/gpu_throughput.{json,md}.
+(z = 64), each with 4 IAF steps of MADE width 320, on random 28x28 binary images.
+
+Two kinds of row:
+
+* ``trainer``: what ``flowvae train`` runs per step, timed as whole epochs of
+  :func:`flowvae.training.train_epoch` on a real run (the data on the device, shuffling, the
+  posterior's noise, autocast, fused Adam, the gradient guard, the loss accumulation), on a dataset
+  of ``batch x steps`` images registered for the benchmark.
+* ``model``: the model's forward and backward and the same fused Adam on one fixed on-device batch,
+  nothing else: the bound the trainer's own work is measured against.
+
+For each: batch 100 and 1000, fp32 / TF32 (CUDA only) / bf16 / fp16, eager and ``torch.compile``.
+Median of ``--repeats`` timings after a warm-up (compilation excluded), images/s, peak GPU memory,
+and the numerics flags in force.  Prints a Markdown table, writes
+``benchmarks/results/gpu_throughput.{json,md}`` (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -17,15 +28,32 @@ import contextlib
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from flowvae import objectives
-from flowvae.models import build_vae
+from flowvae import distributed, objectives, training
+from flowvae.config import TrainConfig
+from flowvae.data.registry import DatasetSplits, register
+from flowvae.evaluation import autocast
+from flowvae.models import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ARCHS = {"mlp": 40, "gated": 64}
+DATASET = "throughput_random28"
+_images: dict[str, int] = {"train": 0}
+
+
+@register(DATASET)
+def _random_binary_images(data_dir: Path, *, download: bool, seed: int) -> DatasetSplits:
+    """``_images["train"]`` random binary 28x28 images (and 100 for valid and test)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(n: int) -> torch.Tensor:
+        return torch.bernoulli(torch.full((n, 1, 28, 28), 0.3), generator=g)
+    return DatasetSplits(DATASET, draw(_images["train"]), draw(100), draw(100), "binary")
 
 
 def _sync(device: torch.device) -> None:
@@ -33,73 +61,139 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_training(arch: str, latent: int, batch: int, precision: str, compile_model: bool, device: torch.device,
-                  steps: int, repeats: int) -> dict:
+def _numerics(precision: str) -> tuple[str, bool]:
+    """(autocast precision, TF32 on): TF32 is fp32 storage with TF32 matmuls and convolutions."""
+    return ("fp32", True) if precision == "tf32" else (precision, False)
+
+
+def _config(arch: str, batch: int, precision: str, compile_model: bool, device: torch.device, out: str) -> TrainConfig:
+    amp, tf32 = _numerics(precision)
+    return TrainConfig.from_dict({
+        "dataset": DATASET, "batch_size": batch, "precision": amp, "tf32": tf32, "compile": compile_model,
+        "device": str(device), "progress": False, "out": out, "grad_skip": 50.0,
+        "model": {"arch": arch, "latent_dim": ARCHS[arch], "flow": "iaf", "flow_steps": 4, "flow_hidden": 320}})
+
+
+def time_trainer(config: TrainConfig, device: torch.device, steps: int, repeats: int) -> list[float]:
+    """Seconds per step of :func:`flowvae.training.train_epoch`, one epoch of ``steps`` steps per repeat."""
+    _images["train"] = config.batch_size * steps
+    run = training.start_run(config, resume=False, context=distributed.Context(), device=device)
+    training.train_epoch(run)  # warm-up: compilation, allocator, fused kernels
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        training.train_epoch(run)  # ends with the guard's sync and the epoch loss read on the host
+        times.append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def time_model(config: TrainConfig, device: torch.device, steps: int, repeats: int) -> list[float]:
+    """Seconds per step of forward, backward and fused Adam on one fixed batch: no trainer work."""
     torch.manual_seed(0)
-    model = build_vae(arch, (1, 28, 28), latent, "bernoulli", flow="iaf", flow_steps=4, flow_hidden=320).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
-    step_model = torch.compile(model) if compile_model else model
-    x = torch.bernoulli(torch.full((batch, 1, 28, 28), 0.3, device=device))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
+    training.configure_backends(config, device)
+    model = build_model(config.model, (1, 28, 28), "binary").to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
+    step_model = torch.compile(model) if config.compile else model
+    x = torch.bernoulli(torch.full((config.batch_size, 1, 28, 28), 0.3, device=device))
 
     def step() -> None:
-        with autocast:
+        with autocast(device, config.precision):
             ld = step_model(x)
         loss = objectives.training_loss(ld)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    start = time.perf_counter()
-    for _ in range(3):  # warm-up, compilation included
+    for _ in range(3):
         step()
     _sync(device)
-    warmup_s = time.perf_counter() - start
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
-        _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
         _sync(device)
         times.append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def measure(kind: str, arch: str, batch: int, precision: str, compile_model: bool, device: torch.device,
+            steps: int, repeats: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        config = _config(arch, batch, precision, compile_model, device, out)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timer = time_trainer if kind == "trainer" else time_model
+        started = time.perf_counter()
+        times = timer(config, device, steps, repeats)
+        total_s = time.perf_counter() - started
     ms = statistics.median(times) * 1e3
-    return {"arch": arch, "latent": latent, "batch": batch, "precision": precision, "compile": compile_model,
-            "ms_per_step": round(ms, 3), "images_per_s": round(batch / ms * 1e3, 1),
-            "warmup_s": round(warmup_s, 2),
+    flags = {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+             "cudnn_benchmark": torch.backends.cudnn.benchmark,
+             "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    return {"kind": kind, "arch": arch, "latent": ARCHS[arch], "batch": batch, "precision": precision,
+            "compile": compile_model, "ms_per_step": round(ms, 3), "ms_range": [round(min(times) * 1e3, 3),
+                                                                              round(max(times) * 1e3, 3)],
+            "images_per_s": round(batch / ms * 1e3, 1), "total_s": round(total_s, 1), "flags": flags,
             "peak_mem_mib": round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="few steps, fp32 only, no compile")
+    parser.add_argument("--quick", action="store_true", help="MLP, batch 100, fp32, eager, few steps: a smoke run")
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[100, 1000])
+    parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "tf32", "bf16", "fp16"],
+                        help="default: fp32 tf32 bf16 fp16 on CUDA, fp32 bf16 on a CPU")
+    parser.add_argument("--kinds", nargs="+", default=["trainer", "model"], choices=["trainer", "model"])
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for gpu_throughput.{json,md}")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    steps, repeats = (3, 2) if args.quick else (args.steps, args.repeats)
-    precisions = ["fp32"] if args.quick else ["fp32", "bf16"]
-    compiles = [False] if args.quick or args.no_compile else [False, True]
-    rows = [time_training(arch, latent, 100, p, c, device, steps, repeats)
-            for arch, latent in (("mlp", 40), ("gated", 64)) for p in precisions for c in compiles]
+    precisions = args.precisions or (["fp32", "tf32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
+    if "tf32" in precisions and device.type != "cuda":
+        parser.error("--precisions tf32 needs a CUDA device")
+    archs, batches, compiles, steps, repeats = (args.archs, args.batches, [False, True] if not args.no_compile else
+                                                [False], args.steps, args.repeats)
+    if args.quick:
+        archs, batches, precisions, compiles, steps, repeats = ["mlp"], [100], ["fp32"], [False], 3, 2
+    rows = []
+    for arch in archs:
+        for batch in batches:
+            for precision in precisions:
+                for compile_model in compiles:
+                    for kind in args.kinds:
+                        rows.append(measure(kind, arch, batch, precision, compile_model, device, steps, repeats))
+                        r = rows[-1]
+                        print(f"{kind:7s} {arch:5s} batch {batch:5d} {precision} compile={compile_model}: "
+                              f"{r['images_per_s']:.0f} images/s", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    header = ["arch", "z", "batch", "precision", "compile", "ms/step", "images/s", "warm-up s", "peak MiB"]
-    lines = [f"Device: {name}; torch {torch.__version__}", "",
+    header = ["arch", "z", "batch", "precision", "compile", "trainer images/s", "model images/s", "trainer/model",
+              "trainer ms/step (range)", "peak MiB"]
+    lines = [f"Device: {name}; torch {torch.__version__}; {steps} steps x {repeats} repeats, median", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        lines.append(f"| {r['arch']} | {r['latent']} | {r['batch']} | {r['precision']} | {r['compile']} | "
-                     f"{r['ms_per_step']} | {r['images_per_s']} | {r['warmup_s']} | {r['peak_mem_mib']} |")
+    for key in dict.fromkeys((r["arch"], r["batch"], r["precision"], r["compile"]) for r in rows):
+        found = {r["kind"]: r for r in rows if (r["arch"], r["batch"], r["precision"], r["compile"]) == key}
+        trainer, model = found.get("trainer"), found.get("model")
+        first = trainer or model
+        ratio = f"{trainer['images_per_s'] / model['images_per_s']:.2f}" if trainer and model else "–"
+        timing = f"{trainer['ms_per_step']} ({trainer['ms_range'][0]}–{trainer['ms_range'][1]})" if trainer else "–"
+        lines.append(f"| {first['arch']} | {first['latent']} | {first['batch']} | {first['precision']} | "
+                     f"{first['compile']} | {trainer['images_per_s'] if trainer else '–'} | "
+                     f"{model['images_per_s'] if model else '–'} | {ratio} | {timing} | {first['peak_mem_mib']} |")
     table = "\n".join(lines)
     print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gpu_throughput.json").write_text(json.dumps({"device": name, "torch": torch.__version__,
-                                                             "rows": rows}, indent=2))
-    (RESULTS / "gpu_throughput.md").write_text(table + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_throughput.json").write_text(json.dumps({"device": name, "torch": torch.__version__,
+                                                              "rows": rows}, indent=2))
+    (args.out / "gpu_throughput.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

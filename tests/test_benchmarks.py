@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,13 @@ def test_mnist_table_smoke_trains_evaluates_and_resumes(tmp_path):
     again = run_script("mnist_table.py", *args, cwd=tmp_path)  # finished runs are read back, not retrained
     tables = [[line for line in done.stdout.splitlines() if line.startswith("|")] for done in (first, again)]
     assert again.returncode == 0 and tables[0] == tables[1] and len(tables[0]) >= 4
+
+
+def test_gpu_throughput_quick_times_the_real_trainer_step_and_the_bare_model(tmp_path):
+    done = run_script("gpu_throughput.py", "--device", "cpu", "--quick", "--threads", "1", "--out", str(tmp_path),
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "gpu_throughput.json").read_text())["rows"]
+    assert sorted(r["kind"] for r in rows) == ["model", "trainer"]
+    assert all(r["images_per_s"] > 0 and r["flags"]["float32_matmul_precision"] for r in rows)
+    assert "| mlp | 40 | 100 | fp32 | False |" in done.stdout
