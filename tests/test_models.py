@@ -212,3 +212,24 @@ def test_flow_without_context_has_global_parameters(flow):
         assert all(p.grad is not None for p in global_.flow.parameters())
     finally:
         torch.set_default_dtype(torch.float64)
+
+
+@pytest.mark.parametrize("params_shape, x_shape", [((4, 3, 1, 2, 5), (3, 1, 2, 5)), ((3, 1, 2, 5), (3, 1, 2, 5)),
+                                                   ((2, 4, 3, 1, 2, 5), (3, 1, 2, 5)), ((4, 3, 1, 2, 5), (1, 2, 5))])
+def test_bernoulli_log_prob_matches_torch_distributions_for_every_broadcast(params_shape, x_shape):
+    torch.manual_seed(0)
+    logits = torch.randn(params_shape, dtype=torch.float64) * 3
+    x = torch.bernoulli(torch.full(x_shape, 0.4, dtype=torch.float64))
+    expected = torch.distributions.Bernoulli(logits=logits).log_prob(x.expand(params_shape)).flatten(-3).sum(-1)
+    torch.testing.assert_close(build_likelihood("bernoulli", "binary").log_prob(logits, x), expected)
+
+
+def test_compiled_importance_sampling_matches_eager():
+    from flowvae.evaluation import evaluate
+
+    torch.manual_seed(0)
+    model = build_vae("mlp", (1, 8, 8), 4, "bernoulli", hidden=16, flow="iaf", flow_steps=2, flow_hidden=16)
+    x = torch.bernoulli(torch.full((10, 1, 8, 8), 0.3))
+    eager = evaluate(model, x, batch_size=5, samples=40, chunk_size=16, seed=3)
+    compiled = evaluate(model, x, batch_size=5, samples=40, chunk_size=16, seed=3, compile=True)
+    assert compiled["nll"] == pytest.approx(eager["nll"], abs=1e-4)

@@ -137,7 +137,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         split = split[:args.limit]
     results = evaluate(model, split, batch_size=config.eval_batch_size, samples=args.samples, device=device,
                        progress=True, desc=f"{args.split} -log p(x), K={args.samples}", seed=args.seed,
-                       precision=config.precision)
+                       precision=config.precision, compile=config.compile if args.compile is None else args.compile)
     results.update(split=args.split, checkpoint=args.checkpoint, points=len(split))
     print(json.dumps(results, indent=2))
     if args.output is not None:
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--samples", type=int, default=5000, help="K importance samples (default 5000)")
             p.add_argument("--output", default=None, help="also write the results as JSON here")
             p.add_argument("--limit", type=int, default=0, help="evaluate only the first N points of the split")
+            p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                           help="torch.compile the importance sampling (default: as the run was trained)")
         else:
             p.add_argument("--n", type=int, default=64)
             p.add_argument("--out", default="samples.png")

@@ -8,6 +8,7 @@ With log w_k = log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -44,22 +45,25 @@ def iwae_bound(ld: LogDensities) -> torch.Tensor:
 
 @torch.no_grad()
 def importance_weighted_nll(model: LatentVariableModel, x: torch.Tensor, samples: int = 5000, chunk_size: int = 500,
-                            generator: torch.Generator | None = None) -> torch.Tensor:
+                            generator: torch.Generator | None = None,
+                            score: Callable[..., LogDensities] | None = None) -> torch.Tensor:
     """-log p(x) ≈ -log (1/K) Σ_k w_k for x (B, C, H, W) with K = ``samples``: (B,) float64 nats.
 
     The sample-independent inference (``model.encode``) runs once; samples are drawn
     ``chunk_size`` at a time for all B data points together (memory O(chunk_size · B)), and the
     log-sum-exp is accumulated in float64.  ``generator`` (on x's device) makes the draw
-    reproducible; noise is drawn in the model's dtype, never in 16 bits.
+    reproducible; noise is drawn in the model's dtype, never in 16 bits.  ``score`` replaces
+    ``model.log_densities`` (same signature), e.g. by its ``torch.compile``'d version.
     """
     if samples < 1 or chunk_size < 1:
         raise ValueError(f"samples and chunk_size must be >= 1, got {samples} and {chunk_size}")
     encoded = model.encode(x)
+    score = score or model.log_densities
     total = None
     for start in range(0, samples, chunk_size):
         k = min(chunk_size, samples - start)
         noise = None if generator is None else draw_noise(model, k, len(x), generator=generator, device=x.device)
-        log_w = model.log_densities(x, encoded, k, noise).log_weight.double()
+        log_w = score(x, encoded, k, noise).log_weight.double()
         chunk = torch.logsumexp(log_w, 0)
         total = chunk if total is None else torch.logaddexp(total, chunk)
     return -(total - math.log(samples))

@@ -749,7 +749,7 @@ def finish(run: Run) -> dict[str, Any]:
         "train": evaluate(model, data.train_eval, desc="train -ELBO", **kwargs),
         "valid": evaluate(model, data.valid, desc="valid -ELBO", **kwargs),
         "test": evaluate(model, data.test, samples=config.eval_samples, desc=f"test -log p(x), K={config.eval_samples}",
-                         **kwargs),
+                         compile=config.compile, **kwargs),
         "kl_note": "KL figures are single-sample Monte Carlo estimates of E_q[log q(z|x) - log p(z)]",
     }
     if context.is_main:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ class MADE(nn.Module):
 
     def __init__(self, dim: int, hidden: Sequence[int] = (256, 256), n_params: int = 2,
                  context_dim: int | None = None, order: str | Sequence[int] = "natural",
-                 activation: type[nn.Module] = nn.ELU) -> None:
+                 activation: Callable[[], nn.Module] = functools.partial(nn.ELU, inplace=True)) -> None:
         super().__init__()
         if dim < 1 or not hidden or any(h < 1 for h in hidden):
             raise ValueError(f"MADE needs dim >= 1 and non-empty positive hidden sizes, got dim={dim}, hidden={hidden}")

@@ -46,13 +46,25 @@ def _split(params: torch.Tensor, per_pixel: int) -> torch.Tensor:
     return params.unflatten(-3, (-1, per_pixel))
 
 
+def _dot_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_d a[..., d]·b[..., d] where b (B..., D) broadcasts over a's leading sample dims (K..., B..., D):
+    a batched matrix-vector product, which reads a once and makes no (K, B, D) temporary."""
+    n_lead = a.dim() - b.dim()
+    if n_lead <= 0 or a.shape[n_lead:] != b.shape:
+        return (a * b).sum(-1)
+    rows = b.reshape(-1, b.shape[-1])                                    # (B, D)
+    out = torch.einsum("kbd,bd->kb", a.reshape(-1, *rows.shape), rows)   # (K, B)
+    return out.reshape(a.shape[:-1])
+
+
 class Bernoulli(Likelihood):
     """log p(x|z) = Σ x·l - softplus(l) with logits l; for binary images."""
 
     name, params_per_pixel, data_kinds = "bernoulli", 1, ("binary", "grayscale")
 
     def log_prob(self, params, x):
-        return (x * params - F.softplus(params)).flatten(-3).sum(-1)
+        logits = params.flatten(-3)
+        return _dot_last(logits, x.flatten(-3).to(logits.dtype)) - F.softplus(logits).sum(-1)
 
     def mean(self, params):
         return torch.sigmoid(params)
