@@ -58,15 +58,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = next((d / "data" / "binarized_mnist.npz" for d in (ROOT / "shared", ROOT.parent / "shared")
              if (d / "data" / "binarized_mnist.npz").exists()), ROOT.parent / "shared" / "data" / "binarized_mnist.npz")
 PIXELS, HIDDEN, LATENT, MADE_HIDDEN = 784, 300, 40, 320
-FLOW_STEPS = {"planar": 10, "iaf": 4}
-LIBRARIES = ("flowvae", "flowvae-compile", "pythae", "normflows", "pyro", "zuko")
+FLOW_STEPS = {"none": 0, "planar": 10, "iaf": 4}  # "none": the same VAE without a flow, the floor
+LIBRARIES = ("flowvae", "flowvae-compile", "pythae", "normflows", "pyro", "zuko", "nflows")
 # The models each library is built as (True: the flow reads the encoder's h), and so the only ones
 # its builder is asked for: pythae's VAE_LinNF / VAE_IAF and normflows' NormalizingFlowVAE pass no
 # context to their flows; Pyro and zuko are measured on h; flowvae both ways, so each peer meets
 # the same model.
 CONDITIONINGS = {"flowvae": (True, False), "flowvae-compile": (True, False), "pythae": (False,), "normflows": (False,),
-                 "pyro": (True,), "zuko": (True,)}
-DISTRIBUTIONS = {"flowvae": "flowvae", "flowvae-compile": "flowvae", "pythae": "pythae", "normflows": "normflows", "pyro": "pyro-ppl", "zuko": "zuko"}
+                 "pyro": (True,), "zuko": (True,), "nflows": (True, False)}
+DISTRIBUTIONS = {"flowvae": "flowvae", "flowvae-compile": "flowvae", "pythae": "pythae", "normflows": "normflows",
+                 "pyro": "pyro-ppl", "zuko": "zuko", "nflows": "nflows"}
 
 
 class Unavailable(Exception):
@@ -103,6 +104,8 @@ class Implementation:
 
 
 def model_name(flow: str, conditioned: bool) -> str:
+    if flow == "none":
+        return "no flow"
     return f"{flow}×{FLOW_STEPS[flow]} {'on h' if conditioned else 'global'}"
 
 
@@ -193,7 +196,9 @@ def build_flowvae(flow: str, conditioned: bool) -> Implementation:
         with torch.no_grad():
             return model.sample(n)
 
-    if flow == "planar":
+    if flow == "none":
+        notes = "build_vae(arch='mlp', flow='none'): the VAE without a flow, the floor of every flow model"
+    elif flow == "planar":
         notes = ("build_vae(arch='mlp'" + ("): u, w, b of each step from a linear head on h (amortized)"
                                            if conditioned else ", flow_context=False): global u, w, b") + ", û constraint")
     else:
@@ -394,8 +399,51 @@ def build_zuko(flow: str, conditioned: bool) -> Implementation:
                           lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach())
 
 
-BUILDERS = {"flowvae": build_flowvae, "flowvae-compile": build_flowvae_compiled, "pythae": build_pythae, "normflows": build_normflows,
-            "pyro": build_pyro, "zuko": build_zuko}
+# --- nflows -------------------------------------------------------------------------------------
+
+def build_nflows(flow: str, conditioned: bool) -> Implementation:
+    try:
+        from nflows import transforms
+    except ImportError as error:
+        raise Unavailable(f"nflows not importable: {error}") from error
+    if flow != "iaf":
+        raise Unavailable("nflows has no planar flow")
+    steps: list[nn.Module] = []
+    for k in range(FLOW_STEPS[flow]):
+        if k:
+            steps.append(transforms.ReversePermutation(LATENT))
+        steps.append(transforms.MaskedAffineAutoregressiveTransform(
+            LATENT, MADE_HIDDEN, context_features=HIDDEN if conditioned else None, num_blocks=1,
+            use_residual_blocks=False, activation=F.elu))
+    notes = ("MaskedAffineAutoregressiveTransform in its one-pass direction (IAF) in a CompositeTransform, "
+             "(σ(s + 2) + 1e-3)·z + m (gated scale), " + ("h as context, " if conditioned else "no context, ")
+             + "ELU MADE 2×320 (num_blocks=1), ReversePermutation between steps")
+
+    class NflowsVAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder = Encoder(), decoder_net()
+            self.flow = transforms.CompositeTransform(steps)
+
+        def log_weights(self, x, n):
+            mean, log_std, h = self.encoder(x)
+            eps = torch.randn(n, *mean.shape)
+            z0 = (mean + log_std.exp() * eps).reshape(-1, LATENT)
+            log_q0 = (-0.5 * eps * eps - log_std - 0.5 * math.log(2 * math.pi)).sum(-1).reshape(-1)
+            context = h.expand(n, *h.shape).reshape(-1, HIDDEN) if conditioned else None
+            z, log_det = self.flow(z0, context=context)
+            log_q = (log_q0 - log_det).reshape(n, -1)
+            z = z.reshape(n, -1, LATENT)
+            return bernoulli_log_prob(self.decoder(z), x) + standard_normal_log_prob(z) - log_q
+
+    model = NflowsVAE()
+    return Implementation("nflows", flow, conditioned, notes, model, lambda x: -model.log_weights(x, 1).mean(),
+                          lambda x, k, chunk: iw_nll(model.log_weights, x, k, chunk),
+                          lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach())
+
+
+BUILDERS = {"flowvae": build_flowvae, "flowvae-compile": build_flowvae_compiled, "pythae": build_pythae,
+            "normflows": build_normflows, "pyro": build_pyro, "zuko": build_zuko, "nflows": build_nflows}
 
 
 # --- measurement --------------------------------------------------------------------------------
@@ -443,10 +491,10 @@ def run(args: argparse.Namespace) -> dict:
     x_test = torch.from_numpy(test[: args.nll_points]).float()
 
     impls, unavailable = [], []
-    models = [(flow, conditioned) for flow in args.flows for conditioned in (True, False)]
+    models = [(flow, conditioned) for flow in args.flows for conditioned in ((True,) if flow == "none" else (True, False))]
     for flow, conditioned in models:
         for library in args.libraries:
-            if conditioned not in CONDITIONINGS[library]:
+            if conditioned not in CONDITIONINGS[library] or (flow == "none" and not library.startswith("flowvae")):
                 continue
             torch.manual_seed(args.seed)
             try:
@@ -460,9 +508,9 @@ def run(args: argparse.Namespace) -> dict:
                                     "reason": f"{type(error).__name__}: {error}".splitlines()[0]})
                 traceback.print_exc()
                 continue
-            # flowvae's trainer uses the fused Adam kernel (same algorithm); the peers use their default.
+            # The same optimizer for every row: torch's default Adam, or its fused kernel for all.
             impl.optimizer = torch.optim.Adam(impl.module.parameters(), lr=1e-3,
-                                              fused=True if impl.library.startswith("flowvae") else None)
+                                              fused=True if args.optimizer == "fused" else None)
             impl.results["parameters"] = sum(p.numel() for p in impl.module.parameters())
             impls.append(impl)
 
@@ -547,10 +595,24 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
         ref = reference[lib].get(r["model"])
         return f"{ref['steps_per_s'] / r['steps_per_s']:.2f}" if ref else "—"
 
+    # The floor: the same VAE without a flow (flowvae's, eager for eager rows, compiled for compiled
+    # ones); the ceiling of a flow model: the floor's speed scaled by its share of the matrix work.
+    floors = {lib: reference[lib].get("no flow") for lib in ours}
+
+    def floor_of(r: dict) -> dict | None:
+        return floors["flowvae-compile" if r["library"] == "flowvae-compile" else "flowvae"]
+
+    def ceiling(r: dict) -> float | None:
+        floor = floor_of(r)
+        return floor["steps_per_s"] * floor["flops_per_step"] / r["flops_per_step"] if floor else None
+
     for r in impls:
+        floor, top = floor_of(r), ceiling(r)
         rows.append([r["library"], r["model"], f"{r['steps_per_s']:.1f}", f"{r['ms_per_step']:.2f}",
-                     ratio("flowvae", r), ratio("flowvae-compile", r), f"{r['flops_per_step'] / 1e6:.0f}",
-                     f"{100 * r['efficiency']:.1f}%",
+                     ratio("flowvae", r), ratio("flowvae-compile", r),
+                     f"{floor['steps_per_s']:.1f}" if floor else "—", f"{top:.1f}" if top else "—",
+                     f"{100 * r['steps_per_s'] / top:.0f}%" if top else "—",
+                     f"{r['flops_per_step'] / 1e6:.0f}", f"{100 * r['efficiency']:.1f}%",
                      f"{r['nll_s']:.1f}", f"{r['nll']:.1f}", f"{1e3 * r['sample_s']:.0f}", r["notes"]])
     summary = []
     for model in dict.fromkeys(r["model"] for r in impls):
@@ -561,8 +623,8 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
         versus = ", ".join(f"{lib} {reference[lib][model]['steps_per_s'] / fastest['steps_per_s']:.2f}×"
                            for lib in ours if model in reference[lib])
         summary.append(f"- {model}: fastest peer {fastest['library']} ({fastest['steps_per_s']:.1f} steps/s); {versus}")
-    header = ["library", "model", "steps/s", "ms/step", "flowvae/peer", "flowvae-compile/peer", "MFLOP/step",
-              "FLOP eff.",
+    header = ["library", "model", "steps/s", "ms/step", "flowvae/peer", "flowvae-compile/peer", "floor steps/s",
+              "ceiling steps/s", "of ceiling", "MFLOP/step", "FLOP eff.",
               f"−log p(x) s (K={args.nll_samples}, {args.nll_points} pts)", "−log p(x) nats",
               f"{args.sample_count} samples ms", "notes"]
     v = results["versions"]
@@ -572,10 +634,14 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
         f"Machine: {machine_line(info)}.",
         "Versions: " + ", ".join(f"{k} {v[k] or 'not installed'}" for k in LIBRARIES) + ".",
         f"Command: `{interpreter()} benchmarks/peers.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"Clock: {args.clock}. Data: {results['data']}; batch {args.batch}; Adam lr 1e-3; {args.warmup} warm-up steps, then the "
+        f"Clock: {args.clock}. Data: {results['data']}; batch {args.batch}; "
+        f"{'fused' if args.optimizer == 'fused' else 'torch default'} Adam(lr=1e-3) for every row; "
+        f"{args.warmup} warm-up steps, then the "
         f"median of {args.repeats} blocks of {args.steps} steps (round-robin over libraries). "
         f"{args.matmul}² float32 matmul: {results['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; FLOP eff. = matmul "
         "FLOPs of a training step (FlopCounterMode) × steps/s ÷ that. flowvae/peer > 1: flowvae is faster. "
+        "Floor: the same VAE without a flow (flowvae's; compiled for the compiled rows); ceiling: the floor's "
+        "steps/s × its matmul FLOPs ÷ the row's (the speed if the flow cost only its matrix work). "
         "−log p(x) after the timed training steps only (not a trained model; a sanity check).",
         "",
         markdown_table(header, rows),
@@ -593,7 +659,10 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
-    p.add_argument("--flows", nargs="+", default=list(FLOW_STEPS), choices=list(FLOW_STEPS))
+    p.add_argument("--flows", nargs="+", default=list(FLOW_STEPS), choices=list(FLOW_STEPS),
+                   help="'none' (the no-flow floor, flowvae only) gives the floor and ceiling columns")
+    p.add_argument("--optimizer", choices=("default", "fused"), default="default",
+                   help="Adam(lr=1e-3) for every row: torch's default implementation, or fused=True for all")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all visible cores)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time, or CPU time of this process (robust on a busy machine with --threads 1)")

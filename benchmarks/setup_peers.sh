@@ -28,7 +28,7 @@ import importlib.metadata
 import torch
 assert torch.__version__.split("+")[0] == "2.13.0", f"torch changed to {torch.__version__}"
 print("torch", torch.__version__)
-for name, dist in (("pythae", "pythae"), ("normflows", "normflows"), ("pyro", "pyro-ppl"), ("zuko", "zuko"),
+for name, dist in (("pythae", "pythae"), ("normflows", "normflows"), ("pyro", "pyro-ppl"), ("zuko", "zuko"), ("nflows", "nflows"),
                    ("flowvae", "flowvae")):
     try:
         importlib.import_module(name)

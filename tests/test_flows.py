@@ -54,6 +54,8 @@ CASES = [
     Case("reverse", lambda c: F.Reverse(DIM), False),
     Case("compose-mixed", lambda c: F.Compose(F.IAF(DIM, (8,), c), F.Reverse(DIM), F.Planar(DIM, c),
                                               F.AffineCoupling(DIM, 8, c)), True),
+    Case("planar-stack", lambda c: F.Compose(*(F.Planar(DIM, c) for _ in range(3))), False),
+    Case("planar-stack-amortized", lambda c: F.Compose(*(F.Planar(DIM, c) for _ in range(3))), True),
     Case("inverse-of-iaf", lambda c: F.Inverse(F.IAF(DIM, (8, 8), c)), True),
     Case("actnorm-image", lambda c: F.ActNorm(IMG[0]), False, image=True),
     Case("conv1x1-image", lambda c: F.InvertibleConv1x1(IMG[0]), False, image=True),
@@ -381,3 +383,36 @@ def test_amortized_flows_take_an_unbatched_context():
     for flow in (F.Planar(2, 3), F.Radial(2, 3)):
         z, ladj = flow(torch.randn(2), torch.randn(3))
         assert z.shape == (2,) and ladj.shape == ()
+
+
+@pytest.mark.parametrize("context_dim", [None, CTX])
+def test_stacked_planar_steps_match_one_call_per_step_in_values_and_gradients(context_dim):
+    torch.manual_seed(0)
+    steps = [F.Planar(DIM, context_dim).double() for _ in range(4)]
+    with torch.no_grad():
+        for p in (p for step in steps for p in step.parameters()):
+            p.normal_()
+        steps[1].params.values["w"].zero_() if context_dim is None else None  # w = 0: wᵀû = 0, det 1
+    chain = F.Compose(*steps, F.Radial(DIM), *(F.Planar(DIM, context_dim) for _ in range(2))).double()
+    assert [len(run) for run in chain._runs()] == [4, 1, 2]
+    z = torch.randn(2, 3, DIM, dtype=torch.float64)
+    h = torch.randn(3, CTX, dtype=torch.float64) if context_dim else None
+
+    def one_call_each():
+        out, total = z, 0.0
+        for flow in chain.flows:
+            out, log_det = flow(out, h)
+            total = total + log_det
+        return out, total
+
+    results = []
+    for forward in (lambda: chain(z, h), one_call_each):
+        chain.zero_grad()
+        out, log_det = forward()
+        (out.square().sum() + log_det.sum()).backward()
+        results.append((out, log_det, [p.grad.clone() for p in chain.parameters()]))
+    (out_a, det_a, grads_a), (out_b, det_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(det_a, det_b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -14,9 +14,10 @@ whose batch shape must broadcast *to* z's batch shape (e.g. h ``(B, H)`` with z 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,6 +30,10 @@ class Flow(nn.Module):
 
     event_dim: int = 1
     context_dim: int | None = None
+    # Optional: forward_stacked(flows, z, context) applies several flows of this class in a row, in
+    # fewer and larger operations than one call each; Compose uses it for runs of such flows.
+    forward_stacked: Callable[[Sequence[Flow], torch.Tensor, torch.Tensor | None],
+                              tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -99,11 +104,24 @@ class Compose(Flow):
         self.context_dim = dims.pop() if dims else None
 
     def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        total = z.new_zeros(self.batch_shape(z))
-        for flow in self.flows:
-            z, log_abs_det = flow(z, context)
-            total = total + log_abs_det
+        total = None
+        for run in self._runs():
+            z, log_abs_det = type(run[0]).forward_stacked(run, z, context) if len(run) > 1 else run[0](z, context)
+            total = log_abs_det if total is None else total + log_abs_det
         return z, total
+
+    def _runs(self) -> list[list[Flow]]:
+        """The flows in order, consecutive ones of a kind that has ``forward_stacked`` (and the same
+        context size) grouped, so that a run of T steps prepares its parameters once."""
+        runs: list[list[Flow]] = []
+        for flow in self.flows:
+            last = runs[-1][-1] if runs else None
+            if (last is not None and type(flow) is type(last) and type(flow).forward_stacked is not None
+                    and flow.context_dim == last.context_dim):
+                runs[-1].append(flow)
+            else:
+                runs.append([flow])
+        return runs
 
     def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         total = z.new_zeros(self.batch_shape(z))
@@ -175,6 +193,20 @@ class FlowParameters(nn.Module):
             with torch.no_grad():
                 self.head.weight.uniform_(-1e-2 / math.sqrt(context_dim), 1e-2 / math.sqrt(context_dim))
                 self.head.bias.copy_(torch.cat([v.reshape(-1) for v in initial.values()]))
+
+    @staticmethod
+    def stacked(parameters: Sequence[FlowParameters], context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The parameters of T flows of one kind at once, each (*batch, T, *shape) (no batch when
+        global): one stack per name, or one linear map of h for all T amortized heads."""
+        first = parameters[0]
+        if first.context_dim is None:
+            return {name: torch.stack([p.values[name] for p in parameters]) for name in first.shapes}
+        weight = torch.cat([p.head.weight for p in parameters])
+        flat = F.linear(context, weight, torch.cat([p.head.bias for p in parameters]))
+        flat = flat.unflatten(-1, (len(parameters), sum(first.sizes)))
+        batch = flat.shape[:-1]
+        return {name: chunk.reshape(tuple(batch) + tuple(shape))
+                for (name, shape), chunk in zip(first.shapes.items(), flat.split(first.sizes, dim=-1))}
 
     def forward(self, context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.context_dim is None:

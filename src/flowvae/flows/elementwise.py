@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 
 from flowvae import functional as Fn
 from flowvae.flows.base import Flow, FlowParameters, constant_init, normal_init
@@ -25,6 +28,15 @@ class Planar(Flow):
         self._check(z, self.dim, context)
         p = self.params(context)
         return Fn.planar(z, p["u"], p["w"], p["b"])
+
+    @staticmethod
+    def forward_stacked(steps: Sequence[Planar], z: torch.Tensor, context: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """T planar steps at once: û and 1 + wᵀû for all of them in one go, then the z-dependent loop."""
+        steps[0]._check(z, steps[0].dim, context)
+        p = FlowParameters.stacked([step.params for step in steps], context)
+        u_hat, one_plus_wu_hat = Fn.planar_constraint(p["u"], p["w"])
+        return Fn.planar_chain(z, u_hat, p["w"], p["b"], one_plus_wu_hat)
 
 
 class Radial(Flow):
