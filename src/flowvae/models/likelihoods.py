@@ -48,9 +48,10 @@ def _split(params: torch.Tensor, per_pixel: int) -> torch.Tensor:
 
 def _dot_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ_d a[..., d]·b[..., d] where b (B..., D) broadcasts over a's leading sample dims (K..., B..., D):
-    a batched matrix-vector product, which reads a once and makes no (K, B, D) temporary."""
+    for K > 1 a batched matrix-vector product, which reads a once and makes no (K, B, D) temporary
+    (for K = 1, as in training, B tiny products would cost more than the temporary)."""
     n_lead = a.dim() - b.dim()
-    if n_lead <= 0 or a.shape[n_lead:] != b.shape:
+    if n_lead <= 0 or a.shape[n_lead:] != b.shape or math.prod(a.shape[:n_lead]) == 1:
         return (a * b).sum(-1)
     rows = b.reshape(-1, b.shape[-1])                                    # (B, D)
     out = torch.einsum("kbd,bd->kb", a.reshape(-1, *rows.shape), rows)   # (K, B)
