@@ -79,3 +79,16 @@ def test_two_workers_match_one_for_a_ladder_vae(tmp_path):
     assert_same_params(single, double)
     a, b = (json.loads((run / "results.json").read_text())["test"] for run in (single, double))
     assert b["nll"] == pytest.approx(a["nll"], rel=1e-5) and set(b["kl_groups"]) == {"z1", "z2"}
+
+
+@pytest.mark.parametrize("prior", ["flow", "vamp"])
+def test_two_workers_match_one_with_a_learnable_prior(tmp_path, prior):
+    """A flow prior's and a VampPrior's parameters (the pseudo-inputs) get DDP's averaged gradient too."""
+    extra = ("--prior", prior, "--pseudo-inputs", "10", "--prior-flow-steps", "2")
+    single, double = tmp_path / "one", tmp_path / "two"
+    flowvae_train(single, epochs=2, workers=1, extra=extra)
+    flowvae_train(double, epochs=2, workers=2, extra=extra)
+    assert_same_params(single, double)
+    assert any(k.startswith("prior.") for k in params(single)), "the prior's parameters are in the checkpoint"
+    a, b = (json.loads((run / "results.json").read_text())["test"] for run in (single, double))
+    assert b["nll"] == pytest.approx(a["nll"], rel=1e-5)
