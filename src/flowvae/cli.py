@@ -9,13 +9,12 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from flowvae.config import MAX_SEED, ConfigError, TrainConfig, add_config_arguments, config_from_args, load_yaml
-from flowvae.io import TEMP_SUFFIX
+from flowvae.io import existing_ancestor, probe_writable
 
 logger = logging.getLogger("flowvae")
 
@@ -93,15 +92,11 @@ def check_output_file(path: str | Path, flag: str, suffix: str | None = None) ->
     if suffix and target.suffix.lower() != suffix:
         raise ConfigError(f"{flag} {path}: this file is written as {suffix[1:].upper()}; "
                           f"give a name ending in {suffix}")
-    ancestor = target.absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = existing_ancestor(target)
     if not ancestor.is_dir():
         raise ConfigError(f"{flag} {path}: {ancestor} is not a directory")
-    try:  # os.access says yes to root on read-only file systems, /proc and the like: try it
-        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".flowvae-probe.", suffix=TEMP_SUFFIX)
-        os.close(fd)
-        os.unlink(probe)
+    try:
+        probe_writable(ancestor)
     except OSError as err:
         raise ConfigError(f"{flag} {path}: cannot write in {ancestor} ({err.strerror})") from None
 

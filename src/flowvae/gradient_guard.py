@@ -40,9 +40,11 @@ class GradientGuard:
         self.log_skip_factor = math.log(skip_factor) if skip_factor > 0 else math.inf
         self.fused = all(group.get("fused") for group in optimizer.param_groups)
         self.ema, self.ema_weight = ema, 1.0 - ema_decay
-        if ema is not None:  # the EMA's copy of every floating-point parameter and buffer, with the live one
+        if ema is not None:  # the EMA's copy of every floating-point parameter and buffer, and the live one
             pairs = zip([*ema.module.parameters(), *ema.module.buffers()], [*model.parameters(), *model.buffers()])
-            self.ema_pairs = [(a, m) for a, m in pairs if a.is_floating_point()]
+            pairs = [(a, m) for a, m in pairs if a.is_floating_point()]
+            self.ema_averaged, self.ema_live = [a for a, _ in pairs], [m for _, m in pairs]
+            self.ema_dtypes = sorted({a.dtype for a in self.ema_averaged}, key=str)
         self.level = torch.full((), math.nan, dtype=torch.float64, device=device)
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
@@ -69,24 +71,25 @@ class GradientGuard:
         finite = torch.isfinite(norm)
         log_norm = torch.log(norm.clamp(min=1e-30))
         learnt = ~torch.isnan(self.level)
-        spike = learnt & (log_norm > self.level + self.log_skip_factor) if step >= WARMUP_STEPS else torch.zeros_like(finite)
-        made = finite & ~spike
+        made = finite
+        if step >= WARMUP_STEPS:
+            made = made & ~(learnt & (log_norm > self.level + self.log_skip_factor))  # not a spike
         moved = torch.where(learnt, DECAY * self.level + (1 - DECAY) * log_norm, log_norm)
         self.level.copy_(torch.where(finite, moved, self.level))
-        self.skipped.add_((~made).long())
-        self.consecutive.mul_((~made).long()).add_((~made).long())
+        skipped = (~made).long()
+        self.skipped.add_(skipped)
+        self.consecutive.mul_(skipped).add_(skipped)
         if self.fused:
-            optimizer.found_inf = (~made).float()  # read by the fused kernel: no update, no step count
+            optimizer.found_inf = skipped.float()  # read by the fused kernel: no update, no step count
             optimizer.step()
             del optimizer.found_inf
         elif made.item():                          # no fused kernel for this optimizer: one host sync
             optimizer.step()
         scaler.update()                            # fp16: lowers the scale after an overflow
         if self.ema is not None:  # averaged += w·(live − averaged), w = 0 on a skipped step
-            weights = {a.dtype: made.to(a.dtype) * self.ema_weight for a, _ in self.ema_pairs}
+            weights = {dtype: made.to(dtype) * self.ema_weight for dtype in self.ema_dtypes}
             with torch.no_grad():
-                torch._foreach_lerp_([a for a, _ in self.ema_pairs], [m for _, m in self.ema_pairs],
-                                     [weights[a.dtype] for a, _ in self.ema_pairs])
+                torch._foreach_lerp_(self.ema_averaged, self.ema_live, [weights[a.dtype] for a in self.ema_averaged])
             self.ema.n_averaged.add_(made.long().to(self.ema.n_averaged.device))
         return made
 

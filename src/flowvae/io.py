@@ -26,7 +26,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; the final file gets the usual mode
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600; the final file gets the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -37,10 +37,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def existing_ancestor(path: str | Path) -> Path:
+    """The nearest of ``path``'s parents that exists (the root at worst)."""
+    return next(parent for parent in Path(path).absolute().parents if parent.exists())
+
+
+def probe_writable(directory: str | Path) -> None:
+    """Create and remove a temporary file in ``directory``; raises ``OSError`` if that fails.
+    (``os.access`` says yes to root on read-only file systems, /proc and the like: only trying tells.)"""
+    fd, probe = tempfile.mkstemp(dir=directory, prefix=".flowvae-probe.", suffix=TEMP_SUFFIX)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:

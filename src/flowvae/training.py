@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from flowvae.config import ConfigError, TrainConfig, resume_differences
 from flowvae.data import DataError, DatasetSplits, load_dataset
 from flowvae.evaluation import autocast, evaluate, posterior_diagnostics
 from flowvae.gradient_guard import MAX_CONSECUTIVE_SKIPS, GradientGuard
-from flowvae.io import atomic_torch_save, atomic_write_text, remove_stale_temporaries
+from flowvae.io import atomic_torch_save, atomic_write_text, existing_ancestor, probe_writable, remove_stale_temporaries
 from flowvae.models import LatentVariableModel, as_unit_interval, build_model, count_parameters, draw_noise
 from flowvae.models import MODEL_FIELDS
 from flowvae.models.base import select_noise
@@ -234,19 +235,13 @@ def _prepare_out_dir(out: Path, resume: bool) -> Path | None:
     its parents), or None.  One-line errors."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a directory")
-    for parent in out.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RunDirError(f"--out {out}: {parent} is a file, not a directory")
-            break
+    parent = existing_ancestor(out)
+    if not parent.is_dir():
+        raise RunDirError(f"--out {out}: {parent} is a file, not a directory")
     if (out / LOCK_NAME).is_file():  # another process at work here is the first thing to say
         with open(out / LOCK_NAME) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(handle, fcntl.LOCK_UN)
-            except OSError:
-                holder = handle.read().strip() or "unknown"
-                raise RunDirError(f"{out} is in use by another flowvae process (pid {holder})") from None
+            _take_lock(handle, out)
+            fcntl.flock(handle, fcntl.LOCK_UN)
     if resume:
         if not (out / "checkpoint.pt").is_file():
             raise CheckpointError(f"--resume given but {out / 'checkpoint.pt'} does not exist")
@@ -255,22 +250,26 @@ def _prepare_out_dir(out: Path, resume: bool) -> Path | None:
         raise CheckpointError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if out.is_dir() and any(p.name not in RUN_FILES for p in out.iterdir()):
         raise RunDirError(f"--out {out} is a non-empty directory that holds no flowvae run; choose another --out")
-    import tempfile  # local imports: this function's own needs
-
-    from flowvae.io import TEMP_SUFFIX
-
     missing = [d for d in (out, *out.parents) if not d.exists()]
     created = missing[-1] if missing else None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".flowvae-probe.", suffix=TEMP_SUFFIX)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(out)
     except OSError as err:
         if created is not None:
             _remove_failed_start(out, created, ours=False)
         raise RunDirError(f"--out {out} cannot be written: {err.strerror}") from None
     return created
+
+
+def _take_lock(handle: Any, out: Path) -> None:
+    """Lock the open lock file without waiting, or raise a one-line error naming its holder's pid."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        raise RunDirError(f"{out} is in use by another flowvae process (pid {holder})") from None
 
 
 @contextlib.contextmanager
@@ -283,12 +282,7 @@ def run_lock(out: Path, on_error: Callable[[], None] | None = None):
     except OSError as err:
         raise RunDirError(f"--out {out} cannot be written: {err.strerror}") from None
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise RunDirError(f"{out} is in use by another flowvae process (pid {holder})") from None
+        _take_lock(handle, out)
         try:
             handle.seek(0)
             handle.truncate()
@@ -314,9 +308,10 @@ def _build_optimizer(config: TrainConfig, model: torch.nn.Module, device: torch.
 def _build_ema(config: TrainConfig, model: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel | None:
     if not config.ema:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.optim.swa_utils import AveragedModel
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+    # The container only (weights and n_averaged, saved with the run): GradientGuard does the averaging.
+    return AveragedModel(model, use_buffers=True)
 
 
 def configure_backends(config: TrainConfig, device: torch.device) -> None:
@@ -698,8 +693,6 @@ def _remove_failed_start(out: Path, created: Path | None, *, ours: bool) -> None
     """Undo a start that failed before its first checkpoint.  ``ours``: this process held the run's
     lock, so every flowvae file in ``out`` is its own (a new run starts in a directory holding at most
     config.yaml and the lock) and is removed; then the directories it created, if empty."""
-    import shutil
-
     if ours:
         for name in (*RUN_FILES, "best.pt", "metrics.jsonl", "metrics.csv", "curves.png"):
             (out / name).unlink(missing_ok=True)

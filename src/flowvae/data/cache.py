@@ -17,6 +17,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from flowvae.io import current_umask
+
 from .errors import DataError
 
 __all__ = ["default_data_dir", "sha256_of", "file_digest", "download", "fetch"]
@@ -112,9 +114,7 @@ def download(url: str, dest: str | Path, sha256: str | None) -> Path:
             raise DataError(
                 f"{dest.name}: checksum mismatch for {url} ({algo} expected {expected}, got {actual})"
             )
-        mask = os.umask(0)
-        os.umask(mask)
-        tmp.chmod(0o666 & ~mask)  # mkstemp made it 0600; the file gets the mode the user's umask asks for
+        tmp.chmod(0o666 & ~current_umask())  # mkstemp made it 0600; the file gets the mode the umask asks for
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)

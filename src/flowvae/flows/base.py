@@ -203,17 +203,17 @@ class FlowParameters(nn.Module):
             return {name: torch.stack([p.values[name] for p in parameters]) for name in first.shapes}
         weight = torch.cat([p.head.weight for p in parameters])
         flat = F.linear(context, weight, torch.cat([p.head.bias for p in parameters]))
-        flat = flat.unflatten(-1, (len(parameters), sum(first.sizes)))
-        batch = flat.shape[:-1]
-        return {name: chunk.reshape(tuple(batch) + tuple(shape))
-                for (name, shape), chunk in zip(first.shapes.items(), flat.split(first.sizes, dim=-1))}
+        return first._unpack(flat.unflatten(-1, (len(parameters), sum(first.sizes))))
 
     def forward(self, context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.context_dim is None:
             return dict(self.values.items())
-        flat = self.head(context)
-        batch = flat.shape[:-1]
-        return {name: chunk.reshape(tuple(batch) + tuple(shape))  # () for a scalar of an unbatched h
+        return self._unpack(self.head(context))
+
+    def _unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The head's output (*batch, Σ sizes) as named parameters (*batch, *shape)."""
+        batch = tuple(flat.shape[:-1])  # () for an unbatched h
+        return {name: chunk.reshape(batch + shape)
                 for (name, shape), chunk in zip(self.shapes.items(), flat.split(self.sizes, dim=-1))}
 
 
