@@ -110,6 +110,22 @@ def test_log_prob_of_rsample_equals_the_fused_path(name):
     torch.testing.assert_close(q.log_prob(z.clone()), log_q, rtol=0, atol=1e-10)   # through flow.inverse
 
 
+@pytest.mark.parametrize("sample_shape", [(1,), (1, 1), (2,)])
+def test_one_draw_runs_the_flow_without_the_sample_dimension_and_gives_the_same_numbers(sample_shape):
+    q = posterior(invertible_flow("iaf"))
+    noise = torch.randn(*sample_shape, BATCH, DIM, dtype=f64)
+    z0 = q.base.mean + q.base.stddev * noise
+    seen = []
+    hook = q.flow.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    z, log_q = q.rsample_and_log_prob(sample_shape, noise)
+    hook.remove()
+    z_ref, ladj = q.flow(z0, q.context)  # h broadcast against the sample dimensions
+    assert seen == [(BATCH, DIM) if sample_shape != (2,) else (2, BATCH, DIM)]
+    assert z.shape == z0.shape and log_q.shape == (*sample_shape, BATCH)
+    torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(log_q, q.base.log_prob(z0) - ladj, rtol=0, atol=1e-12)
+
+
 def test_log_prob_reuses_a_log_det_only_for_the_identical_unmodified_sample():
     flow = perturbed(F.build_flow("planar", DIM, 3, context_dim=CTX))  # no inverse: only the cache can score
     q = posterior(flow)
