@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,12 @@ def test_gpu_throughput_quick_times_the_real_trainer_step_and_the_bare_model(tmp
     assert sorted(r["kind"] for r in rows) == ["model", "trainer"]
     assert all(r["images_per_s"] > 0 and r["flags"]["float32_matmul_precision"] for r in rows)
     assert "| mlp | 40 | 100 | fp32 | False |" in done.stdout
+
+
+def test_iw_eval_quick_replays_every_matrix_product_of_the_evaluation(tmp_path):
+    done = run_script("iw_eval.py", "--quick", "--threads", "1", "--points", "20", "--data", str(tmp_path / "none.npz"),
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counted = re.search(r"([\d.]+) GFLOP counted by FlopCounterMode, ([\d.]+) GFLOP replayed", done.stdout)
+    assert counted and counted.group(1) == counted.group(2) and float(counted.group(1)) > 0
+    assert "| matmul replay |" in done.stdout and "| evaluate, eager |" in done.stdout
