@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=1000, help="K importance samples per image")
     p.add_argument("--points", type=int, default=100, help="images evaluated")
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist.npz"))
+    p.add_argument("--chunk", type=int, default=None, help="samples per chunk (default: evaluate's automatic choice)")
     p.add_argument("--matmul", type=int, default=2048, help="size of the square product that sets the peak rate")
     p.add_argument("--repeats", type=int, default=5, help="timed evaluations per variant (median reported)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled evaluation")
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def evaluation(compiled: bool) -> callable:
         return lambda: evaluate(model, x, batch_size=args.points, samples=args.samples, seed=args.seed,
-                                compile=compiled)
+                                chunk_size=args.chunk, compile=compiled)
 
     with torch.no_grad():
         recorder = MatmulRecorder()

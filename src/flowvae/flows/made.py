@@ -71,7 +71,9 @@ class MADE(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         h = self.hidden_layers[0](x)
         if self.context_layer is not None:
-            h = h + self.context_layer(context)
+            c = self.context_layer(context)
+            # In place where h already has the broadcast shape (one large temporary less per pass).
+            h = h.add_(c) if torch.broadcast_shapes(h.shape, c.shape) == h.shape else h + c
         h = self.activation(h)
         for layer in self.hidden_layers[1:]:
             h = self.activation(layer(h))
