@@ -233,3 +233,17 @@ def test_compiled_importance_sampling_matches_eager():
     eager = evaluate(model, x, batch_size=5, samples=40, chunk_size=16, seed=3)
     compiled = evaluate(model, x, batch_size=5, samples=40, chunk_size=16, seed=3, compile=True)
     assert compiled["nll"] == pytest.approx(eager["nll"], abs=1e-4)
+
+
+def test_cpu_importance_sampling_chunks_stay_below_the_mmap_threshold_that_the_command_sets():
+    import platform
+
+    from flowvae.evaluation import MMAP_THRESHOLD_BYTES, auto_chunk_size, decode_budget, reuse_freed_memory
+
+    glibc_linux = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert reuse_freed_memory() is glibc_linux
+    for likelihood, shape, kind in (("bernoulli", (1, 28, 28), "binary"), ("discretized_logistic", (3, 32, 32), "8bit")):
+        model = build_vae("mlp", shape, 8, likelihood=likelihood, data_kind=kind)
+        points, samples = auto_chunk_size(model, 100, 5000, decode_budget(torch.device("cpu")))
+        output_bytes = points * samples * model.likelihood.params_per_pixel * math.prod(shape) * 4
+        assert points * samples >= 1000 and output_bytes < MMAP_THRESHOLD_BYTES, (points, samples, output_bytes)

@@ -211,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         subcommands[args.command].unrecognized(extra)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from flowvae.data import DataError
+    from flowvae.evaluation import reuse_freed_memory
     from flowvae.training import CheckpointError, RunDirError
 
+    reuse_freed_memory()
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, RunDirError, FloatingPointError, ValueError) as err:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
+import platform
 from typing import Any
 
 import torch
@@ -16,6 +19,10 @@ from flowvae.models.base import LatentVariableModel, draw_noise
 # While importance sampling, at most this many elements of decoder output (times an activation
 # factor for convolutional decoders) and at most MAX_ROWS latent samples are held at once.
 DECODE_BUDGET = 2 ** 25
+# On a CPU: decoder outputs of at most 24 MiB, below the 32 MiB mmap threshold that
+# reuse_freed_memory sets, so that each chunk's largest temporaries come from reused heap memory.
+CPU_DECODE_BUDGET = 6 * 2 ** 20
+MMAP_THRESHOLD_BYTES = 32 * 2 ** 20
 MAX_ROWS = 2 ** 14
 
 
@@ -26,11 +33,32 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def reuse_freed_memory() -> bool:
+    """Keep freed CPU memory in the process for reuse (glibc only; the ``flowvae`` command calls it).
+
+    By default glibc maps every allocation above a sliding threshold (at most 32 MiB) afresh from
+    the OS and returns freed memory at the top of the heap, so the large temporaries that every
+    importance-sampling chunk and training step allocate page-fault on each first touch. Fixing
+    the mmap threshold at 32 MiB and the trim threshold at 1 GiB made the eager importance-weighted
+    evaluation of the MLP + IAF×4 model about 10 % faster at the CPU chunk size
+    (``benchmarks/iw_eval.py --default-allocator`` for the comparison). A process-wide setting,
+    hence opt-in for library users; returns whether it was applied.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)) and bool(mallopt(m_trim_threshold, 2 ** 30))
+
+
 def decode_budget(device: torch.device) -> int:
-    """Elements of decoder output to hold at once: :data:`DECODE_BUDGET` on a CPU; on a GPU a
+    """Elements of decoder output to hold at once: :data:`CPU_DECODE_BUDGET` on a CPU; on a GPU a
     quarter of its free memory (float32, with room for the activations), never less."""
     if device.type != "cuda":
-        return DECODE_BUDGET
+        return CPU_DECODE_BUDGET
     free, _ = torch.cuda.mem_get_info(device)
     return max(DECODE_BUDGET, free // (4 * 4 * 4))
 
