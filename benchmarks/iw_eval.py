@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import common
 from common import machine_line, markdown_table, measure, report, start
 from flowvae.evaluation import evaluate, reuse_freed_memory
 from flowvae.models import build_vae
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         recorder = MatmulRecorder()
         with recorder:
-            evaluation(False)()
+            nll = evaluation(False)()["nll"]
         from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as counter:
             evaluation(False)()
@@ -140,7 +141,6 @@ def run(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         for fn in variants.values():  # warm-up; compiles the compiled variant
             fn()
-        import common
         for r in range(args.repeats):  # interleaved: every variant sees the same stretch of machine load
             for name, fn in variants.items():
                 begin = common.clock()
@@ -149,7 +149,6 @@ def run(args: argparse.Namespace) -> dict:
             print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()),
                   file=sys.stderr)
     medians = {name: float(np.median(t)) for name, t in times.items()}
-    nll = evaluation(False)()["nll"]
     return {"data": data_note, "reuse_freed_memory": tuned, "matmul_products": len(recorder.calls), "matmul_flops": flops,
             "replayed_flops": product_flops(recorder.calls),
             "peak_flops_per_s": peak, "peak_bound_s": flops / peak, "nll": nll,

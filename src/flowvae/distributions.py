@@ -182,10 +182,10 @@ class FlowDistribution(D.Distribution):
         log_q = self.base.log_prob(z0)
         if self.flow is None:
             return z0, log_q
-        z, ladj = self._flow_one_sample(z0)
+        z, ladj = self._apply_flow(z0)
         return z, log_q - ladj
 
-    def _flow_one_sample(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _apply_flow(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The flow on z₀; a sample shape of ones (one draw, as in training) is dropped first and
         restored after, so that h need not broadcast against it (fewer operations, same numbers)."""
         shape = self.batch_shape + self.event_shape

@@ -19,10 +19,10 @@ from flowvae.models.base import LatentVariableModel, draw_noise
 # While importance sampling, at most this many elements of decoder output (times an activation
 # factor for convolutional decoders) and at most MAX_ROWS latent samples are held at once.
 DECODE_BUDGET = 2 ** 25
-# On a CPU: decoder outputs of at most 24 MiB, below the 32 MiB mmap threshold that
-# reuse_freed_memory sets, so that each chunk's largest temporaries come from reused heap memory.
-CPU_DECODE_BUDGET = 6 * 2 ** 20
+# On a CPU: float32 decoder outputs of at most 3/4 of the mmap threshold that reuse_freed_memory
+# sets (24 MiB), so that each chunk's largest temporaries come from reused heap memory.
 MMAP_THRESHOLD_BYTES = 32 * 2 ** 20
+CPU_DECODE_BUDGET = MMAP_THRESHOLD_BYTES * 3 // 4 // 4
 MAX_ROWS = 2 ** 14
 
 
