@@ -54,8 +54,8 @@ CASES = [
     Case("reverse", lambda c: F.Reverse(DIM), False),
     Case("compose-mixed", lambda c: F.Compose(F.IAF(DIM, (8,), c), F.Reverse(DIM), F.Planar(DIM, c),
                                               F.AffineCoupling(DIM, 8, c)), True),
-    Case("planar-stack", lambda c: F.Compose(*(F.Planar(DIM, c) for _ in range(3))), False),
-    Case("planar-stack-amortized", lambda c: F.Compose(*(F.Planar(DIM, c) for _ in range(3))), True),
+    Case("planar-steps", lambda c: F.Planar(DIM, c, steps=3), False),
+    Case("planar-steps-amortized", lambda c: F.Planar(DIM, c, steps=3), True),
     Case("inverse-of-iaf", lambda c: F.Inverse(F.IAF(DIM, (8, 8), c)), True),
     Case("actnorm-image", lambda c: F.ActNorm(IMG[0]), False, image=True),
     Case("conv1x1-image", lambda c: F.InvertibleConv1x1(IMG[0]), False, image=True),
@@ -385,34 +385,58 @@ def test_amortized_flows_take_an_unbatched_context():
         assert z.shape == (2,) and ladj.shape == ()
 
 
+def _one_step_planars_like(stack: F.Planar) -> F.Compose:
+    """A Compose of one-step Planar modules with the weights of the T-step ``stack`` (the layout
+    flowvae used before it kept the steps together)."""
+    steps = F.Compose(*(F.Planar(stack.dim, stack.context_dim) for _ in range(stack.steps))).to(torch.float64)
+    if stack.steps == 1:
+        old_layout = {f"flows.0.{name}": value for name, value in stack.state_dict().items()}
+    else:
+        old_layout = {f"flows.{t}.{name}": (value[t] if ".values." in name else value.chunk(stack.steps)[t])
+                      for name, value in stack.state_dict().items() for t in range(stack.steps)}
+    steps.load_state_dict(old_layout)
+    return steps
+
+
 @pytest.mark.parametrize("context_dim", [None, CTX])
-def test_stacked_planar_steps_match_one_call_per_step_in_values_and_gradients(context_dim):
+def test_a_planar_stack_matches_one_step_modules_in_values_and_gradients(context_dim):
     torch.manual_seed(0)
-    steps = [F.Planar(DIM, context_dim).double() for _ in range(4)]
+    stack = F.Planar(DIM, context_dim, steps=4).double()
     with torch.no_grad():
-        for p in (p for step in steps for p in step.parameters()):
+        for p in stack.parameters():
             p.normal_()
-        steps[1].params.values["w"].zero_() if context_dim is None else None  # w = 0: wᵀû = 0, det 1
-    chain = F.Compose(*steps, F.Radial(DIM), *(F.Planar(DIM, context_dim) for _ in range(2))).double()
-    assert [len(run) for run in chain._runs()] == [4, 1, 2]
+        if context_dim is None:
+            stack.params.values["w"][1].zero_()  # w = 0: wᵀû = 0, det 1
+    steps = _one_step_planars_like(stack)
+    assert len(list(stack.parameters())) == (3 if context_dim is None else 2)
     z = torch.randn(2, 3, DIM, dtype=torch.float64)
     h = torch.randn(3, CTX, dtype=torch.float64) if context_dim else None
-
-    def one_call_each():
-        out, total = z, 0.0
-        for flow in chain.flows:
-            out, log_det = flow(out, h)
-            total = total + log_det
-        return out, total
-
     results = []
-    for forward in (lambda: chain(z, h), one_call_each):
-        chain.zero_grad()
-        out, log_det = forward()
+    for flow in (stack, steps):
+        out, log_det = flow(z, h)
         (out.square().sum() + log_det.sum()).backward()
-        results.append((out, log_det, [p.grad.clone() for p in chain.parameters()]))
+        grads = {name: p.grad for name, p in flow.named_parameters()}
+        results.append((out, log_det, grads))
     (out_a, det_a, grads_a), (out_b, det_b, grads_b) = results
     torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(det_a, det_b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for name, grad in grads_a.items():  # the one-step modules' gradients, stacked step-major
+        per_step = [grads_b[f"flows.{t}.{name}"] for t in range(4)]
+        expected = torch.stack(per_step) if ".values." in name else torch.cat(per_step)
+        torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("context_dim", [None, CTX])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_a_planar_stack_reads_weights_saved_as_one_step_modules(context_dim, steps):
+    """Checkpoints from before the steps were kept together load and give the same numbers."""
+    torch.manual_seed(1)
+    stack = F.Planar(DIM, context_dim, steps=steps).double()
+    old = _one_step_planars_like(stack)
+    fresh = F.Planar(DIM, context_dim, steps=steps).double()
+    model = torch.nn.ModuleDict({"flow": fresh})
+    model.load_state_dict({f"flow.{key}": value for key, value in old.state_dict().items()})
+    z = torch.randn(4, DIM, dtype=torch.float64)
+    h = torch.randn(4, CTX, dtype=torch.float64) if context_dim else None
+    for a, b in zip(fresh(z, h), old(z, h)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

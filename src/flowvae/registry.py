@@ -3,7 +3,7 @@
     FLOWS = Registry("flow")
 
     @FLOWS.register("planar")
-    def _planar(dim, step, context_dim, options): ...
+    def _planar(dim, steps, context_dim, options): ...   # the stack of `steps` steps
 
     FLOWS["planar"]            # the builder, or a one-line ValueError listing the choices
 """

@@ -14,10 +14,9 @@ whose batch shape must broadcast *to* z's batch shape (e.g. h ``(B, H)`` with z 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -30,10 +29,6 @@ class Flow(nn.Module):
 
     event_dim: int = 1
     context_dim: int | None = None
-    # Optional: forward_stacked(flows, z, context) applies several flows of this class in a row, in
-    # fewer and larger operations than one call each; Compose uses it for runs of such flows.
-    forward_stacked: Callable[[Sequence[Flow], torch.Tensor, torch.Tensor | None],
-                              tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -105,23 +100,10 @@ class Compose(Flow):
 
     def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         total = None
-        for run in self._runs():
-            z, log_abs_det = type(run[0]).forward_stacked(run, z, context) if len(run) > 1 else run[0](z, context)
+        for flow in self.flows:
+            z, log_abs_det = flow(z, context)
             total = log_abs_det if total is None else total + log_abs_det
         return z, total
-
-    def _runs(self) -> list[list[Flow]]:
-        """The flows in order, consecutive ones of a kind that has ``forward_stacked`` (and the same
-        context size) grouped, so that a run of T steps prepares its parameters once."""
-        runs: list[list[Flow]] = []
-        for flow in self.flows:
-            last = runs[-1][-1] if runs else None
-            if (last is not None and type(flow) is type(last) and type(flow).forward_stacked is not None
-                    and flow.context_dim == last.context_dim):
-                runs[-1].append(flow)
-            else:
-                runs.append([flow])
-        return runs
 
     def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         total = z.new_zeros(self.batch_shape(z))
@@ -171,44 +153,44 @@ class FlowParameters(nn.Module):
     the amortized flows of Rezende & Mohamed (2015) and van den Berg et al. (2018).  The head's
     bias starts at the global initial values and its weight near zero, so both start alike.
 
+    With ``steps=T`` the parameters of T steps of one flow are kept together, each of shape
+    ``(T, *shape)`` (global: one tensor per name) or ``(*batch, T, *shape)`` (amortized: one head
+    for all T steps), so that a stack of T steps costs a few large operations, not T small ones.
+
     Args:
         shapes: name -> (shape, initializer) with the initializer filling a tensor in place.
         context_dim: size of h, or None for global parameters.
+        steps: None for one step's parameters, or T for T steps' parameters stacked.
     """
 
-    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], Initializer]], context_dim: int | None = None) -> None:
+    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], Initializer]], context_dim: int | None = None,
+                 steps: int | None = None) -> None:
         super().__init__()
+        if steps is not None and steps < 1:
+            raise ValueError(f"FlowParameters needs steps >= 1 or None, got {steps}")
         self.shapes = {name: tuple(shape) for name, (shape, _) in shapes.items()}
-        self.context_dim = context_dim
+        self.context_dim, self.steps = context_dim, steps
+        stack = () if steps is None else (steps,)
         initial = {}
         for name, (shape, init) in shapes.items():
-            value = torch.empty(shape)
+            value = torch.empty(stack + tuple(shape))
             init(value)
             initial[name] = value
         self.sizes = [math.prod(shape) for shape in self.shapes.values()]
         if context_dim is None:
             self.values = nn.ParameterDict({name: nn.Parameter(v) for name, v in initial.items()})
         else:
-            self.head = nn.Linear(context_dim, sum(self.sizes))
+            self.head = nn.Linear(context_dim, (steps or 1) * sum(self.sizes))
             with torch.no_grad():
                 self.head.weight.uniform_(-1e-2 / math.sqrt(context_dim), 1e-2 / math.sqrt(context_dim))
-                self.head.bias.copy_(torch.cat([v.reshape(-1) for v in initial.values()]))
-
-    @staticmethod
-    def stacked(parameters: Sequence[FlowParameters], context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The parameters of T flows of one kind at once, each (*batch, T, *shape) (no batch when
-        global): one stack per name, or one linear map of h for all T amortized heads."""
-        first = parameters[0]
-        if first.context_dim is None:
-            return {name: torch.stack([p.values[name] for p in parameters]) for name in first.shapes}
-        weight = torch.cat([p.head.weight for p in parameters])
-        flat = F.linear(context, weight, torch.cat([p.head.bias for p in parameters]))
-        return first._unpack(flat.unflatten(-1, (len(parameters), sum(first.sizes))))
+                # Step-major: the head's outputs are [step 0: every name, step 1: every name, ...].
+                self.head.bias.copy_(torch.cat([v.reshape(steps or 1, -1) for v in initial.values()], -1).reshape(-1))
 
     def forward(self, context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.context_dim is None:
             return dict(self.values.items())
-        return self._unpack(self.head(context))
+        flat = self.head(context)
+        return self._unpack(flat if self.steps is None else flat.unflatten(-1, (self.steps, sum(self.sizes))))
 
     def _unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The head's output (*batch, Σ sizes) as named parameters (*batch, *shape)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from flowvae import functional as Fn
@@ -11,32 +9,52 @@ from flowvae.flows.base import Flow, FlowParameters, constant_init, normal_init
 
 
 class Planar(Flow):
-    """Planar flow f(z) = z + û tanh(wᵀz + b) (Rezende & Mohamed 2015, eq. 10).
+    """``steps`` planar steps f(z) = z + û tanh(wᵀz + b) in a row (Rezende & Mohamed 2015, eq. 10).
 
     û is constrained so that wᵀû >= -1 (invertible).  Parameters are global, or amortized from
-    h when ``context_dim`` is given.  No closed-form inverse.
+    h when ``context_dim`` is given; the T steps' parameters are stored together (u and w (T, D),
+    b (T,), or one head for all T), so that û and 1 + wᵀû are prepared for all steps at once and
+    a stack of T steps has 3 parameter tensors, not 3T.  No closed-form inverse.
     """
 
-    def __init__(self, dim: int, context_dim: int | None = None) -> None:
+    def __init__(self, dim: int, context_dim: int | None = None, steps: int = 1) -> None:
         super().__init__()
-        self.dim, self.context_dim = dim, context_dim
+        self.dim, self.context_dim, self.steps = dim, context_dim, steps
         std = dim ** -0.5
+        if steps < 1:
+            raise ValueError(f"Planar needs steps >= 1, got {steps}")
         self.params = FlowParameters({"u": ((dim,), normal_init(std)), "w": ((dim,), normal_init(std)),
-                                      "b": ((), constant_init(0.0))}, context_dim)
+                                      "b": ((), constant_init(0.0))}, context_dim, steps if steps > 1 else None)
+        self._register_load_state_dict_pre_hook(_stack_planar_steps, with_module=True)
 
     def forward(self, z, context=None):
         self._check(z, self.dim, context)
         p = self.params(context)
-        return Fn.planar(z, p["u"], p["w"], p["b"])
-
-    @staticmethod
-    def forward_stacked(steps: Sequence[Planar], z: torch.Tensor, context: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """T planar steps at once: û and 1 + wᵀû for all of them in one go, then the z-dependent loop."""
-        steps[0]._check(z, steps[0].dim, context)
-        p = FlowParameters.stacked([step.params for step in steps], context)
+        if self.steps == 1:
+            return Fn.planar(z, p["u"], p["w"], p["b"])
         u_hat, one_plus_wu_hat = Fn.planar_constraint(p["u"], p["w"])
         return Fn.planar_chain(z, u_hat, p["w"], p["b"], one_plus_wu_hat)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, steps={self.steps}, context_dim={self.context_dim}"
+
+
+def _stack_planar_steps(module: Planar, state_dict: dict, prefix: str, *args) -> None:
+    """Read weights saved before flowvae kept a planar stack's steps together: a ``Compose`` of T
+    one-step ``Planar`` modules (``{prefix}flows.{t}.params...``) becomes this module's stacked
+    parameters, the head's rows in the same step-major order, so results are unchanged."""
+    old = f"{prefix}flows."
+    names = sorted({key[len(old):].split(".", 1)[1] for key in state_dict
+                    if key.startswith(old) and key[len(old):].split(".", 1)[0].isdigit()})
+    for name in names:  # e.g. "params.values.u", "params.head.weight"
+        parts, t = [], 0
+        while f"{old}{t}.{name}" in state_dict:
+            parts.append(state_dict.pop(f"{old}{t}.{name}"))
+            t += 1
+        if module.steps == 1:
+            state_dict[prefix + name] = parts[0]
+        else:
+            state_dict[prefix + name] = torch.stack(parts) if name.startswith("params.values.") else torch.cat(parts)
 
 
 class Radial(Flow):

@@ -1,12 +1,15 @@
 """Build a stack of posterior flows by name, as the CLI and the model configs do.
 
-Each family registers one builder ``(dim, step, context_dim, options) -> Flow`` in :data:`FLOWS`;
-``step`` is the index in the stack (orderings and coupling halves alternate with it) and
-``options`` holds the family options (``hidden``, ``reflections``, ``rank``).
+Each family registers one builder ``(dim, steps, context_dim, options) -> Flow`` in :data:`FLOWS`
+that returns the whole stack of ``steps`` steps; ``options`` holds the family options
+(``hidden``, ``reflections``, ``rank``).  :func:`per_step` makes such a builder from one that
+builds step ``k`` alone (orderings and coupling halves alternate with k); planar keeps its steps
+in one module with stacked parameters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flowvae.flows.autoregressive import IAF, MAF
@@ -19,29 +22,41 @@ from flowvae.registry import Registry
 FLOWS: Registry = Registry("flow")
 MAX_FLOW_STEPS = 256
 
+StackBuilder = Callable[[int, int, "int | None", dict], Flow]
+
+
+def per_step(step: Callable[[int, int, int | None, dict], Flow]) -> StackBuilder:
+    """A stack builder from ``step(dim, k, context_dim, options)``: a ``Compose`` of steps k = 0..T-1."""
+    return lambda dim, steps, context_dim, o: Compose([step(dim, k, context_dim, o) for k in range(steps)])
+
 
 def _order(step: int) -> str:
     return "natural" if step % 2 == 0 else "reversed"
 
 
-FLOWS.register("planar")(lambda dim, k, context_dim, o: Planar(dim, context_dim))
-FLOWS.register("radial")(lambda dim, k, context_dim, o: Radial(dim, context_dim))
-FLOWS.register("householder")(lambda dim, k, context_dim, o: Householder(dim, 1, context_dim))
-FLOWS.register("sylvester-orthogonal")(lambda dim, k, context_dim, o: OrthogonalSylvester(dim, o["rank"], context_dim))
+FLOWS.register("planar")(lambda dim, steps, context_dim, o: Planar(dim, context_dim, steps))
+FLOWS.register("radial")(per_step(lambda dim, k, context_dim, o: Radial(dim, context_dim)))
+FLOWS.register("householder")(per_step(lambda dim, k, context_dim, o: Householder(dim, 1, context_dim)))
+FLOWS.register("sylvester-orthogonal")(
+    per_step(lambda dim, k, context_dim, o: OrthogonalSylvester(dim, o["rank"], context_dim)))
 FLOWS.register("sylvester-householder")(
-    lambda dim, k, context_dim, o: HouseholderSylvester(dim, o["reflections"], context_dim))
-FLOWS.register("sylvester-triangular")(lambda dim, k, context_dim, o: TriangularSylvester(dim, k % 2 == 1, context_dim))
-FLOWS.register("iaf")(lambda dim, k, context_dim, o: IAF(dim, (o["hidden"], o["hidden"]), context_dim, _order(k)))
-FLOWS.register("maf")(lambda dim, k, context_dim, o: MAF(dim, (o["hidden"], o["hidden"]), context_dim, _order(k)))
+    per_step(lambda dim, k, context_dim, o: HouseholderSylvester(dim, o["reflections"], context_dim)))
+FLOWS.register("sylvester-triangular")(
+    per_step(lambda dim, k, context_dim, o: TriangularSylvester(dim, k % 2 == 1, context_dim)))
+FLOWS.register("iaf")(per_step(lambda dim, k, context_dim, o: IAF(dim, (o["hidden"], o["hidden"]), context_dim,
+                                                                  _order(k))))
+FLOWS.register("maf")(per_step(lambda dim, k, context_dim, o: MAF(dim, (o["hidden"], o["hidden"]), context_dim,
+                                                                  _order(k))))
 FLOWS.register("coupling")(
-    lambda dim, k, context_dim, o: AffineCoupling(dim, o["hidden"], context_dim, event_dim=1, swap=k % 2 == 1))
+    per_step(lambda dim, k, context_dim, o: AffineCoupling(dim, o["hidden"], context_dim, event_dim=1,
+                                                           swap=k % 2 == 1)))
 
 FLOW_NAMES = ("none", *FLOWS.names())
 
 
 def build_flow(name: str, dim: int, steps: int, context_dim: int | None = None, hidden: int = 320,
                reflections: int = 8, rank: int | None = None, **options: Any) -> Flow | None:
-    """A ``Compose`` of ``steps`` flows of one family over ``dim`` latents, or None for 'none'.
+    """A stack of ``steps`` flows of one family over ``dim`` latents, or None for 'none'.
 
     Planar, radial, Householder and Sylvester steps are amortized (their parameters come from h);
     IAF, MAF and coupling steps have global weights and read h as an extra input.  Autoregressive
@@ -55,4 +70,4 @@ def build_flow(name: str, dim: int, steps: int, context_dim: int | None = None, 
     if rank is not None and not 1 <= rank <= dim:
         raise ValueError(f"Sylvester rank must be between 1 and the latent size {dim}, got {rank}")
     options = {"hidden": hidden, "reflections": reflections, "rank": rank, **options}
-    return Compose([builder(dim, k, context_dim, options) for k in range(steps)])
+    return builder(dim, steps, context_dim, options)
