@@ -129,6 +129,34 @@ def test_checkpoint_problems_are_one_line_errors(tmp_path):
         training.train(tiny(tmp_path / "fresh"), resume=True)
 
 
+def test_a_planar_run_saved_as_one_step_modules_evaluates_and_refuses_to_resume_clearly(tmp_path):
+    """Older flowvae saved a planar stack as T one-step modules with 3T parameter tensors: its weights
+    load into today's stacked module (same numbers); its optimizer state cannot, and says so."""
+    config = tiny(tmp_path, epochs=1, flow="planar", flow_steps=3, eval_samples=2)
+    training.train(config)
+    ckpt_path = Path(config.out) / "checkpoint.pt"
+    saved = torch.load(ckpt_path, weights_only=True)
+    model = training.model_from_config(config, (1, 8, 8), "grayscale")
+    training.load_weights(model, saved["model"], ckpt_path)
+    old = {}
+    for key, value in saved["model"].items():
+        if key.startswith("flow.params."):
+            name = key[len("flow."):]
+            parts = value.unbind(0) if ".values." in name else value.chunk(3)
+            old |= {f"flow.flows.{t}.{name}": part.clone() for t, part in enumerate(parts)}
+        else:
+            old[key] = value
+    rebuilt = training.model_from_config(config, (1, 8, 8), "grayscale")
+    training.load_weights(rebuilt, old, ckpt_path)
+    for (name, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), name
+    group = saved["optimizer"]["param_groups"][0]
+    group["params"] = group["params"] + [max(group["params"]) + 1 + i for i in range(6)]  # 3T tensors, not 3
+    torch.save(saved | {"model": old}, ckpt_path)
+    with pytest.raises(training.CheckpointError, match="optimizer state does not match this model's parameters"):
+        training.train(config, resume=True)
+
+
 def test_nan_data_is_refused(tmp_path, monkeypatch):
     images = torch.rand(10, 1, 8, 8)
     images[3, 0, 2, 2] = float("nan")

@@ -360,7 +360,12 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
         require_visible(out / "checkpoint.pt", context, device)
         ckpt = load_checkpoint(out / "checkpoint.pt", config)
         load_weights(model, ckpt["model"], out / "checkpoint.pt")
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as error:  # e.g. a planar stack saved as one-step modules (older flowvae)
+            raise CheckpointError(f"cannot resume from {out / 'checkpoint.pt'}: its optimizer state does not match "
+                                  f"this model's parameters ({error}); its weights still load with "
+                                  "'flowvae evaluate', or start a new run") from None
         state = RunState(**{k: v for k, v in ckpt["state"].items() if k in RunState.__dataclass_fields__},
                          history=ckpt["history"])
         _restore_rng(ckpt["rng"], generators, device, config, state)
