@@ -15,6 +15,7 @@ on h (MADE 2×320), K = 1000 samples for 100 images; the images are the first te
 
     python benchmarks/iw_eval.py                       # about two minutes on 2 cores, compile included
     python benchmarks/iw_eval.py --quick               # smoke run
+    python benchmarks/iw_eval.py --points 300 --samples 5000 --repeats 1   # the test protocol's K, 3 batches
 
 Writes ``benchmarks/results/iw_eval.json`` and ``iw_eval.md`` (``--out`` to change the name).
 """
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flow-steps", type=int, default=4)
     p.add_argument("--samples", type=int, default=1000, help="K importance samples per image")
     p.add_argument("--points", type=int, default=100, help="images evaluated")
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="images per evaluation batch (flowvae's eval_batch_size; the full test set runs in such batches)")
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist.npz"))
     p.add_argument("--chunk", type=int, default=None, help="samples per chunk (default: evaluate's automatic choice)")
     p.add_argument("--default-allocator", action="store_true",
@@ -74,8 +77,11 @@ class MatmulRecorder(TorchDispatchMode):
 
 
 def replay(calls: list) -> callable:
-    """A function that runs the recorded products again on fresh tensors of the same layouts."""
-    operands = [(func, [_tensor_like(shape, stride) for shape, stride in layouts]) for func, layouts in calls]
+    """A function that runs the recorded products again on fresh tensors of the same layouts (one
+    tensor per distinct layout: the chunks repeat a few dozen layouts thousands of times)."""
+    tensors: dict[tuple, torch.Tensor] = {}
+    operands = [(func, [tensors.setdefault(layout, _tensor_like(*layout)) for layout in layouts])
+                for func, layouts in calls]
 
     def run() -> None:
         for func, tensors in operands:
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
     x, data_note = load_images(args.data, args.points, args.seed)
 
     def evaluation(compiled: bool) -> callable:
-        return lambda: evaluate(model, x, batch_size=args.points, samples=args.samples, seed=args.seed,
+        return lambda: evaluate(model, x, batch_size=min(args.batch_size, args.points), samples=args.samples, seed=args.seed,
                                 chunk_size=args.chunk, compile=compiled)
 
     with torch.no_grad():
@@ -162,7 +168,7 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
             for v in results["variants"]]
     return "\n".join([
         f"# importance-weighted −log p(x) against its matrix products: MLP VAE + {args.flow}×{args.flow_steps} on h, "
-        f"K = {args.samples}, {args.points} images",
+        f"K = {args.samples}, {args.points} images in batches of {min(args.batch_size, args.points)}",
         "",
         f"Machine: {machine_line(info)}. Data: {results['data']}.",
         f"{results['matmul_products']} matrix products, {results['matmul_flops'] / 1e9:.1f} GFLOP counted by "

@@ -17,9 +17,14 @@ Measured in one process, with the same threads and the same batches for everyone
   a change in the machine's load hits all of them alike; the median block gives steps/s;
 - the importance-weighted estimate of −log p(x) with K = ``--nll-samples`` (1000) on
   ``--nll-points`` (100) test images, with the library's own estimator where it has one
-  (flowvae's ``objectives.importance_weighted_nll``, pythae's ``get_nll``) and otherwise with
-  ``logsumexp`` over the library's own log q and log p, K chunked by ``--chunk``;
+  (flowvae's ``objectives.importance_weighted_nll``, compiled for the flowvae-compile rows as
+  ``flowvae evaluate --compile`` does; pythae's ``get_nll``) and otherwise with ``logsumexp``
+  over the library's own log q and log p; every library gets the same chunk of ``--chunk``
+  samples (default: the chunk flowvae's evaluation picks on a CPU), and the median and range of
+  ``--nll-repeats`` timings taken round-robin;
 - drawing ``--sample-count`` (10 000) images from the prior through the decoder;
+- the process keeps freed memory for reuse (``flowvae.evaluation.reuse_freed_memory``, which the
+  ``flowvae`` command calls) for every row alike; ``--default-allocator`` leaves glibc's defaults;
 - FLOP efficiency: FLOPs of one training step (``torch.utils.flop_counter.FlopCounterMode``:
   matrix products only) × steps/s, divided by the FLOP/s of a ``--matmul``² float32 matmul
   timed in the same run.
@@ -48,11 +53,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
 import common
 from common import report, start, machine_line, markdown_table, measure
+
+# Every flowvae-compile row compiles the same VAE methods for another model (and the last, shorter
+# chunk of importance samples once more): more recompilations than dynamo's default limit of 8,
+# past which it would silently run the later models eagerly.
+torch._dynamo.config.recompile_limit = 64
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = next((d / "data" / "binarized_mnist.npz" for d in (ROOT / "shared", ROOT.parent / "shared")
@@ -93,6 +104,7 @@ class Implementation:
     optimizer: torch.optim.Optimizer | None = None
     results: dict = field(default_factory=dict)
     eager_loss: Callable[[torch.Tensor], torch.Tensor] | None = None  # for FLOP counting, if loss is compiled
+    nll_full_warmup: bool = False  # warm nll up at the timed shapes (compiled scoring), not on 2 points
 
     @property
     def model(self) -> str:
@@ -165,12 +177,20 @@ def build_flowvae_compiled(flow: str, conditioned: bool) -> Implementation:
     """flowvae's model with its loss under torch.compile (compiled during the untimed warm-up)."""
     impl = build_flowvae(flow, conditioned)
     compiled = torch.compile(impl.module)
+    score = torch.compile(impl.module.log_densities)  # what evaluate(compile=True) scores samples with
     from flowvae import objectives
+
+    def nll(x, k, chunk):
+        with torch.no_grad():
+            return float(objectives.importance_weighted_nll(impl.module, x.view(-1, 1, 28, 28), samples=k,
+                                                            chunk_size=chunk, score=score).mean())
 
     impl.eager_loss = impl.loss  # FlopCounterMode's global hooks would make the compiled model recompile
     impl.loss = lambda x: objectives.negative_elbo(compiled(x.view(-1, 1, 28, 28), samples=1)).mean()
+    impl.nll, impl.nll_full_warmup = nll, True
     impl.library = "flowvae-compile"
-    impl.notes = "the flowvae model above, its forward under torch.compile (CPU inductor); compile time excluded"
+    impl.notes = ("the flowvae model above, its forward and its importance-sample scoring under torch.compile "
+                  "(CPU inductor); compile time excluded")
     return impl
 
 
@@ -514,6 +534,7 @@ def run(args: argparse.Namespace) -> dict:
             impl.results["parameters"] = sum(p.numel() for p in impl.module.parameters())
             impls.append(impl)
 
+    chunk = args.chunk or flowvae_cpu_chunk(args.nll_points, args.nll_samples)
     matmul = matmul_flops_per_s(args.matmul, budget=2.0)
     print(f"{args.matmul}² float32 matmul: {matmul / 1e9:.1f} GFLOP/s", file=sys.stderr)
 
@@ -545,15 +566,32 @@ def run(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             impl.results["final_loss"] = float(impl.loss(batches[0]))
         torch.manual_seed(args.seed)
-        impl.nll(x_test[:2], 10, 10)  # warm-up
         start = common.clock()
-        impl.results["nll"] = impl.nll(x_test, args.nll_samples, args.chunk)
-        impl.results["nll_s"] = common.clock() - start
+        if impl.nll_full_warmup:  # compiles for the timed shapes; the compilation is reported, not timed
+            impl.nll(x_test, args.nll_samples, chunk)
+            impl.results["nll_compile_s"] = common.clock() - start
+        else:
+            impl.nll(x_test[:2], 10, 10)
         impl.sample(100)
         t = measure(lambda impl=impl: impl.sample(args.sample_count), budget_s=3.0, min_repeats=3, max_repeats=5)
         impl.results["sample_s"] = t.median
+
+    nll_times = {impl.name: [] for impl in impls}
+    for r in range(args.nll_repeats):
+        for impl in impls:  # round-robin, as the training blocks
+            torch.manual_seed(args.seed)
+            start = common.clock()
+            value = impl.nll(x_test, args.nll_samples, chunk)
+            nll_times[impl.name].append(common.clock() - start)
+            impl.results.setdefault("nll", value)
+        print(f"−log p(x) repeat {r + 1}/{args.nll_repeats}: "
+              + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in nll_times.items()), file=sys.stderr)
+    for impl in impls:
+        times = sorted(nll_times[impl.name])
+        impl.results.update(nll_s=float(np.median(times)), nll_s_repeats=times, nll_chunk=chunk)
         print(f"{impl.name}: {impl.results['steps_per_s']:.1f} steps/s, −log p(x) {impl.results['nll']:.1f} "
-              f"in {impl.results['nll_s']:.1f} s, {args.sample_count} samples in {t.ms:.0f} ms", file=sys.stderr)
+              f"in {impl.results['nll_s']:.2f} s, {args.sample_count} samples in "
+              f"{1e3 * impl.results['sample_s']:.0f} ms", file=sys.stderr)
 
     return {
         "data": data_note,
@@ -564,6 +602,16 @@ def run(args: argparse.Namespace) -> dict:
         "unavailable": unavailable,
         "versions": versions(),
     }
+
+
+def flowvae_cpu_chunk(points: int, samples: int) -> int:
+    """The importance samples per chunk that flowvae's evaluation picks on a CPU for these 784-pixel
+    images (decoder output under ``CPU_DECODE_BUDGET``); 100 where flowvae is not importable."""
+    try:
+        from flowvae.evaluation import CPU_DECODE_BUDGET
+    except ImportError:
+        return 100
+    return max(1, min(samples, CPU_DECODE_BUDGET // PIXELS // points))
 
 
 def interpreter() -> str:
@@ -613,7 +661,8 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
                      f"{floor['steps_per_s']:.1f}" if floor else "—", f"{top:.1f}" if top else "—",
                      f"{100 * r['steps_per_s'] / top:.0f}%" if top else "—",
                      f"{r['flops_per_step'] / 1e6:.0f}", f"{100 * r['efficiency']:.1f}%",
-                     f"{r['nll_s']:.1f}", f"{r['nll']:.1f}", f"{1e3 * r['sample_s']:.0f}", r["notes"]])
+                     f"{r['nll_s']:.2f} ({min(r['nll_s_repeats']):.2f}–{max(r['nll_s_repeats']):.2f})",
+                     f"{r['nll']:.1f}", f"{1e3 * r['sample_s']:.0f}", r["notes"]])
     summary = []
     for model in dict.fromkeys(r["model"] for r in impls):
         peers = [r for r in impls if r["model"] == model and r["library"] not in ours]
@@ -622,10 +671,14 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
         fastest = max(peers, key=lambda r: r["steps_per_s"])
         versus = ", ".join(f"{lib} {reference[lib][model]['steps_per_s'] / fastest['steps_per_s']:.2f}×"
                            for lib in ours if model in reference[lib])
-        summary.append(f"- {model}: fastest peer {fastest['library']} ({fastest['steps_per_s']:.1f} steps/s); {versus}")
+        quickest = min(peers, key=lambda r: r["nll_s"])
+        iw = ", ".join(f"{lib} {quickest['nll_s'] / reference[lib][model]['nll_s']:.2f}×"
+                       for lib in ours if model in reference[lib])
+        summary.append(f"- {model}: fastest peer {fastest['library']} ({fastest['steps_per_s']:.1f} steps/s); {versus}. "
+                       f"−log p(x): fastest peer {quickest['library']} ({quickest['nll_s']:.2f} s); {iw}")
     header = ["library", "model", "steps/s", "ms/step", "flowvae/peer", "flowvae-compile/peer", "floor steps/s",
               "ceiling steps/s", "of ceiling", "MFLOP/step", "FLOP eff.",
-              f"−log p(x) s (K={args.nll_samples}, {args.nll_points} pts)", "−log p(x) nats",
+              f"−log p(x) s (K={args.nll_samples}, {args.nll_points} pts; range)", "−log p(x) nats",
               f"{args.sample_count} samples ms", "notes"]
     v = results["versions"]
     lines = [
@@ -642,11 +695,17 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
         "FLOPs of a training step (FlopCounterMode) × steps/s ÷ that. flowvae/peer > 1: flowvae is faster. "
         "Floor: the same VAE without a flow (flowvae's; compiled for the compiled rows); ceiling: the floor's "
         "steps/s × its matmul FLOPs ÷ the row's (the speed if the flow cost only its matrix work). "
-        "−log p(x) after the timed training steps only (not a trained model; a sanity check).",
+        "−log p(x) after the timed training steps only (not a trained model; a sanity check): median (range) of "
+        f"{args.nll_repeats} round-robin runs, {impls[0].get('nll_chunk', '?') if impls else '?'} samples per chunk "
+        "for every library; flowvae-compile scores the samples with torch.compile (its compilation excluded). "
+        + ("glibc's malloc defaults." if args.default_allocator else
+           "Freed memory kept for reuse in the whole process (flowvae.evaluation.reuse_freed_memory, applied: "
+           f"{getattr(args, 'reused_freed_memory', False)}), for every row."),
         "",
         markdown_table(header, rows),
         "",
-        "Against the fastest peer on the same model (target: 1.5×); 'on h': the flow is amortized / conditioned on "
+        "Against the fastest peer on the same model (flowvae's speed ÷ the peer's, for training steps and for "
+        "−log p(x)); 'on h': the flow is amortized / conditioned on "
         "the encoder's last hidden layer, 'global': its parameters are shared by all data points:",
         *summary,
     ]
@@ -675,7 +734,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7, help="timed blocks per implementation")
     p.add_argument("--nll-samples", type=int, default=1000)
     p.add_argument("--nll-points", type=int, default=100)
-    p.add_argument("--chunk", type=int, default=100, help="importance samples per chunk")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="importance samples per chunk, the same for every library (default: flowvae's CPU chunk)")
+    p.add_argument("--nll-repeats", type=int, default=3, help="timed −log p(x) runs per implementation")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc's malloc settings (by default the process keeps freed memory for reuse, "
+                        "as the flowvae command does, for every library alike)")
     p.add_argument("--sample-count", type=int, default=10_000)
     p.add_argument("--matmul", type=int, default=2048)
     p.add_argument("--data", default=str(DATA))
@@ -685,12 +749,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.steps, args.repeats = 3, 5, 2
-        args.nll_samples, args.nll_points, args.sample_count = 20, 10, 1000
+        args.nll_samples, args.nll_points, args.sample_count, args.nll_repeats = 20, 10, 1000, 1
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not args.default_allocator:
+        try:
+            from flowvae.evaluation import reuse_freed_memory
+            args.reused_freed_memory = reuse_freed_memory()
+        except ImportError:
+            args.reused_freed_memory = False
     threads, info, load = start(args)
     report("peers", args, info, threads, run(args), render, load)
 
