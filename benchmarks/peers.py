@@ -559,7 +559,7 @@ def run(args: argparse.Namespace) -> dict:
               file=sys.stderr)
 
     for impl in impls:
-        rates = sorted(blocks[impl.name])
+        rates = blocks[impl.name]  # in round-robin order: block r of every row ran in the same stretch
         impl.results.update(steps_per_s=float(np.median(rates)), steps_per_s_blocks=rates,
                             ms_per_step=1e3 / float(np.median(rates)))
         impl.results["efficiency"] = impl.results["flops_per_step"] * impl.results["steps_per_s"] / matmul
@@ -587,7 +587,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"−log p(x) repeat {r + 1}/{args.nll_repeats}: "
               + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in nll_times.items()), file=sys.stderr)
     for impl in impls:
-        times = sorted(nll_times[impl.name])
+        times = nll_times[impl.name]  # round-robin order, as the blocks
         impl.results.update(nll_s=float(np.median(times)), nll_s_repeats=times, nll_chunk=chunk)
         print(f"{impl.name}: {impl.results['steps_per_s']:.1f} steps/s, −log p(x) {impl.results['nll']:.1f} "
               f"in {impl.results['nll_s']:.2f} s, {args.sample_count} samples in "
