@@ -79,9 +79,8 @@ class MatmulRecorder(TorchDispatchMode):
 def replay(calls: list) -> callable:
     """A function that runs the recorded products again on fresh tensors of the same layouts (one
     tensor per distinct layout: the chunks repeat a few dozen layouts thousands of times)."""
-    tensors: dict[tuple, torch.Tensor] = {}
-    operands = [(func, [tensors.setdefault(layout, _tensor_like(*layout)) for layout in layouts])
-                for func, layouts in calls]
+    tensors = {layout: _tensor_like(*layout) for _, layouts in calls for layout in dict.fromkeys(layouts)}
+    operands = [(func, [tensors[layout] for layout in layouts]) for func, layouts in calls]
 
     def run() -> None:
         for func, tensors in operands:

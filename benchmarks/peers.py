@@ -534,7 +534,7 @@ def run(args: argparse.Namespace) -> dict:
             impl.results["parameters"] = sum(p.numel() for p in impl.module.parameters())
             impls.append(impl)
 
-    chunk = args.chunk or flowvae_cpu_chunk(args.nll_points, args.nll_samples)
+    chunk = args.chunk or flowvae_cpu_chunk(impls, args.nll_points, args.nll_samples)
     matmul = matmul_flops_per_s(args.matmul, budget=2.0)
     print(f"{args.matmul}² float32 matmul: {matmul / 1e9:.1f} GFLOP/s", file=sys.stderr)
 
@@ -604,14 +604,14 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def flowvae_cpu_chunk(points: int, samples: int) -> int:
-    """The importance samples per chunk that flowvae's evaluation picks on a CPU for these 784-pixel
-    images (decoder output under ``CPU_DECODE_BUDGET``); 100 where flowvae is not importable."""
-    try:
-        from flowvae.evaluation import CPU_DECODE_BUDGET
-    except ImportError:
+def flowvae_cpu_chunk(impls: list[Implementation], points: int, samples: int) -> int:
+    """The importance samples per chunk that flowvae's evaluation picks on a CPU for these images
+    (``auto_chunk_size`` under ``CPU_DECODE_BUDGET``); 100 where no flowvae row is measured."""
+    ours = next((impl.module for impl in impls if impl.library.startswith("flowvae")), None)
+    if ours is None:
         return 100
-    return max(1, min(samples, CPU_DECODE_BUDGET // PIXELS // points))
+    from flowvae.evaluation import CPU_DECODE_BUDGET, auto_chunk_size
+    return auto_chunk_size(ours, points, samples, CPU_DECODE_BUDGET)[1]
 
 
 def interpreter() -> str:
