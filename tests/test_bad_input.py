@@ -513,7 +513,10 @@ def _lock_and_interrupt(root: Path) -> Result:
     the first after its first checkpoint says how to resume."""
     directory = root / "cases" / "lock"
     directory.mkdir(parents=True)
-    first = subprocess.Popen([sys.executable, "-m", "flowvae", "train", *TINY, "--epochs", "500", "--out", "run"],
+    # No early stopping and more epochs than any wait: the run must still be training when Ctrl-C comes,
+    # however long the refused commands below queue for a worker on a loaded machine.
+    endless = ["--epochs", "1000000", "--patience", "0"]
+    first = subprocess.Popen([sys.executable, "-m", "flowvae", "train", *TINY, *endless, "--out", "run"],
                              cwd=directory, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lock, deadline = directory / "run" / ".flowvae.lock", time.time() + CASE_TIMEOUT_S
