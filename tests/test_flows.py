@@ -56,6 +56,9 @@ CASES = [
                                               F.AffineCoupling(DIM, 8, c)), True),
     Case("planar-steps", lambda c: F.Planar(DIM, c, steps=3), False),
     Case("planar-steps-amortized", lambda c: F.Planar(DIM, c, steps=3), True),
+    Case("iaf-steps", lambda c: F.IAF(DIM, (16, 16), c, steps=3), False),
+    Case("iaf-steps-context", lambda c: F.IAF(DIM, (16, 16), c, order=[2, 0, 4, 1, 3], steps=2), True),
+    Case("maf-steps-context", lambda c: F.MAF(DIM, (16, 16), c, steps=3), True),
     Case("inverse-of-iaf", lambda c: F.Inverse(F.IAF(DIM, (8, 8), c)), True),
     Case("actnorm-image", lambda c: F.ActNorm(IMG[0]), False, image=True),
     Case("conv1x1-image", lambda c: F.InvertibleConv1x1(IMG[0]), False, image=True),
@@ -176,6 +179,77 @@ def test_made_is_autoregressive(order):
     allowed = deg[None, :] < deg[:, None]  # output i may see input j only if deg j < deg i
     assert torch.all(jac[:, ~allowed] == 0)
     assert torch.all(jac[:, allowed].abs().sum(0) > 0), "MADE should use every allowed connection"
+
+
+@pytest.mark.parametrize("order", ["natural", [3, 1, 4, 0, 2]])
+def test_each_network_of_a_stacked_made_is_autoregressive_in_its_own_order(order):
+    torch.manual_seed(0)
+    made = F.MADE(DIM, (23, 17), n_params=2, context_dim=CTX, order=order, steps=3).double()
+    h = torch.randn(CTX, dtype=torch.float64)
+    networks = made.networks(h)
+    first = F.MADE(DIM, (4,), order=order).degrees
+    assert len(networks) == 3 and torch.equal(made.degrees, torch.stack([first, DIM + 1 - first, first]))
+    for network, deg in zip(networks, made.degrees):
+        jac = degrees_jacobian(lambda x: network(x).reshape(-1), DIM).reshape(2, DIM, DIM)
+        allowed = deg[None, :] < deg[:, None]
+        assert torch.all(jac[:, ~allowed] == 0)
+        assert torch.all(jac[:, allowed].abs().sum(0) > 0)
+    with pytest.raises(ValueError, match="networks"):
+        made(torch.randn(DIM, dtype=torch.float64), h)
+
+
+def _one_step_flows(cls: type, context_dim: int | None, steps: int, order: str | list[int]) -> F.Compose:
+    reverse = (lambda o: "reversed" if o == "natural" else o[::-1])
+    return F.Compose(*(cls(DIM, (16, 12), context_dim, order=order if t % 2 == 0 else reverse(order))
+                       for t in range(steps))).double()
+
+
+@pytest.mark.parametrize("cls", [F.IAF, F.MAF])
+@pytest.mark.parametrize("context_dim", [None, CTX])
+@pytest.mark.parametrize("order", ["natural", [1, 4, 0, 3, 2]])
+def test_an_autoregressive_stack_is_its_one_step_modules_kept_together(cls, context_dim, order):
+    """IAF/MAF(steps=T): the same initial weights as T one-step modules (order reversed between
+    them), weights saved in that layout load into it, and values, log-dets and gradients agree
+    both ways."""
+    torch.manual_seed(3)
+    steps = _one_step_flows(cls, context_dim, 3, order)
+    torch.manual_seed(3)
+    stack = cls(DIM, (16, 12), context_dim, order=order, steps=3).double()
+    assert len(list(stack.parameters())) == len(list(steps.parameters())) // 3
+    model = torch.nn.ModuleDict({"flow": stack})
+    model.load_state_dict({f"flow.{key}": value for key, value in steps.state_dict().items()})  # the same numbers
+    with torch.no_grad():
+        for p in steps.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.load_state_dict({f"flow.{key}": value for key, value in steps.state_dict().items()})
+    z = torch.randn(2, 3, DIM, dtype=torch.float64)
+    h = torch.randn(3, CTX, dtype=torch.float64) if context_dim else None
+    for direction in ("forward", "inverse"):
+        results = []
+        for flow in (stack, steps):
+            flow.zero_grad()
+            out, log_det = getattr(flow, direction)(z, h)
+            (out.square().sum() + log_det.sum()).backward()
+            results.append((out, log_det, {name: p.grad for name, p in flow.named_parameters()}))
+        (out_a, det_a, grads_a), (out_b, det_b, grads_b) = results
+        torch.testing.assert_close(out_a, out_b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(det_a, det_b, rtol=1e-10, atol=1e-12)
+        for name, grad in grads_a.items():
+            per_step = [grads_b[f"flows.{t}.{name}"] for t in range(3)]
+            expected = torch.cat(per_step) if name == "made.context_layer.weight" else torch.stack(per_step)
+            torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [F.IAF, F.MAF])
+def test_a_one_step_autoregressive_flow_reads_weights_saved_in_a_compose(cls):
+    torch.manual_seed(4)
+    old = _one_step_flows(cls, CTX, 1, "natural")
+    fresh = cls(DIM, (16, 12), CTX).double()
+    model = torch.nn.ModuleDict({"flow": fresh})
+    model.load_state_dict({f"flow.{key}": value for key, value in old.state_dict().items()})
+    z, h = torch.randn(4, DIM, dtype=torch.float64), torch.randn(4, CTX, dtype=torch.float64)
+    for a, b in zip(fresh(z, h), old(z, h)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("cls", [F.IAF, F.MAF])

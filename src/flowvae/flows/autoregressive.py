@@ -7,39 +7,50 @@ sequential sampling).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from flowvae.flows.base import Flow
-from flowvae.flows.made import MADE
+from flowvae.flows.base import Flow, read_per_step_layout
+from flowvae.flows.made import MADE, Network
 from flowvae.numerics import soft_clamp
 
 
 class _MaskedAffine(Flow):
+    """``steps`` such flows in one module (one MADE with stacked weights, see :class:`MADE`), the
+    autoregressive order reversed between steps; ``steps=1`` is one step."""
+
     conditioned_on_output: bool
 
-    def __init__(self, dim: int, hidden: Sequence[int], context_dim: int | None, order: str | Sequence[int]) -> None:
+    def __init__(self, dim: int, hidden: Sequence[int], context_dim: int | None, order: str | Sequence[int],
+                 steps: int = 1) -> None:
         super().__init__()
-        self.dim, self.context_dim = dim, context_dim
-        self.made = MADE(dim, hidden, n_params=2, context_dim=context_dim, order=order)
+        if steps < 1:
+            raise ValueError(f"{type(self).__name__} needs steps >= 1, got {steps}")
+        self.dim, self.context_dim, self.steps = dim, context_dim, steps
+        self.made = MADE(dim, hidden, n_params=2, context_dim=context_dim, order=order,
+                         steps=steps if steps > 1 else None)
         with torch.no_grad():  # start near the identity: (log_scale, shift) ≈ (const, 0)
             self.made.output_layer.weight.mul_(1e-2)
             self.made.output_layer.bias.zero_()
+        self._register_load_state_dict_pre_hook(
+            functools.partial(read_per_step_layout, concatenated=("made.context_layer.weight",)), with_module=True)
 
-    def _scale_shift(self, z: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scale_shift(self, made_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_scale, shift) from the MADE's output (..., 2, D)."""
         raise NotImplementedError
 
-    def _one_pass(self, z_in, context):
-        log_scale, shift = self._scale_shift(z_in, context)
+    def _one_pass(self, network: Network, z_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_scale, shift = self._scale_shift(network(z_in))
         return z_in * torch.exp(log_scale) + shift, log_scale.sum(-1)
 
-    def _one_pass_inverse(self, z_out, context):
-        log_scale, shift = self._scale_shift(z_out, context)
+    def _one_pass_inverse(self, network: Network, z_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_scale, shift = self._scale_shift(network(z_out))
         return (z_out - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
 
-    def _sequential(self, z: torch.Tensor, context: torch.Tensor | None, invert: bool
+    def _sequential(self, network: Network, degrees: torch.Tensor, z: torch.Tensor, invert: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Solve the autoregressive equations one degree at a time: D MADE passes.
 
@@ -48,24 +59,35 @@ class _MaskedAffine(Flow):
         The last pass sees every input its outputs depend on, so its log-scales give the log-det.
         """
         x = torch.zeros_like(z)
-        for position in torch.argsort(self.made.degrees).tolist():
-            log_scale, shift = (t.to(z.dtype) for t in self._scale_shift(x, context))
+        for position in torch.argsort(degrees).tolist():
+            log_scale, shift = (t.to(z.dtype) for t in self._scale_shift(network(x)))
             z_i, log_scale_i, shift_i = z[..., position], log_scale[..., position], shift[..., position]
             x_i = (z_i - shift_i) * torch.exp(-log_scale_i) if invert else z_i * torch.exp(log_scale_i) + shift_i
             x = torch.cat([x[..., :position], x_i.unsqueeze(-1), x[..., position + 1:]], dim=-1)
         return x, (-log_scale if invert else log_scale).sum(-1)
 
-    def forward(self, z, context=None):
+    def _run(self, z: torch.Tensor, context: torch.Tensor | None, invert: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.dim, context)
-        if self.conditioned_on_output:
-            return self._sequential(z, context, invert=False)
-        return self._one_pass(z, context)
+        networks = self.made.networks(context)
+        degrees = self.made.degrees.view(-1, self.dim)
+        steps = range(self.steps - 1, -1, -1) if invert else range(self.steps)
+        log_det = None
+        for t in steps:
+            if invert == self.conditioned_on_output:
+                z, step_log_det = (self._one_pass_inverse if invert else self._one_pass)(networks[t], z)
+            else:
+                z, step_log_det = self._sequential(networks[t], degrees[t], z, invert)
+            log_det = step_log_det if log_det is None else log_det + step_log_det
+        return z, log_det
+
+    def forward(self, z, context=None):
+        return self._run(z, context, invert=False)
 
     def inverse(self, z, context=None):
-        self._check(z, self.dim, context)
-        if self.conditioned_on_output:
-            return self._one_pass_inverse(z, context)
-        return self._sequential(z, context, invert=True)
+        return self._run(z, context, invert=True)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, steps={self.steps}, context_dim={self.context_dim}"
 
 
 class IAF(_MaskedAffine):
@@ -74,28 +96,29 @@ class IAF(_MaskedAffine):
     [m, s] = MADE(z, h);  σ = sigmoid(s + gate_bias);  z ← σ ⊙ z + (1 - σ) ⊙ m;  log|det| = Σ log σ.
     Each step is a convex combination of z and m, and m is clamped to ±``shift_bound``, so
     |z| never grows past max(|z₀|, shift_bound) however deep the stack.  ``gate_bias`` (default 3,
-    σ ≈ 0.95) and a near-zero output layer start each step close to the identity.  Reverse
-    ``order`` between steps.
+    σ ≈ 0.95) and a near-zero output layer start each step close to the identity.  ``steps=T``:
+    T steps in one module, ``order`` reversed between them (one step each reverses it by hand).
     """
 
     conditioned_on_output = False
 
     def __init__(self, dim: int, hidden: Sequence[int] = (320, 320), context_dim: int | None = None,
-                 order: str | Sequence[int] = "natural", gate_bias: float = 3.0, shift_bound: float = 1e3) -> None:
-        super().__init__(dim, hidden, context_dim, order)
+                 order: str | Sequence[int] = "natural", gate_bias: float = 3.0, shift_bound: float = 1e3,
+                 steps: int = 1) -> None:
+        super().__init__(dim, hidden, context_dim, order, steps)
         self.gate_bias, self.shift_bound = gate_bias, shift_bound
 
-    def _gate_and_shift(self, z, context):
-        m, s = self.made(z, context).unbind(-2)
+    def _gate_and_shift(self, made_out):
+        m, s = made_out.unbind(-2)
         # hardtanh is clamp with a one-kernel backward (clamp's takes about seven small operations).
         return s + self.gate_bias, F.hardtanh(m, -self.shift_bound, self.shift_bound)
 
-    def _scale_shift(self, z, context):
-        s, m = self._gate_and_shift(z, context)
+    def _scale_shift(self, made_out):
+        s, m = self._gate_and_shift(made_out)
         return F.logsigmoid(s), torch.sigmoid(-s) * m
 
-    def _one_pass(self, z_in, context):
-        s, m = self._gate_and_shift(z_in, context)
+    def _one_pass(self, network, z_in):
+        s, m = self._gate_and_shift(network(z_in))
         if s.dtype != z_in.dtype:  # under autocast the MADE's outputs may be 16-bit
             s, m = s.to(z_in.dtype), m.to(z_in.dtype)
         return torch.lerp(m, z_in, torch.sigmoid(s)), F.logsigmoid(s).sum(-1)  # σ z + (1 - σ) m
@@ -105,16 +128,17 @@ class MAF(_MaskedAffine):
     """Masked autoregressive flow step (Papamakarios et al. 2017): z_out = z_in · exp(α) + μ,
     [μ, α] = MADE(z_out, h), α soft-clamped to ±``log_scale_bound`` and μ to ±``shift_bound``.
     Density direction (``inverse``) is one pass; sampling (``forward``) takes D passes.
+    ``steps=T``: T steps in one module, ``order`` reversed between them.
     """
 
     conditioned_on_output = True
 
     def __init__(self, dim: int, hidden: Sequence[int] = (320, 320), context_dim: int | None = None,
                  order: str | Sequence[int] = "natural", log_scale_bound: float = 5.0,
-                 shift_bound: float = 1e3) -> None:
-        super().__init__(dim, hidden, context_dim, order)
+                 shift_bound: float = 1e3, steps: int = 1) -> None:
+        super().__init__(dim, hidden, context_dim, order, steps)
         self.log_scale_bound, self.shift_bound = log_scale_bound, shift_bound
 
-    def _scale_shift(self, z, context):
-        mu, alpha = self.made(z, context).unbind(-2)
+    def _scale_shift(self, made_out):
+        mu, alpha = made_out.unbind(-2)
         return soft_clamp(alpha, self.log_scale_bound), soft_clamp(mu, self.shift_bound)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from flowvae import functional as Fn
-from flowvae.flows.base import Flow, FlowParameters, constant_init, normal_init
+from flowvae.flows.base import Flow, FlowParameters, constant_init, normal_init, read_per_step_layout
 
 
 class Planar(Flow):
@@ -25,7 +27,8 @@ class Planar(Flow):
             raise ValueError(f"Planar needs steps >= 1, got {steps}")
         self.params = FlowParameters({"u": ((dim,), normal_init(std)), "w": ((dim,), normal_init(std)),
                                       "b": ((), constant_init(0.0))}, context_dim, steps if steps > 1 else None)
-        self._register_load_state_dict_pre_hook(_stack_planar_steps, with_module=True)
+        self._register_load_state_dict_pre_hook(
+            functools.partial(read_per_step_layout, concatenated=("params.head.",)), with_module=True)
 
     def forward(self, z, context=None):
         self._check(z, self.dim, context)
@@ -37,24 +40,6 @@ class Planar(Flow):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, steps={self.steps}, context_dim={self.context_dim}"
-
-
-def _stack_planar_steps(module: Planar, state_dict: dict, prefix: str, *args) -> None:
-    """Read weights saved before flowvae kept a planar stack's steps together: a ``Compose`` of T
-    one-step ``Planar`` modules (``{prefix}flows.{t}.params...``) becomes this module's stacked
-    parameters, the head's rows in the same step-major order, so results are unchanged."""
-    old = f"{prefix}flows."
-    names = sorted({key[len(old):].split(".", 1)[1] for key in state_dict
-                    if key.startswith(old) and key[len(old):].split(".", 1)[0].isdigit()})
-    for name in names:  # e.g. "params.values.u", "params.head.weight"
-        parts, t = [], 0
-        while f"{old}{t}.{name}" in state_dict:
-            parts.append(state_dict.pop(f"{old}{t}.{name}"))
-            t += 1
-        if module.steps == 1:
-            state_dict[prefix + name] = parts[0]
-        else:
-            state_dict[prefix + name] = torch.stack(parts) if name.startswith("params.values.") else torch.cat(parts)
 
 
 class Radial(Flow):

@@ -30,10 +30,6 @@ def per_step(step: Callable[[int, int, int | None, dict], Flow]) -> StackBuilder
     return lambda dim, steps, context_dim, o: Compose([step(dim, k, context_dim, o) for k in range(steps)])
 
 
-def _order(step: int) -> str:
-    return "natural" if step % 2 == 0 else "reversed"
-
-
 FLOWS.register("planar")(lambda dim, steps, context_dim, o: Planar(dim, context_dim, steps))
 FLOWS.register("radial")(per_step(lambda dim, k, context_dim, o: Radial(dim, context_dim)))
 FLOWS.register("householder")(per_step(lambda dim, k, context_dim, o: Householder(dim, 1, context_dim)))
@@ -43,10 +39,8 @@ FLOWS.register("sylvester-householder")(
     per_step(lambda dim, k, context_dim, o: HouseholderSylvester(dim, o["reflections"], context_dim)))
 FLOWS.register("sylvester-triangular")(
     per_step(lambda dim, k, context_dim, o: TriangularSylvester(dim, k % 2 == 1, context_dim)))
-FLOWS.register("iaf")(per_step(lambda dim, k, context_dim, o: IAF(dim, (o["hidden"], o["hidden"]), context_dim,
-                                                                  _order(k))))
-FLOWS.register("maf")(per_step(lambda dim, k, context_dim, o: MAF(dim, (o["hidden"], o["hidden"]), context_dim,
-                                                                  _order(k))))
+FLOWS.register("iaf")(lambda dim, steps, context_dim, o: IAF(dim, (o["hidden"], o["hidden"]), context_dim, steps=steps))
+FLOWS.register("maf")(lambda dim, steps, context_dim, o: MAF(dim, (o["hidden"], o["hidden"]), context_dim, steps=steps))
 FLOWS.register("coupling")(
     per_step(lambda dim, k, context_dim, o: AffineCoupling(dim, o["hidden"], context_dim, event_dim=1,
                                                            swap=k % 2 == 1)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -30,14 +31,40 @@ def input_degrees(dim: int, order: str | Sequence[int] = "natural") -> torch.Ten
 
 
 class MaskedLinear(nn.Linear):
-    """nn.Linear whose weight is multiplied by a fixed 0/1 mask of shape (out, in)."""
+    """nn.Linear whose weight is multiplied by a fixed 0/1 mask of shape (out, in).
+
+    With a mask of shape (T, out, in) it holds T such layers: weight (T, out, in), bias (T, out),
+    used through :meth:`masked_weight` (one MADE of a stack each); layer t is initialised as
+    ``nn.Linear`` would be, in the order :meth:`reset_step` is called.
+    """
 
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor) -> None:
-        super().__init__(in_features, out_features)
+        steps = mask.shape[:-2]
+        if not steps:
+            super().__init__(in_features, out_features)
+        else:  # parameters of the full shape, filled step by step by reset_step
+            nn.Module.__init__(self)
+            self.in_features, self.out_features = in_features, out_features
+            self.weight = nn.Parameter(torch.empty(*steps, out_features, in_features))
+            self.bias = nn.Parameter(torch.empty(*steps, out_features))
         self.register_buffer("mask", mask.to(self.weight.dtype))
 
+    def reset_step(self, step: int) -> None:
+        """Initialise layer ``step`` of a stacked layer as ``nn.Linear`` initialises its own."""
+        nn.init.kaiming_uniform_(self.weight[step], a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+        nn.init.uniform_(self.bias[step], -bound, bound)
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.mask
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        if self.weight.dim() != 2:
+            raise ValueError("a stacked MaskedLinear holds several layers: use masked_weight()")
+        return F.linear(x, self.masked_weight(), self.bias)
+
+
+Network = Callable[[torch.Tensor], torch.Tensor]
 
 
 class MADE(nn.Module):
@@ -46,38 +73,77 @@ class MADE(nn.Module):
     ``forward(x, context=None)``: x (..., D), context (..., context_dim) -> (..., n_params, D);
     output [..., p, i] depends only on inputs of degree < degree(i) (and on the context, which
     enters the first hidden layer unmasked).  Hidden degrees cycle through 1..D-1.
+
+    ``steps=T`` holds T such networks, as a flow stack needs them, with each layer's weights
+    stacked (T, out, in) so that a stack has a few large tensors instead of many small ones:
+    network t has ``order`` for even t and its reverse for odd t; ``degrees`` is then (T, D), and
+    :meth:`networks` gives the T forward functions.
     """
 
     def __init__(self, dim: int, hidden: Sequence[int] = (256, 256), n_params: int = 2,
                  context_dim: int | None = None, order: str | Sequence[int] = "natural",
-                 activation: Callable[[], nn.Module] = functools.partial(nn.ELU, inplace=True)) -> None:
+                 activation: Callable[[], nn.Module] = functools.partial(nn.ELU, inplace=True),
+                 steps: int | None = None) -> None:
         super().__init__()
         if dim < 1 or not hidden or any(h < 1 for h in hidden):
             raise ValueError(f"MADE needs dim >= 1 and non-empty positive hidden sizes, got dim={dim}, hidden={hidden}")
-        self.dim, self.n_params, self.context_dim = dim, n_params, context_dim
-        self.register_buffer("degrees", input_degrees(dim, order))
+        if steps is not None and steps < 1:
+            raise ValueError(f"MADE needs steps >= 1 (or None), got {steps}")
+        self.dim, self.n_params, self.context_dim, self.steps = dim, n_params, context_dim, steps
+        first = input_degrees(dim, order)
+        self.register_buffer("degrees", first if steps is None else torch.stack(
+            [first if t % 2 == 0 else dim + 1 - first for t in range(steps)]))
+        stack = () if steps is None else (steps,)
         degrees = [self.degrees]
         for width in hidden:
-            degrees.append(torch.arange(width) % max(dim - 1, 1) + 1 if dim > 1 else torch.zeros(width, dtype=torch.long))
+            hidden_degrees = torch.arange(width) % max(dim - 1, 1) + 1 if dim > 1 else torch.zeros(width, dtype=torch.long)
+            degrees.append(hidden_degrees.expand(*stack, width))
         layers = []
         for d_in, d_out in zip(degrees[:-1], degrees[1:]):
-            layers.append(MaskedLinear(len(d_in), len(d_out), (d_out[:, None] >= d_in[None, :]).float()))
+            layers.append(MaskedLinear(d_in.shape[-1], d_out.shape[-1], (d_out[..., :, None] >= d_in[..., None, :]).float()))
         self.hidden_layers = nn.ModuleList(layers)
-        out_degrees = self.degrees.repeat(n_params)
-        self.output_layer = MaskedLinear(hidden[-1], n_params * dim, (out_degrees[:, None] > degrees[-1][None, :]).float())
-        self.context_layer = nn.Linear(context_dim, hidden[0], bias=False) if context_dim is not None else None
+        out_degrees = self.degrees.repeat(*(1,) * len(stack), n_params)
+        self.output_layer = MaskedLinear(hidden[-1], n_params * dim,
+                                         (out_degrees[..., :, None] > degrees[-1][..., None, :]).float())
+        # With steps, one linear map h -> (T·H) for all T networks: rows t·H..(t+1)·H are network t's.
+        self.context_layer = None if context_dim is None else nn.utils.skip_init(
+            nn.Linear, context_dim, hidden[0] * (steps or 1), bias=False)
+        for t in range(steps or 1):  # in the order T one-network MADEs draw their initial weights
+            if steps is not None:
+                for layer in (*self.hidden_layers, self.output_layer):
+                    layer.reset_step(t)
+            if self.context_layer is not None:
+                nn.init.kaiming_uniform_(self.context_layer.weight[t * hidden[0]:(t + 1) * hidden[0]], a=math.sqrt(5))
         self.activation = activation()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.hidden_layers[0](x)
-        if self.context_layer is not None:
-            c = self.context_layer(context)
+    def networks(self, context: torch.Tensor | None = None) -> list[Network]:
+        """The forward functions x (..., D) -> (..., n_params, D) of the T networks (one without
+        ``steps``), for this context: masks applied and the context projected once for all."""
+        layers = (*self.hidden_layers, self.output_layer)
+        weights, biases = [layer.masked_weight() for layer in layers], [layer.bias for layer in layers]
+        projected: list[torch.Tensor | None] = [None] * (self.steps or 1)
+        if self.context_layer is not None:  # one product for all T networks, then T slices (..., H)
+            projected = list(self.context_layer(context).unflatten(-1, (self.steps or 1, -1)).unbind(-2))
+        if self.steps is None:
+            return [functools.partial(self._run, weights, biases, projected[0])]
+        per_step = zip(zip(*(w.unbind(0) for w in weights)), zip(*(b.unbind(0) for b in biases)), projected)
+        return [functools.partial(self._run, w, b, c) for w, b, c in per_step]
+
+    def _run(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], context_term: torch.Tensor | None,
+             x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, weights[0], biases[0])
+        if context_term is not None:
             # In place where h already has the broadcast shape (one large temporary less per pass).
-            h = h.add_(c) if torch.broadcast_shapes(h.shape, c.shape) == h.shape else h + c
+            h = h.add_(context_term) if torch.broadcast_shapes(h.shape, context_term.shape) == h.shape else h + context_term
         h = self.activation(h)
-        for layer in self.hidden_layers[1:]:
-            h = self.activation(layer(h))
-        return self.output_layer(h).unflatten(-1, (self.n_params, self.dim))
+        for weight, bias in zip(weights[1:-1], biases[1:-1]):
+            h = self.activation(F.linear(h, weight, bias))
+        return F.linear(h, weights[-1], biases[-1]).unflatten(-1, (self.n_params, self.dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.steps is not None:
+            raise ValueError(f"this MADE holds {self.steps} networks: call networks(context)[t](x)")
+        return self.networks(context)[0](x)
 
 
 class BernoulliMADE(nn.Module):
