@@ -37,24 +37,33 @@ def planar_chain(z: torch.Tensor, u_hat: torch.Tensor, w: torch.Tensor, b: torch
     :func:`planar_constraint`: z (..., D); u_hat and w (..., T, D), b and one_plus_wu_hat (..., T)
     (global parameters have no batch dimensions) -> z_T (..., D), Σ_t log|det| (...).
 
-    With h_s = tanh(a_s), z_t = z_0 + Σ_{s<t} h_s û_s, so every pre-activation is
-    a_t = w_tᵀz_t + b_t = (w_tᵀz_0 + b_t) + Σ_{s<t} (w_tᵀû_s) h_s: the loop runs on T numbers
-    per point (two operations a step), and z_T = z_0 + Σ_t h_t û_t is one product at the end.
-    Each step's determinant is c + h²(1 - c) with c = 1 + wᵀû >= 0, which is >= min(c, 1): it
-    never cancels to 0 when wᵀû ≈ -1.
+    Each step's determinant is c + h²(1 - c) with h = tanh(a), c = 1 + wᵀû >= 0, which is
+    >= min(c, 1): it never cancels to 0 when wᵀû ≈ -1.
+
+    With global parameters the loop runs on the T pre-activations alone: since
+    z_t = z_0 + Σ_{s<t} h_s û_s, a_t = w_tᵀz_t + b_t = (w_tᵀz_0 + b_t) + Σ_{s<t} (w_tᵀû_s) h_s,
+    so the step is two operations on T numbers per point, between two products (z_0 Wᵀ at the
+    start, z_T = z_0 + H Û at the end).  With per-point parameters those products are batched
+    and slower, eager and compiled, than updating z step by step, which is done there.
     """
+    if w.dim() > 2:
+        dets = []
+        for u_t, w_t, b_t, c_t in zip(u_hat.unbind(-2), w.unbind(-2), b.unbind(-1), one_plus_wu_hat.unbind(-1)):
+            h_t = torch.tanh((z * w_t).sum(-1) + b_t)
+            z = torch.addcmul(z, h_t.unsqueeze(-1), u_t)
+            dets.append(torch.addcmul(c_t, h_t * h_t, 1.0 - c_t))
+        return z, safe_log(torch.stack(dets, -1)).sum(-1)
     steps = w.shape[-2]
-    batched = w.dim() > 2  # amortized: parameters per point
-    pre = ((z.unsqueeze(-2) * w).sum(-1) if batched else z @ w.mT) + b  # (..., T): w_tᵀz_0 + b_t
-    coupling = w @ u_hat.mT  # (..., T, T): [t, s] = w_tᵀû_s
+    pre = z @ w.mT + b  # (..., T): w_tᵀz_0 + b_t (a sum, not addmm: under autocast it stays in z's dtype)
+    coupling = w @ u_hat.mT  # (T, T): [t, s] = w_tᵀû_s
     hs = []
     for t in range(steps):
         h_t = torch.tanh(pre[..., t])
         hs.append(h_t)
-        if t + 1 < steps:  # a_{t'} += (w_{t'}ᵀû_t) h_t; columns up to t are not read again
-            pre = torch.addcmul(pre, h_t.unsqueeze(-1), coupling[..., :, t])
+        if t + 1 < steps:  # a_{t'} += (w_{t'}ᵀû_t) h_t; the columns up to t are not read again
+            pre = torch.addcmul(pre, h_t.unsqueeze(-1), coupling[:, t])
     h = torch.stack(hs, -1)  # (..., T)
-    z_out = z + ((h.unsqueeze(-1) * u_hat).sum(-2) if batched else h @ u_hat)
+    z_out = z + h @ u_hat
     dets = torch.addcmul(one_plus_wu_hat, h * h, 1.0 - one_plus_wu_hat)
     return z_out, safe_log(dets).sum(-1)
 
