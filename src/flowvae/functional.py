@@ -46,12 +46,14 @@ def planar_chain(z: torch.Tensor, u_hat: torch.Tensor, w: torch.Tensor, b: torch
     start, z_T = z_0 + H Û at the end).  With per-point parameters those products are batched
     and slower, eager and compiled, than updating z step by step, which is done there.
     """
+    one_minus = 1.0 - one_plus_wu_hat
     if w.dim() > 2:
         dets = []
-        for u_t, w_t, b_t, c_t in zip(u_hat.unbind(-2), w.unbind(-2), b.unbind(-1), one_plus_wu_hat.unbind(-1)):
+        steps = zip(u_hat.unbind(-2), w.unbind(-2), b.unbind(-1), one_plus_wu_hat.unbind(-1), one_minus.unbind(-1))
+        for u_t, w_t, b_t, c_t, one_minus_t in steps:
             h_t = torch.tanh((z * w_t).sum(-1) + b_t)
             z = torch.addcmul(z, h_t.unsqueeze(-1), u_t)
-            dets.append(torch.addcmul(c_t, h_t * h_t, 1.0 - c_t))
+            dets.append(torch.addcmul(c_t, h_t * h_t, one_minus_t))
         return z, safe_log(torch.stack(dets, -1)).sum(-1)
     steps = w.shape[-2]
     pre = z @ w.mT + b  # (..., T): w_tᵀz_0 + b_t (a sum, not addmm: under autocast it stays in z's dtype)
@@ -64,7 +66,7 @@ def planar_chain(z: torch.Tensor, u_hat: torch.Tensor, w: torch.Tensor, b: torch
             pre = torch.addcmul(pre, h_t.unsqueeze(-1), coupling[:, t])
     h = torch.stack(hs, -1)  # (..., T)
     z_out = z + h @ u_hat
-    dets = torch.addcmul(one_plus_wu_hat, h * h, 1.0 - one_plus_wu_hat)
+    dets = torch.addcmul(one_plus_wu_hat, h * h, one_minus)
     return z_out, safe_log(dets).sum(-1)
 
 

@@ -97,7 +97,8 @@ class IAF(_MaskedAffine):
     Each step is a convex combination of z and m, and m is clamped to ±``shift_bound``, so
     |z| never grows past max(|z₀|, shift_bound) however deep the stack.  ``gate_bias`` (default 3,
     σ ≈ 0.95) and a near-zero output layer start each step close to the identity.  ``steps=T``:
-    T steps in one module, ``order`` reversed between them (one step each reverses it by hand).
+    T steps in one module, ``order`` reversed between them (one-step modules in a ``Compose``
+    take alternating orders from the caller).
     """
 
     conditioned_on_output = False

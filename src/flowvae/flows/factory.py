@@ -3,8 +3,8 @@
 Each family registers one builder ``(dim, steps, context_dim, options) -> Flow`` in :data:`FLOWS`
 that returns the whole stack of ``steps`` steps; ``options`` holds the family options
 (``hidden``, ``reflections``, ``rank``).  :func:`per_step` makes such a builder from one that
-builds step ``k`` alone (orderings and coupling halves alternate with k); planar keeps its steps
-in one module with stacked parameters.
+builds step ``k`` alone (orderings and coupling halves alternate with k); planar, IAF and MAF keep
+their steps in one module with stacked parameters (``steps=T``).
 """
 
 from __future__ import annotations
