@@ -70,14 +70,15 @@ DATA = next((d / "data" / "binarized_mnist.npz" for d in (ROOT / "shared", ROOT.
              if (d / "data" / "binarized_mnist.npz").exists()), ROOT.parent / "shared" / "data" / "binarized_mnist.npz")
 PIXELS, HIDDEN, LATENT, MADE_HIDDEN = 784, 300, 40, 320
 FLOW_STEPS = {"none": 0, "planar": 10, "iaf": 4}  # "none": the same VAE without a flow, the floor
-LIBRARIES = ("flowvae", "flowvae-compile", "pythae", "normflows", "pyro", "zuko", "nflows")
+LIBRARIES = ("flowvae", "flowvae-compile", "torch", "pythae", "normflows", "pyro", "zuko", "nflows")
 # The models each library is built as (True: the flow reads the encoder's h), and so the only ones
 # its builder is asked for: pythae's VAE_LinNF / VAE_IAF and normflows' NormalizingFlowVAE pass no
 # context to their flows; Pyro and zuko are measured on h; flowvae both ways, so each peer meets
 # the same model.
 CONDITIONINGS = {"flowvae": (True, False), "flowvae-compile": (True, False), "pythae": (False,), "normflows": (False,),
-                 "pyro": (True,), "zuko": (True,), "nflows": (True, False)}
-DISTRIBUTIONS = {"flowvae": "flowvae", "flowvae-compile": "flowvae", "pythae": "pythae", "normflows": "normflows",
+                 "pyro": (True,), "zuko": (True,), "nflows": (True, False), "torch": (True,)}
+DISTRIBUTIONS = {"flowvae": "flowvae", "flowvae-compile": "flowvae", "torch": "torch", "pythae": "pythae",
+                 "normflows": "normflows",
                  "pyro": "pyro-ppl", "zuko": "zuko", "nflows": "nflows"}
 
 
@@ -419,6 +420,39 @@ def build_zuko(flow: str, conditioned: bool) -> Implementation:
                           lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach())
 
 
+# --- plain torch: the no-flow VAE and its estimator written by hand ------------------------------
+
+def build_torch(flow: str, conditioned: bool) -> Implementation:
+    """What a user writes without a library: the no-flow VAE, and −log p(x) one test image at a time
+    with all K samples in one batch (the chunk is ignored)."""
+    if flow != "none":
+        raise Unavailable("the hand-written baseline is the VAE without a flow")
+    notes = ("plain torch modules; −log p(x): a loop over the test images, each scored with all K samples "
+             "in one batch, logsumexp in float64")
+
+    class TorchVAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder = Encoder(), decoder_net()
+
+        def log_weights(self, x, n):
+            mean, log_std, _ = self.encoder(x)
+            eps = torch.randn(n, *mean.shape)
+            z = mean + log_std.exp() * eps
+            log_q = standard_normal_log_prob(eps) - log_std.sum(-1)
+            return bernoulli_log_prob(self.decoder(z), x) + standard_normal_log_prob(z) - log_q
+
+    model = TorchVAE()
+
+    def nll(x, k, chunk):
+        with torch.no_grad():
+            return float(np.mean([math.log(k) - torch.logsumexp(model.log_weights(x[i:i + 1], k).double(), 0).item()
+                                  for i in range(len(x))]))
+
+    return Implementation("torch", flow, True, notes, model, lambda x: -model.log_weights(x, 1).mean(), nll,
+                          lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach())
+
+
 # --- nflows -------------------------------------------------------------------------------------
 
 def build_nflows(flow: str, conditioned: bool) -> Implementation:
@@ -462,7 +496,8 @@ def build_nflows(flow: str, conditioned: bool) -> Implementation:
                           lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach())
 
 
-BUILDERS = {"flowvae": build_flowvae, "flowvae-compile": build_flowvae_compiled, "pythae": build_pythae,
+BUILDERS = {"flowvae": build_flowvae, "flowvae-compile": build_flowvae_compiled, "torch": build_torch,
+            "pythae": build_pythae,
             "normflows": build_normflows, "pyro": build_pyro, "zuko": build_zuko, "nflows": build_nflows}
 
 
@@ -514,7 +549,7 @@ def run(args: argparse.Namespace) -> dict:
     models = [(flow, conditioned) for flow in args.flows for conditioned in ((True,) if flow == "none" else (True, False))]
     for flow, conditioned in models:
         for library in args.libraries:
-            if conditioned not in CONDITIONINGS[library] or (flow == "none" and not library.startswith("flowvae")):
+            if conditioned not in CONDITIONINGS[library] or (flow == "none" and library not in ("flowvae", "flowvae-compile", "torch")):
                 continue
             torch.manual_seed(args.seed)
             try:

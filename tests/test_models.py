@@ -255,3 +255,54 @@ def test_cpu_importance_sampling_chunks_stay_below_the_mmap_threshold_that_the_c
         points, samples = auto_chunk_size(model, 100, 5000, decode_budget(torch.device("cpu")))
         output_bytes = points * samples * model.likelihood.params_per_pixel * math.prod(shape) * 4
         assert points * samples >= 1000 and output_bytes < MMAP_THRESHOLD_BYTES, (points, samples, output_bytes)
+
+
+@pytest.mark.parametrize("chunk_size, points", [(1, None), (7, 2), (50, None), (123, 3), (1000, 5)])
+def test_importance_weighted_estimate_does_not_depend_on_the_chunks(chunk_size, points):
+    """The noise is drawn in fixed blocks for the whole batch, so memory-driven chunking (which
+    differs between CPUs, GPUs and runs) cannot change the estimate."""
+    model = posterior_vae(mean_shift=0.4, std_scale=1.4)
+    x = torch.randn(7, 1, 1, 3)
+    reference = objectives.importance_weighted_estimate(model, x, 333, 333, torch.Generator().manual_seed(3))
+    other = objectives.importance_weighted_estimate(model, x, 333, chunk_size, torch.Generator().manual_seed(3),
+                                                    points=points)
+    for name in ("nll", "mc_se", "ess"):
+        torch.testing.assert_close(getattr(other, name), getattr(reference, name), rtol=1e-12, atol=1e-12)
+
+
+def test_importance_weighted_standard_error_matches_the_spread_of_repeated_estimates():
+    model = posterior_vae(mean_shift=0.4, std_scale=1.4)
+    x = torch.randn(6, 1, 1, 3) * 2
+    estimates = [objectives.importance_weighted_estimate(model, x, 100, 40, torch.Generator().manual_seed(seed))
+                 for seed in range(400)]
+    spread = torch.stack([e.nll for e in estimates]).std(0)
+    predicted = torch.stack([e.mc_se for e in estimates]).mean(0)
+    ratio = predicted / spread
+    assert ((ratio > 0.8) & (ratio < 1.25)).all(), ratio   # 400 repeats: the spread itself is within ±8 %
+    ess = torch.stack([e.ess for e in estimates])
+    assert ((ess > 1) & (ess < 100)).all()
+
+
+def test_importance_weighted_estimate_of_the_true_posterior_has_no_error():
+    """Equal weights: ESS = K and a zero standard error."""
+    model = posterior_vae()
+    estimate = objectives.importance_weighted_estimate(model, torch.randn(4, 1, 1, 3), 64, 10)
+    torch.testing.assert_close(estimate.ess, torch.full((4,), 64.0, dtype=torch.float64))
+    assert (estimate.mc_se < 1e-6).all()
+
+
+def test_evaluate_reports_the_standard_errors_and_the_effective_sample_size():
+    from flowvae.evaluation import evaluate
+    from flowvae.models.base import draw_noise
+
+    model = posterior_vae(mean_shift=0.4, std_scale=1.4)
+    x = torch.randn(20, 1, 1, 3) * 2
+    results = evaluate(model, x, batch_size=20, samples=50, seed=5)
+    generator = torch.Generator().manual_seed(5 * 1_000_003)       # batch 0's generator
+    neg_elbo = objectives.negative_elbo(model(x, noise=draw_noise(model, 1, 20, generator=generator)))
+    estimate = objectives.importance_weighted_estimate(model, x, 50, 50, generator)
+    assert results["nll"] == pytest.approx(estimate.nll.mean().item(), rel=1e-6)
+    assert results["nll_mc_se"] == pytest.approx(estimate.mc_se.square().sum().sqrt().item() / 20, rel=1e-6)
+    assert results["nll_ess"] == pytest.approx(estimate.ess.mean().item(), rel=1e-6)
+    assert results["nll_data_se"] == pytest.approx(estimate.nll.std().item() / math.sqrt(20), rel=1e-6)
+    assert results["neg_elbo_data_se"] == pytest.approx(neg_elbo.std().item() / math.sqrt(20), rel=1e-6)

@@ -91,7 +91,12 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
 
     Means over the data of -ELBO, its reconstruction and KL parts (one posterior sample each), the
     KL of each of the model's groups (``kl_groups``, Monte Carlo), and with ``samples`` = K > 0 the
-    importance-weighted -log p(x).  For 8-bit data (uint8) also bits/dim of both, after the
+    importance-weighted -log p(x) (``nll``) with its Monte Carlo standard error (``nll_mc_se``:
+    √(Σ_i se_i²) / N from each image's delta-method error, see
+    :class:`~flowvae.objectives.ImportanceWeightedEstimate`) and the mean effective sample size
+    of the importance weights per image (``nll_ess``).  ``neg_elbo_data_se`` and ``nll_data_se``
+    are the standard errors of the means over the N images (std / √N): how much the figure would
+    move on another test set of the same size.  For 8-bit data (uint8) also bits/dim of both, after the
     likelihood's dequantization offset.  Sums accumulate in float64.
 
     With ``seed`` each batch draws its noise from its own generator seeded by (seed, batch index).
@@ -105,7 +110,8 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
     device = torch.device(device)
     group_names = model(data[:1].to(device)).group_names  # a one-point probe: every worker knows the groups
     names = ["neg_elbo", "reconstruction", "kl"] + (["nll"] if samples else [])
-    totals = torch.zeros(len(names) + len(group_names), dtype=torch.float64, device=device)
+    squares = ["neg_elbo_squares"] + (["nll_squares", "nll_mc_variance", "nll_ess"] if samples else [])
+    totals = torch.zeros(len(names) + len(squares) + len(group_names), dtype=torch.float64, device=device)
     points = batch_size
     if samples:
         points, auto_chunk = auto_chunk_size(model, batch_size, samples, decode_budget(device))
@@ -119,20 +125,27 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
         noise = None if generator is None else draw_noise(model, 1, len(x), generator=generator, device=device)
         with autocast(device, precision):
             ld = model(x, noise=noise)
-            batch = [objectives.negative_elbo(ld).double().sum(), -ld.log_likelihood.double().sum(),
-                     ld.kl.double().sum()]
+            neg_elbo = objectives.negative_elbo(ld).double()
+            batch = [neg_elbo.sum(), -ld.log_likelihood.double().sum(), ld.kl.double().sum()]
+            extra = [neg_elbo.square().sum()]
             if samples:
-                batch.append(sum(objectives.importance_weighted_nll(model, part, samples, chunk_size, generator,
-                                                                      score).sum()
-                                 for part in x.split(points)))
-        totals += torch.cat([torch.stack(batch), ld.kl_groups.double().mean(0).sum(0)])
+                iw = objectives.importance_weighted_estimate(model, x, samples, chunk_size, generator, score, points)
+                batch.append(iw.nll.sum())
+                extra += [iw.nll.square().sum(), iw.mc_se.square().sum(), iw.ess.sum()]
+        totals += torch.cat([torch.stack(batch + extra), ld.kl_groups.double().mean(0).sum(0)])
     context.all_reduce_sum(totals)
     model.train(was_training)
-    values = (totals / len(data)).tolist()
+    n = len(data)
+    values = (totals / n).tolist()
     results: dict[str, Any] = dict(zip(names, values))
-    results["kl_groups"] = dict(zip(group_names, values[len(names):]))
+    moments = dict(zip(squares, values[len(names):len(names) + len(squares)]))
+    results["neg_elbo_data_se"] = _standard_error(results["neg_elbo"], moments["neg_elbo_squares"], n)
+    results["kl_groups"] = dict(zip(group_names, values[len(names) + len(squares):]))
     if samples:
         results["nll_samples"] = samples
+        results["nll_mc_se"] = math.sqrt(moments["nll_mc_variance"] / n)
+        results["nll_ess"] = moments["nll_ess"]
+        results["nll_data_se"] = _standard_error(results["nll"], moments["nll_squares"], n)
     if not data.is_floating_point():  # 8-bit data: also in bits/dim (-log P of the discrete pixels)
         dim = math.prod(data.shape[1:])
         offset = model.likelihood.discrete_nats_offset(dim)
@@ -140,6 +153,13 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
         if samples:
             results["bits_per_dim"] = objectives.bits_per_dim(results["nll"] + offset, dim)
     return results
+
+
+def _standard_error(mean: float, mean_square: float, n: int) -> float:
+    """Standard error of a mean over n data points, from the means of the values and their squares."""
+    if n < 2:
+        return float("nan")
+    return math.sqrt(max(mean_square - mean ** 2, 0.0) * n / (n - 1) / n)
 
 
 @torch.no_grad()

@@ -51,6 +51,7 @@ from flowvae.io import atomic_torch_save, atomic_write_text, existing_ancestor, 
 from flowvae.models import LatentVariableModel, as_unit_interval, build_model, count_parameters, draw_noise
 from flowvae.models import MODEL_FIELDS
 from flowvae.models.base import select_noise
+from flowvae.parallelism import warn_if_oversubscribed
 from flowvae.plots import save_image_grid
 from flowvae.report import plot_curves
 
@@ -318,6 +319,8 @@ def configure_backends(config: TrainConfig, device: torch.device) -> None:
     """Numerics switches: TF32 and cudnn.benchmark (``tf32``), deterministic algorithms (``deterministic``)."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    if device.type == "cpu":
+        warn_if_oversubscribed(torch.get_num_threads())
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
         torch.set_float32_matmul_precision("high" if config.tf32 else "highest")

@@ -1,0 +1,85 @@
+"""flowvae's CPU thread defaults: applied when the user has set nothing, left alone otherwise."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flowvae import parallelism
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+PROBE = ("import json, os, sys; {first}; import torch; "
+         "print(json.dumps({{'spin': os.environ.get('GOMP_SPINCOUNT'), 'policy': os.environ.get('OMP_WAIT_POLICY'),"
+         " 'threads': torch.get_num_threads()}}))")
+
+
+def probe(first: str, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", PROBE.format(first=first)], env=clean | env | {"PYTHONPATH": SRC},
+                          capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(done.stdout)
+
+
+def test_import_flowvae_sets_the_spin_count_when_the_user_set_nothing():
+    assert probe("import flowvae")["spin"] == str(parallelism.SPIN_COUNT)
+
+
+@pytest.mark.parametrize("variable, value", [("OMP_WAIT_POLICY", "ACTIVE"), ("OMP_WAIT_POLICY", "PASSIVE"),
+                                             ("GOMP_SPINCOUNT", "12345")])
+def test_a_policy_the_user_chose_is_left_alone(variable, value):
+    seen = probe("import flowvae", **{variable: value})
+    assert seen["spin"] == (value if variable == "GOMP_SPINCOUNT" else None)
+    assert seen["policy"] == (value if variable == "OMP_WAIT_POLICY" else None)
+
+
+def test_nothing_is_set_once_torch_is_loaded():
+    """libgomp has read its environment by then: setting it would only mislead."""
+    assert probe("import torch; import flowvae")["spin"] is None
+
+
+def test_the_thread_count_is_left_to_torch_or_the_user():
+    assert probe("import flowvae", OMP_NUM_THREADS="1")["threads"] == 1
+
+
+@pytest.mark.parametrize("files, expected", [({"cpu.max": "150000 100000\n"}, 1.5), ({"cpu.max": "max 100000\n"}, None),
+                                             ({"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, 3.0),
+                                             ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+                                             ({"cpu.max": "garbage"}, None), ({}, None)])
+def test_cgroup_cpu_quota(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert parallelism._cgroup_quota(tmp_path) == expected
+
+
+def test_a_cgroup_quota_below_the_visible_cpus_sets_the_thread_count(tmp_path, monkeypatch):
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    monkeypatch.delitem(sys.modules, "torch")  # as if torch were not loaded yet
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    environ: dict[str, str] = {}
+    assert parallelism.apply_thread_defaults(environ, tmp_path) == {"GOMP_SPINCOUNT": str(parallelism.SPIN_COUNT),
+                                                                   "OMP_NUM_THREADS": "1"}
+    environ = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert parallelism.apply_thread_defaults(environ, tmp_path) == {}
+    assert environ == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_a_long_spin_on_a_busy_machine_is_warned_about(monkeypatch, caplog):
+    monkeypatch.setattr(parallelism, "available_cpus", lambda: 2.0)
+    caplog.set_level(logging.WARNING, logger="flowvae.parallelism")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert parallelism.warn_if_oversubscribed(2, load=1.5)
+    assert "busy" in caplog.text and "GOMP_SPINCOUNT" in caplog.text
+    assert not parallelism.warn_if_oversubscribed(2, load=0.1), "a quiet machine"
+    assert not parallelism.warn_if_oversubscribed(1, load=1.5), "one thread waits for nobody"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", str(parallelism.SPIN_COUNT))
+    assert not parallelism.warn_if_oversubscribed(2, load=1.5), "flowvae's own short spin"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300k")
+    assert parallelism.warn_if_oversubscribed(2, load=1.5)
