@@ -49,7 +49,7 @@ from flowvae.config import TrainConfig
 from flowvae.evaluation import evaluate
 from flowvae.training import model_from_config, prepare_data
 
-spec, mode, steps, data_dir = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+spec, mode, seconds, data_dir = json.loads(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
 config = TrainConfig.from_dict(spec | {"data_dir": data_dir})
 data = prepare_data(config)
 torch.manual_seed(0)
@@ -64,14 +64,17 @@ if mode == "train":
         optimizer.step()
     for i in range(5):
         step(i)
-    started = time.perf_counter()
-    for i in range(steps):
-        step(i)
-else:  # importance-weighted evaluation: `steps` test images, K = 1000
+    started, count = time.perf_counter(), 0
+    while count < 3 or time.perf_counter() - started < seconds:
+        step(count)
+        count += 1
+else:  # importance-weighted evaluation, K = 1000, 10 test images at a time
     evaluate(model, data.test[:10], samples=50, seed=0)
-    started = time.perf_counter()
-    evaluate(model, data.test[:steps], samples=1000, seed=0)
-print(json.dumps({"seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}))
+    started, count = time.perf_counter(), 0
+    while count < 10 or time.perf_counter() - started < seconds:
+        evaluate(model, data.test[count:count + 10], samples=1000, seed=0)
+        count += 10
+print(json.dumps({"seconds": time.perf_counter() - started, "count": count, "threads": torch.get_num_threads()}))
 """
 
 
@@ -81,13 +84,13 @@ def policy_env(name: str) -> dict[str, str]:
     return POLICIES[name]
 
 
-def run_once(model: str, mode: str, steps: int, policy: str, data_dir: str) -> dict[str, float]:
+def run_once(model: str, mode: str, seconds: float, policy: str, data_dir: str) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     env |= policy_env(policy) | {"PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(MODELS[model]), mode, str(steps), data_dir],
+    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(MODELS[model]), mode, str(seconds), data_dir],
                           env=env, capture_output=True, text=True, check=True, timeout=1800)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["rate"] = steps / result["seconds"]
+    result["rate"] = result["count"] / result["seconds"]
     return result
 
 
@@ -98,7 +101,8 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=["default", "flowvae", "passive", "threads1"])
     parser.add_argument("--busy", nargs="+", type=int, default=[0, 1, 2], help="competing busy processes")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every policy")
-    parser.add_argument("--steps", type=int, default=150, help="training steps (or test images for eval) per run")
+    parser.add_argument("--seconds", type=float, default=4.0,
+                        help="timed seconds per run (at least 3 training steps or 10 test images)")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--out", default="threads")
     args = parser.parse_args()
@@ -109,12 +113,11 @@ def main() -> None:
             time.sleep(1.0 if busy else 0.0)
             for model in args.models:
                 for mode in args.modes:
-                    steps = args.steps if mode == "train" else max(1, args.steps // 15)
                     rates: dict[str, list[float]] = {p: [] for p in args.policies}
                     for r in range(args.rounds):
                         order = args.policies[r % len(args.policies):] + args.policies[:r % len(args.policies)]
                         for policy in order:
-                            rates[policy].append(run_once(model, mode, steps, policy, args.data_dir)["rate"])
+                            rates[policy].append(run_once(model, mode, args.seconds, policy, args.data_dir)["rate"])
                     base = statistics.median(rates[args.policies[0]])
                     for policy, values in rates.items():
                         median = statistics.median(values)

@@ -54,3 +54,14 @@ def test_iw_eval_quick_replays_every_matrix_product_of_the_evaluation(tmp_path):
     counted = re.search(r"([\d.]+) GFLOP counted by FlopCounterMode, ([\d.]+) GFLOP replayed", done.stdout)
     assert counted and counted.group(1) == counted.group(2) and float(counted.group(1)) > 0
     assert "| matmul replay |" in done.stdout and "| evaluate, eager |" in done.stdout
+
+
+def test_threads_benchmark_times_each_policy_in_its_own_process(tmp_path):
+    out = tmp_path / "threads"
+    done = run_script("threads.py", "--models", "readme", "--modes", "train", "eval", "--policies", "flowvae",
+                      "threads1", "--busy", "0", "--rounds", "1", "--seconds", "0.1", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["mode"], r["policy"]) for r in rows] == [("train", "flowvae"), ("train", "threads1"),
+                                                       ("eval", "flowvae"), ("eval", "threads1")]
+    assert all(r["rate"] > 0 for r in rows)
