@@ -56,10 +56,13 @@ def reuse_freed_memory() -> bool:
 
 def decode_budget(device: torch.device) -> int:
     """Elements of decoder output to hold at once: :data:`CPU_DECODE_BUDGET` on a CPU; on a GPU a
-    quarter of its free memory (float32, with room for the activations), never less."""
+    quarter of its free memory (float32, with room for the activations), never less.  Free memory
+    counts what torch's caching allocator holds but does not use.  The chunks only set the memory
+    used: the importance samples drawn do not depend on them."""
     if device.type != "cuda":
         return CPU_DECODE_BUDGET
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return max(DECODE_BUDGET, free // (4 * 4 * 4))
 
 
