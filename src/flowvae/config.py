@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
+import stat
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -23,6 +25,9 @@ from flowvae.flows.factory import MAX_FLOW_STEPS
 from flowvae.models import ARCHITECTURE_FLOWS, LIKELIHOODS, MODEL_FIELDS, MODELS, ModelConfig
 
 
+logger = logging.getLogger(__name__)
+
+
 class ConfigError(ValueError):
     """A bad configuration value, as one line naming the field."""
 
@@ -31,6 +36,10 @@ PRIORS = ("standard", "flow", "vamp")
 OPTIMIZERS = ("adam", "adamax")
 MAX_SEED = 2 ** 32 - 1              # the trainer derives generator seeds from it (seed + 2, seed·10⁶ + step)
 MAX_THREADS = 1024
+MAX_IMPORTANCE_SAMPLES = 100_000    # K of the -log p(x) estimate (papers use 5000; the error shrinks as 1/K)
+MAX_FREE_BITS = 10.0                # nats per unit: far above any KL a unit carries, so the KL term stays on
+MAX_CONFIG_BYTES = 1 << 20          # a config file is a few hundred bytes
+NAME_FIELDS = ("arch", "flow", "likelihood", "prior", "prior_flow", "optimizer", "precision", "device")
 
 
 @dataclass
@@ -99,6 +108,9 @@ class TrainConfig:
             (self.grad_skip == 0 or self.grad_skip > 1, "grad_skip",
              "must be 0 (skip only non-finite updates) or a factor > 1 over the gradient norm's running level"),
             (self.threads <= MAX_THREADS, "threads", f"must be at most {MAX_THREADS}"),
+            (self.eval_samples <= MAX_IMPORTANCE_SAMPLES, "eval_samples", f"must be at most {MAX_IMPORTANCE_SAMPLES}"),
+            (self.free_bits <= MAX_FREE_BITS, "free_bits",
+             f"must be at most {MAX_FREE_BITS:g} nats per unit (more would switch the KL term off)"),
         ]
         positive = ["latent_dim", "layers", "hidden", "channels", "feature_dim", "flow_hidden", "reflections",
                     "prior_flow_steps", "pseudo_inputs", "epochs", "batch_size", "lr_patience", "eval_samples",
@@ -127,7 +139,8 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: the configuration must be a mapping of key: value")
         values = dict(values)
-        nested = values.pop("model", None) or {}
+        nested = values.pop("model", None)
+        nested = {} if nested is None else nested  # `model:` with nothing after it; [], 0, "" and false are refused
         if not isinstance(nested, dict):
             raise ConfigError(f"{source}: model must be a mapping of key: value, got {nested!r}")
         known = {f.name for f in _all_fields()}
@@ -138,6 +151,7 @@ class TrainConfig:
         if both:
             raise ConfigError(f"{source}: {', '.join(both)} given both at the top level and under model")
         merged = {k: _coerce(k, v, source) for k, v in (values | nested).items()}
+        merged |= {k: merged[k].strip().lower() for k in NAME_FIELDS if isinstance(merged.get(k), str)}
         model = ModelConfig(**{k: v for k, v in merged.items() if k in MODEL_FIELDS})
         return cls(model=model, **{k: v for k, v in merged.items() if k not in MODEL_FIELDS})
 
@@ -250,12 +264,25 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A config file's mapping, or a one-line :class:`ConfigError` for anything else."""
+    """A config file's mapping, or a one-line :class:`ConfigError` for anything else.
+
+    Only a regular file of at most :data:`MAX_CONFIG_BYTES` is read (not a FIFO, which would wait
+    forever, nor ``/dev/zero`` or ``/dev/urandom``, which never end)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory")
     try:
-        text = path.read_text(encoding="utf-8")
+        mode, size = path.stat().st_mode, path.stat().st_size
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"config file {path} is not a regular file")
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {size / 2 ** 20:.1f} MiB; a flowvae config is a small "
+                              f"YAML file (at most {MAX_CONFIG_BYTES // 2 ** 20} MiB)")
+        with open(path, "rb") as f:  # read at most one byte past the limit, should the file grow meanwhile
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 2 ** 20} MiB")
+        text = data.decode("utf-8")
         values = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
@@ -301,7 +328,32 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
         values |= {k: _coerce(k, v, str(path)) for k, v in _explicit(raw).items()}
     names = {f.name for f in _all_fields()}
     flags = {k: _coerce(k, v, "command line") for k, v in vars(args).items() if k in names}
-    return TrainConfig.from_dict(values | flags).validate()
+    config = TrainConfig.from_dict(values | flags).validate()
+    for message in no_effect(config, set(flags) | (set(_explicit(raw)) if path else set())):
+        logger.warning("warning: %s", message)
+    return config
+
+
+def no_effect(config: TrainConfig, given: set[str]) -> list[str]:
+    """Why each option in ``given`` (set by the user) does nothing with the rest of ``config``."""
+    m = config.model
+    applies = {  # option -> (does it act here?, where it acts)
+        "layers": (m.arch in ("ladder", "resnet"), "--arch ladder or resnet"),
+        "hidden": (m.arch in ("mlp", "ladder"), "--arch mlp or ladder"),
+        "feature_dim": (m.arch in ("conv", "gated"), "--arch conv or gated"),
+        "channels": (m.arch == "resnet", "--arch resnet"),
+        "flow_steps": (m.flow != "none", "a posterior --flow"),
+        "flow_hidden": (m.flow != "none", "a posterior --flow"),
+        "flow_context": (m.flow != "none" and m.arch != "resnet", "a posterior --flow of a non-resnet model"),
+        "reflections": ("householder" in m.flow, "--flow householder or sylvester-householder"),
+        "rank": (m.flow == "sylvester-orthogonal", "--flow sylvester-orthogonal"),
+        "prior_flow": (m.prior == "flow", "--prior flow"),
+        "prior_flow_steps": (m.prior == "flow", "--prior flow"),
+        "pseudo_inputs": (m.prior == "vamp", "--prior vamp"),
+        "lr_patience": (config.lr_decay < 1, "--lr-decay below 1"),
+    }
+    return [f"--{name.replace('_', '-')} has no effect here; it acts only with {where}"
+            for name, (acts, where) in applies.items() if name in given and not acts]
 
 
 def _explicit(values: dict[str, Any]) -> dict[str, Any]:
