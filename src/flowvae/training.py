@@ -328,7 +328,7 @@ def _take_lock(handle: Any, out: Path) -> None:
 @contextlib.contextmanager
 def run_lock(out: Path, on_error: Callable[[], None] | None = None):
     """Hold an exclusive lock on the run directory; a second process gets a one-line error.
-    ``on_error`` runs, still under the lock, when the body raises."""
+    When the body raises, temporaries are removed and ``on_error`` runs, still under the lock."""
     handle = _open_lock(out)
     try:
         _take_lock(handle, out)
@@ -339,6 +339,7 @@ def run_lock(out: Path, on_error: Callable[[], None] | None = None):
             handle.flush()
             yield
         except BaseException:
+            remove_stale_temporaries(out)  # a write cut short by a signal between mkstemp and its try
             if on_error is not None:
                 on_error()
             raise
