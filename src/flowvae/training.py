@@ -658,18 +658,18 @@ def _write_best(run: Run) -> None:
 
 def _repair_best(run: Run) -> None:
     """On resume: a best.pt behind the checkpoint's best epoch (its write failed after the checkpoint's)
-    is rewritten from the checkpoint, whose evaluation weights are then the best ones; the metrics too."""
+    is rewritten from the checkpoint, whose evaluation weights are then the best ones; the metrics
+    files are rewritten from the checkpoint's history."""
     state, path = run.state, run.out / "best.pt"
-    if state.best_epoch != state.epoch or state.epoch == 0:
-        return
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
-    except Exception:  # missing, truncated or foreign: rewritten below  # noqa: BLE001
-        saved = None
-    if saved != state.best_epoch:
-        logger.warning("%s was behind %s (epoch %s, best %d): rewritten from the checkpoint", path,
-                       run.checkpoint_path, saved, state.best_epoch)
-        _write_best(run)
+    if state.best_epoch == state.epoch > 0:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+        except Exception:  # missing, truncated or foreign: rewritten below  # noqa: BLE001
+            saved = None
+        if saved != state.best_epoch:
+            logger.warning("%s was behind %s (epoch %s, best %d): rewritten from the checkpoint", path,
+                           run.checkpoint_path, saved, state.best_epoch)
+            _write_best(run)
     _write_history(run.out, state.history)
 
 
