@@ -367,6 +367,7 @@ def test_11_anything_else_is_not_taken_for_debris(run, capsys, foreign):
     (["--flow", "none", "--flow-steps", "8"], "--flow-steps"),
     (["--arch", "resnet", "--hidden", "100"], "--hidden"),
     (["--pseudo-inputs", "10"], "--pseudo-inputs"),
+    (["--flow-hidden", "16"], "--flow-hidden"),
 ])
 def test_12_options_without_effect_are_named_in_a_warning(flags, option, caplog):
     config = config_from_args(cli.build_parser().parse_args(["train", *flags]))
@@ -377,6 +378,7 @@ def test_12_options_without_effect_are_named_in_a_warning(flags, option, caplog)
 def test_12_options_with_effect_do_not_warn(caplog):
     config_from_args(cli.build_parser().parse_args(["train", "--arch", "ladder", "--layers", "3", "--prior", "flow",
                                                     "--prior-flow", "coupling", "--flow", "iaf", "--flow-steps", "2"]))
+    config_from_args(cli.build_parser().parse_args(["train", "--prior", "flow", "--flow-hidden", "16"]))
     assert "no effect" not in caplog.text
 
 

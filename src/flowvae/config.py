@@ -343,7 +343,7 @@ def no_effect(config: TrainConfig, given: set[str]) -> list[str]:
         "feature_dim": (m.arch in ("conv", "gated"), "--arch conv or gated"),
         "channels": (m.arch == "resnet", "--arch resnet"),
         "flow_steps": (m.flow != "none", "a posterior --flow"),
-        "flow_hidden": (m.flow != "none", "a posterior --flow"),
+        "flow_hidden": (m.flow != "none" or m.prior == "flow", "a posterior --flow or --prior flow"),
         "flow_context": (m.flow != "none" and m.arch != "resnet", "a posterior --flow of a non-resnet model"),
         "reflections": ("householder" in m.flow, "--flow householder or sylvester-householder"),
         "rank": (m.flow == "sylvester-orthogonal", "--flow sylvester-orthogonal"),
