@@ -23,6 +23,7 @@ import yaml
 from flowvae.flows import FLOW_NAMES
 from flowvae.flows.factory import MAX_FLOW_STEPS
 from flowvae.models import ARCHITECTURE_FLOWS, LIKELIHOODS, MODEL_FIELDS, MODELS, ModelConfig
+from flowvae.priors import FLOW_PRIOR_NAMES
 
 
 logger = logging.getLogger(__name__)
@@ -34,12 +35,12 @@ class ConfigError(ValueError):
 
 PRIORS = ("standard", "flow", "vamp")
 OPTIMIZERS = ("adam", "adamax")
+PRECISIONS = ("fp32", "bf16", "fp16")
 MAX_SEED = 2 ** 32 - 1              # the trainer derives generator seeds from it (seed + 2, seed·10⁶ + step)
 MAX_THREADS = 1024
 MAX_IMPORTANCE_SAMPLES = 100_000    # K of the -log p(x) estimate (papers use 5000; the error shrinks as 1/K)
 MAX_FREE_BITS = 10.0                # nats per unit: far above any KL a unit carries, so the KL term stays on
 MAX_CONFIG_BYTES = 1 << 20          # a config file is a few hundred bytes
-NAME_FIELDS = ("arch", "flow", "likelihood", "prior", "prior_flow", "optimizer", "precision", "device")
 
 
 @dataclass
@@ -95,7 +96,7 @@ class TrainConfig:
              f"must be one of {', '.join(LIKELIHOODS)}"),
             (m.prior in PRIORS, "prior", f"must be one of {', '.join(PRIORS)}"),
             (self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}"),
-            (self.precision in ("fp32", "bf16", "fp16"), "precision", "must be fp32, bf16 or fp16"),
+            (self.precision in PRECISIONS, "precision", "must be fp32, bf16 or fp16"),
             (_valid_device(self.device), "device", "must be auto, cpu, cuda or cuda:N"),
             (m.flow == "none" or 1 <= m.flow_steps <= MAX_FLOW_STEPS, "flow_steps",
              f"must be between 1 and {MAX_FLOW_STEPS} for a flow"),
@@ -151,7 +152,7 @@ class TrainConfig:
         if both:
             raise ConfigError(f"{source}: {', '.join(both)} given both at the top level and under model")
         merged = {k: _coerce(k, v, source) for k, v in (values | nested).items()}
-        merged |= {k: merged[k].strip().lower() for k in NAME_FIELDS if isinstance(merged.get(k), str)}
+        merged |= {k: _known_name(k, v) for k, v in merged.items() if isinstance(v, str)}
         model = ModelConfig(**{k: v for k, v in merged.items() if k in MODEL_FIELDS})
         return cls(model=model, **{k: v for k, v in merged.items() if k not in MODEL_FIELDS})
 
@@ -173,6 +174,15 @@ def resume_differences(saved: dict[str, Any], config: TrainConfig) -> tuple[list
 def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
     """A config written by an older flowvae (flat, fewer keys) as today's: missing keys keep their defaults."""
     return {k: v for k, v in saved.items() if k in {f.name for f in _all_fields()} | {"model"}}
+
+
+def _known_name(field: str, value: str) -> str:
+    """A choice in its one spelling (``Resnet``, ``LADDER`` -> the registered name); any other value
+    as given, so that its error shows what was typed."""
+    choices = {"arch": MODELS.names(), "flow": FLOW_NAMES, "likelihood": LIKELIHOODS, "prior": PRIORS,
+               "prior_flow": FLOW_PRIOR_NAMES, "optimizer": OPTIMIZERS, "precision": PRECISIONS}.get(field, ())
+    name = value.strip().lower()
+    return name if name in choices else value
 
 
 def _valid_device(name: str) -> bool:
