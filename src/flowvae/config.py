@@ -179,7 +179,8 @@ def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
 def _known_name(field: str, value: str) -> str:
     """A choice in its one spelling (``Resnet``, ``LADDER`` -> the registered name); any other value
     as given, so that its error shows what was typed."""
-    choices = {"arch": MODELS.names(), "flow": FLOW_NAMES, "likelihood": LIKELIHOODS, "prior": PRIORS,
+    flows = {name for names in ARCHITECTURE_FLOWS.values() for name in names}
+    choices = {"arch": MODELS.names(), "flow": flows, "likelihood": LIKELIHOODS, "prior": PRIORS,
                "prior_flow": FLOW_PRIOR_NAMES, "optimizer": OPTIMIZERS, "precision": PRECISIONS}.get(field, ())
     name = value.strip().lower()
     return name if name in choices else value
