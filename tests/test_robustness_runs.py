@@ -178,6 +178,42 @@ def test_3_disk_full_keeps_best_behind_the_checkpoint_and_names_the_file(run, ca
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 6 MB tmpfs (where this machine lets the tests mount one: root with CAP_SYS_ADMIN)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("no tmpfs can be mounted here; test_3_disk_full_keeps_best_behind... injects the error instead")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_3_a_real_full_disk_leaves_a_consistent_resumable_run(trained, small_tmpfs, capsys):
+    run = small_tmpfs / "run"
+    shutil.copytree(trained, run)
+    filler = small_tmpfs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill the file system, then free less than two checkpoints
+    with pytest.raises(OSError, match="No space left"):
+        while True:
+            os.write(fd, b"\0" * 4096)
+    os.ftruncate(fd, max(0, os.fstat(fd).st_size - (run / "checkpoint.pt").stat().st_size - 16384))
+    os.close(fd)
+    rc, err = run_cli(capsys, "train", "--out", str(run), "--resume", "--epochs", "3")
+    line = one_line(err)
+    assert rc == 2 and "No space left on device" in line and str(run) in line
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] <= ckpt["state"]["epoch"]
+    assert not list(run.glob(f".*{io.TEMP_SUFFIX}"))
+    filler.unlink()
+    rc, err = run_cli(capsys, "train", "--out", str(run), "--resume", "--epochs", "3")
+    assert rc == 0, err
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] == ckpt["state"]["best_epoch"]
+    assert json.loads((run / "results.json").read_text())["epochs_trained"] == 3
+
+
 # ------------------------------------------------------------------ 4. no directories outside the run
 
 def test_4_a_failed_download_removes_the_directories_it_created(tmp_path):
