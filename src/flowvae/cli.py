@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from flowvae.config import MAX_IMPORTANCE_SAMPLES, MAX_SEED, ConfigError, TrainConfig, add_config_arguments, config_from_args, load_yaml
+from flowvae.config import (MAX_IMPORTANCE_SAMPLES, MAX_SEED, ConfigError, TrainConfig, add_config_arguments,
+                            config_from_args, given_options, load_yaml, no_effect)
 from flowvae.io import existing_ancestor, probe_writable
 
 logger = logging.getLogger("flowvae")
@@ -115,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and ((out / "config.yaml").is_file() or not interrupted_start(out)):
         config = config_from_args(args, base=_run_config(config.out))
     args.run_out = config.out  # for the message on Ctrl-C
-    results = train(config, resume=args.resume)
+    results = train(config, resume=args.resume, notices=no_effect(config, given_options(args)))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, worker 0 reports
         return 0
     test = results["test"]

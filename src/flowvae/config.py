@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import math
 import stat
 import types
@@ -24,9 +23,6 @@ from flowvae.flows import FLOW_NAMES
 from flowvae.flows.factory import MAX_FLOW_STEPS
 from flowvae.models import ARCHITECTURE_FLOWS, LIKELIHOODS, MODEL_FIELDS, MODELS, ModelConfig
 from flowvae.priors import FLOW_PRIOR_NAMES
-
-
-logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -339,14 +335,19 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
         values |= {k: _coerce(k, v, str(path)) for k, v in _explicit(raw).items()}
     names = {f.name for f in _all_fields()}
     flags = {k: _coerce(k, v, "command line") for k, v in vars(args).items() if k in names}
-    config = TrainConfig.from_dict(values | flags).validate()
-    for message in no_effect(config, set(flags) | (set(_explicit(raw)) if path else set())):
-        logger.warning("warning: %s", message)
-    return config
+    return TrainConfig.from_dict(values | flags).validate()
+
+
+def given_options(args: argparse.Namespace) -> set[str]:
+    """The fields that the command line or the ``--config`` file set (not those left at their defaults)."""
+    path = getattr(args, "config", None)
+    names = {f.name for f in _all_fields()}
+    return {k for k in vars(args) if k in names} | (set(_explicit(load_yaml(path))) if path else set())
 
 
 def no_effect(config: TrainConfig, given: set[str]) -> list[str]:
-    """Why each option in ``given`` (set by the user) does nothing with the rest of ``config``."""
+    """Why each option in ``given`` (set by the user) does nothing with the rest of ``config``
+    (the trainer warns once the run has started, so that an error stays the only line)."""
     m = config.model
     applies = {  # option -> (does it act here?, where it acts)
         "layers": (m.arch in ("ladder", "resnet"), "--arch ladder or resnet"),

@@ -37,7 +37,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -368,8 +368,6 @@ def configure_backends(config: TrainConfig, device: torch.device) -> None:
     """Numerics switches: TF32 and cudnn.benchmark (``tf32``), deterministic algorithms (``deterministic``)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.tf32 and device.type != "cuda":
-        logger.warning("warning: --tf32 has no effect on %s; it acts only on CUDA devices", device.type)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
         torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
@@ -705,7 +703,7 @@ def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
 
 # ------------------------------------------------------------------------------------------- train
 
-def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+def train(config: TrainConfig, *, resume: bool = False, notices: Sequence[str] = ()) -> dict[str, Any]:
     """Train, early-stop on validation -ELBO, evaluate the best model; returns results.json's content.
 
     Under ``torchrun`` the model is wrapped in DistributedDataParallel: every worker draws the same
@@ -713,6 +711,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     scaled so that the averaged gradient equals the single-process gradient of the global batch.
     So a run gives the same parameters on any number of workers (up to float summation order) and
     a checkpoint resumes on any number of workers.  Only worker 0 writes files.
+
+    ``notices`` (e.g. options that have no effect) are logged as warnings once the run has started.
     """
     config.validate()
     context, device_name = distributed.setup(config.device)
@@ -749,6 +749,10 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 
         with run_lock(out, on_error=undo_failed_start) if context.is_main else contextlib.nullcontext():
             run = start_run(config, resume, context, device)
+            tf32 = [f"--tf32 has no effect on {device.type}; it acts only on CUDA devices"] \
+                if config.tf32 and device.type != "cuda" else []
+            for message in [*notices, *tf32] if context.is_main else []:
+                logger.warning("warning: %s", message)
             if context.is_main and not resume:
                 _clear_interrupted_start(out)
             if context.is_main and config.tensorboard:
