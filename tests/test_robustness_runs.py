@@ -384,11 +384,22 @@ def test_11_a_start_killed_in_its_first_writes_is_started_afresh(run, capsys, ca
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-@pytest.mark.parametrize("foreign", ["a user's file", "best.pt of a later epoch"])
+def test_11_a_start_killed_in_its_very_first_write_is_started_afresh(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / f".config.yaml.abcd1234{io.TEMP_SUFFIX}").write_text("dataset: dig")
+    rc, err = run_cli(capsys, "train", *QUICK, "--out", str(run))
+    assert rc == 0, err
+    assert not list(run.glob(f".*{io.TEMP_SUFFIX}")) and (run / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("foreign", ["a user's file", "best.pt of a later epoch", "metrics without config.yaml"])
 def test_11_anything_else_is_not_taken_for_debris(run, capsys, foreign):
-    _debris(run, best_epoch=1 if foreign == "a user's file" else 7)
+    _debris(run, best_epoch=7 if foreign == "best.pt of a later epoch" else 1)
     if foreign == "a user's file":
         (run / "notes.txt").write_text(DECOY)
+    if foreign == "metrics without config.yaml":
+        (run / "config.yaml").unlink()
     before = digest(run)
     rc, err = run_cli(capsys, "train", *QUICK, "--out", str(run))
     assert rc == 2 and "holds no flowvae run" in one_line(err)

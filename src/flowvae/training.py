@@ -296,6 +296,8 @@ def interrupted_start(out: Path) -> list[Path]:
         ours = (p.name in files or p.name.endswith(TEMP_SUFFIX)) and p.is_file() and not p.is_symlink()
         if not (ours or (p.name == "tensorboard" and p.is_dir() and not p.is_symlink())):
             return []
+    if not (out / "config.yaml").is_file() and not all(p.name.endswith(TEMP_SUFFIX) for p in entries):
+        return []  # flowvae writes config.yaml before any other file: without it, these are someone else's
     if (out / "best.pt").exists():  # the first epoch's weights only: a later epoch's are a user's result
         try:
             epoch = torch.load(out / "best.pt", map_location="cpu", weights_only=True, mmap=True).get("epoch")
