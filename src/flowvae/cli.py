@@ -105,9 +105,7 @@ def check_output_file(path: str | Path, flag: str, suffix: str | None = None) ->
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from flowvae.training import train
-
-    from flowvae.training import interrupted_start
+    from flowvae.training import interrupted_start, train
 
     config = config_from_args(args)
     out = Path(config.out)

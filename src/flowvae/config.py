@@ -34,7 +34,7 @@ OPTIMIZERS = ("adam", "adamax")
 PRECISIONS = ("fp32", "bf16", "fp16")
 MAX_SEED = 2 ** 32 - 1              # the trainer derives generator seeds from it (seed + 2, seed·10⁶ + step)
 MAX_THREADS = 1024
-MAX_IMPORTANCE_SAMPLES = 100_000    # K of the -log p(x) estimate (papers use 5000; the error shrinks as 1/K)
+MAX_IMPORTANCE_SAMPLES = 100_000    # K of the -log p(x) estimate (papers use 5000; its bias shrinks as 1/K)
 MAX_FREE_BITS = 10.0                # nats per unit: far above any KL a unit carries, so the KL term stays on
 MAX_CONFIG_BYTES = 1 << 20          # a config file is a few hundred bytes
 
@@ -279,7 +279,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory")
     try:
-        mode, size = path.stat().st_mode, path.stat().st_size
+        info = path.stat()
+        mode, size = info.st_mode, info.st_size
         if not stat.S_ISREG(mode):
             raise ConfigError(f"config file {path} is not a regular file")
         if size > MAX_CONFIG_BYTES:
