@@ -474,7 +474,8 @@ def _cases() -> tuple[list[Case], list[Case]]:
              r".*afile is not a directory", setup=_write("afile", "x"), **r),
         Case("compare-plot-fifo", ["compare", "{run}", "--plot", "fifo.png"], r"--plot fifo\.png exists and is not "
              r"a regular file", setup=lambda case: os.mkfifo(case / "fifo.png"), **r),
-        Case("toy-out-is-file", ["toy", "--out", "afile", "--iterations", "1"], r"afile: File exists",
+        Case("toy-out-is-file", ["toy", "--out", "afile", "--iterations", "1"],
+             r"--out afile is a file, not a directory",
              setup=_write("afile", "x")),
         Case("toy-zero-steps", ["toy", "--flow-steps", "0"], r"flow lengths must be >= 1"),
     ]

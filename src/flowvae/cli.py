@@ -8,12 +8,15 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
-from flowvae.config import MAX_SEED, ConfigError, TrainConfig, add_config_arguments, config_from_args, load_yaml
+from flowvae.config import (MAX_IMPORTANCE_SAMPLES, MAX_SEED, ConfigError, TrainConfig, add_config_arguments,
+                            config_from_args, given_options, load_yaml, no_effect)
 from flowvae.io import existing_ancestor, probe_writable
 
 logger = logging.getLogger("flowvae")
@@ -102,13 +105,16 @@ def check_output_file(path: str | Path, flag: str, suffix: str | None = None) ->
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from flowvae.training import train
+    from flowvae.training import interrupted_start, train
 
     config = config_from_args(args)
-    if args.resume:  # continue with the run's own options; the options given here override them
+    out = Path(config.out)
+    # Continue with the run's own options (the options given here override them); a start that was
+    # interrupted before its first checkpoint is started afresh, with its config.yaml if it has one.
+    if args.resume and ((out / "config.yaml").is_file() or not interrupted_start(out)):
         config = config_from_args(args, base=_run_config(config.out))
     args.run_out = config.out  # for the message on Ctrl-C
-    results = train(config, resume=args.resume)
+    results = train(config, resume=args.resume, notices=no_effect(config, given_options(args)))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, worker 0 reports
         return 0
     test = results["test"]
@@ -123,6 +129,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.samples < 0 or args.limit < 0:
         raise ConfigError(f"--samples and --limit must be >= 0, got {args.samples} and {args.limit}")
+    if args.samples > MAX_IMPORTANCE_SAMPLES:
+        raise ConfigError(f"--samples must be at most {MAX_IMPORTANCE_SAMPLES} importance samples per point, "
+                          f"got {args.samples}")
     check_seed(args.seed)
     if args.output is not None:
         check_output_file(args.output, "--output")
@@ -215,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     from flowvae.training import CheckpointError, RunDirError
 
     reuse_freed_memory()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, RunDirError, FloatingPointError, ValueError) as err:
@@ -229,16 +240,29 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a file-system problem that no earlier check caught
         where = f"{err.filename}: " if err.filename else ""
         return _fail(args, f"{where}{err.strerror or err}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
         out = getattr(args, "run_out", None)
         if out is not None and (Path(out) / "checkpoint.pt").is_file():
-            message = f"interrupted; continue with: flowvae train --out {out} --resume"
+            message = f"{what}; continue with: flowvae train --out {out} --resume"
         elif out is not None:
-            message = "interrupted before the first checkpoint; nothing was kept"
+            message = f"{what} before the first checkpoint; nothing was kept"
         else:
-            message = "interrupted"
+            message = what
         print(f"flowvae {args.command}: {message}", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler ending the job), raised where the program is so that it ends like Ctrl-C:
+    temporaries removed, the lock released, one line saying how to resume."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def _fail(args: argparse.Namespace, message: str) -> int:

@@ -22,6 +22,17 @@ MAX_AXIS = 100         # manifold: values per latent axis
 MAX_DIMS = 64          # manifold: latents traversed
 
 
+FIGURE_ARCHS = ("mlp", "conv", "gated")  # one vector latent z with posterior(x) and decode(z)
+
+
+def _check_figure_arch(run: str, arch: str, command: str) -> None:
+    """One line for a model whose latent the posterior/manifold figures cannot draw (before loading it)."""
+    if arch not in FIGURE_ARCHS:
+        why = "its latent is spatial" if arch == "resnet" else "it has several stochastic layers"
+        raise ValueError(f"{run} is a {arch} model: flowvae {command} draws single-latent models only "
+                         f"(--arch {', '.join(FIGURE_ARCHS)}), and {why}")
+
+
 def cmd_curves(args: argparse.Namespace) -> int:
     from flowvae.cli import check_output_file
 
@@ -66,6 +77,7 @@ def cmd_posterior(args: argparse.Namespace) -> int:
                          f"[2, {MAX_SAMPLES}]; got {args.n}, {args.grid} and {args.samples}")
     check_seed(args.seed)
     run_model = _run_config(args.run).model
+    _check_figure_arch(args.run, run_model.arch, "posterior")
     if run_model.latent_dim != 2:  # before loading data and weights
         raise ValueError(f"{args.run} has latent_dim={run_model.latent_dim}; the posterior can be drawn for a 2-D "
                          "latent only (flowvae manifold draws latent traversals)")
@@ -90,7 +102,7 @@ def cmd_manifold(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be in [2, {MAX_AXIS}] and --dims in [1, {MAX_DIMS}]; got {args.n} and {args.dims}")
     from flowvae.cli import _load_run, _run_config, check_output_file
 
-    _run_config(args.run)  # a run directory? (before the output check)
+    _check_figure_arch(args.run, _run_config(args.run).model.arch, "manifold")  # before the output check
     out = args.out if args.out is not None else Path(args.run) / "manifold.png"
     check_output_file(out, "--out", suffix=".png")
     _, _, model, _ = _load_run(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import stat
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,7 @@ import yaml
 from flowvae.flows import FLOW_NAMES
 from flowvae.flows.factory import MAX_FLOW_STEPS
 from flowvae.models import ARCHITECTURE_FLOWS, LIKELIHOODS, MODEL_FIELDS, MODELS, ModelConfig
+from flowvae.priors import FLOW_PRIOR_NAMES
 
 
 class ConfigError(ValueError):
@@ -29,8 +31,12 @@ class ConfigError(ValueError):
 
 PRIORS = ("standard", "flow", "vamp")
 OPTIMIZERS = ("adam", "adamax")
+PRECISIONS = ("fp32", "bf16", "fp16")
 MAX_SEED = 2 ** 32 - 1              # the trainer derives generator seeds from it (seed + 2, seed·10⁶ + step)
 MAX_THREADS = 1024
+MAX_IMPORTANCE_SAMPLES = 100_000    # K of the -log p(x) estimate (papers use 5000; its bias shrinks as 1/K)
+MAX_FREE_BITS = 10.0                # nats per unit: far above any KL a unit carries, so the KL term stays on
+MAX_CONFIG_BYTES = 1 << 20          # a config file is a few hundred bytes
 
 
 @dataclass
@@ -86,7 +92,7 @@ class TrainConfig:
              f"must be one of {', '.join(LIKELIHOODS)}"),
             (m.prior in PRIORS, "prior", f"must be one of {', '.join(PRIORS)}"),
             (self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}"),
-            (self.precision in ("fp32", "bf16", "fp16"), "precision", "must be fp32, bf16 or fp16"),
+            (self.precision in PRECISIONS, "precision", "must be fp32, bf16 or fp16"),
             (_valid_device(self.device), "device", "must be auto, cpu, cuda or cuda:N"),
             (m.flow == "none" or 1 <= m.flow_steps <= MAX_FLOW_STEPS, "flow_steps",
              f"must be between 1 and {MAX_FLOW_STEPS} for a flow"),
@@ -99,6 +105,9 @@ class TrainConfig:
             (self.grad_skip == 0 or self.grad_skip > 1, "grad_skip",
              "must be 0 (skip only non-finite updates) or a factor > 1 over the gradient norm's running level"),
             (self.threads <= MAX_THREADS, "threads", f"must be at most {MAX_THREADS}"),
+            (self.eval_samples <= MAX_IMPORTANCE_SAMPLES, "eval_samples", f"must be at most {MAX_IMPORTANCE_SAMPLES}"),
+            (self.free_bits <= MAX_FREE_BITS, "free_bits",
+             f"must be at most {MAX_FREE_BITS:g} nats per unit (more would switch the KL term off)"),
         ]
         positive = ["latent_dim", "layers", "hidden", "channels", "feature_dim", "flow_hidden", "reflections",
                     "prior_flow_steps", "pseudo_inputs", "epochs", "batch_size", "lr_patience", "eval_samples",
@@ -127,7 +136,8 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: the configuration must be a mapping of key: value")
         values = dict(values)
-        nested = values.pop("model", None) or {}
+        nested = values.pop("model", None)
+        nested = {} if nested is None else nested  # `model:` with nothing after it; [], 0, "" and false are refused
         if not isinstance(nested, dict):
             raise ConfigError(f"{source}: model must be a mapping of key: value, got {nested!r}")
         known = {f.name for f in _all_fields()}
@@ -138,6 +148,7 @@ class TrainConfig:
         if both:
             raise ConfigError(f"{source}: {', '.join(both)} given both at the top level and under model")
         merged = {k: _coerce(k, v, source) for k, v in (values | nested).items()}
+        merged |= {k: _known_name(k, v) for k, v in merged.items() if isinstance(v, str)}
         model = ModelConfig(**{k: v for k, v in merged.items() if k in MODEL_FIELDS})
         return cls(model=model, **{k: v for k, v in merged.items() if k not in MODEL_FIELDS})
 
@@ -159,6 +170,16 @@ def resume_differences(saved: dict[str, Any], config: TrainConfig) -> tuple[list
 def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
     """A config written by an older flowvae (flat, fewer keys) as today's: missing keys keep their defaults."""
     return {k: v for k, v in saved.items() if k in {f.name for f in _all_fields()} | {"model"}}
+
+
+def _known_name(field: str, value: str) -> str:
+    """A choice in its one spelling (``Resnet``, ``LADDER`` -> the registered name); any other value
+    as given, so that its error shows what was typed."""
+    flows = {name for names in ARCHITECTURE_FLOWS.values() for name in names}
+    choices = {"arch": MODELS.names(), "flow": flows, "likelihood": LIKELIHOODS, "prior": PRIORS,
+               "prior_flow": FLOW_PRIOR_NAMES, "optimizer": OPTIMIZERS, "precision": PRECISIONS}.get(field, ())
+    name = value.strip().lower()
+    return name if name in choices else value
 
 
 def _valid_device(name: str) -> bool:
@@ -250,12 +271,26 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A config file's mapping, or a one-line :class:`ConfigError` for anything else."""
+    """A config file's mapping, or a one-line :class:`ConfigError` for anything else.
+
+    Only a regular file of at most :data:`MAX_CONFIG_BYTES` is read (not a FIFO, which would wait
+    forever, nor ``/dev/zero`` or ``/dev/urandom``, which never end)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory")
     try:
-        text = path.read_text(encoding="utf-8")
+        info = path.stat()
+        mode, size = info.st_mode, info.st_size
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"config file {path} is not a regular file")
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {size / 2 ** 20:.1f} MiB; a flowvae config is a small "
+                              f"YAML file (at most {MAX_CONFIG_BYTES // 2 ** 20} MiB)")
+        with open(path, "rb") as f:  # read at most one byte past the limit, should the file grow meanwhile
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 2 ** 20} MiB")
+        text = data.decode("utf-8")
         values = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
@@ -302,6 +337,36 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
     names = {f.name for f in _all_fields()}
     flags = {k: _coerce(k, v, "command line") for k, v in vars(args).items() if k in names}
     return TrainConfig.from_dict(values | flags).validate()
+
+
+def given_options(args: argparse.Namespace) -> set[str]:
+    """The fields that the command line or the ``--config`` file set (not those left at their defaults)."""
+    path = getattr(args, "config", None)
+    names = {f.name for f in _all_fields()}
+    return {k for k in vars(args) if k in names} | (set(_explicit(load_yaml(path))) if path else set())
+
+
+def no_effect(config: TrainConfig, given: set[str]) -> list[str]:
+    """Why each option in ``given`` (set by the user) does nothing with the rest of ``config``
+    (the trainer warns once the run has started, so that an error stays the only line)."""
+    m = config.model
+    applies = {  # option -> (does it act here?, where it acts)
+        "layers": (m.arch in ("ladder", "resnet"), "--arch ladder or resnet"),
+        "hidden": (m.arch in ("mlp", "ladder"), "--arch mlp or ladder"),
+        "feature_dim": (m.arch in ("conv", "gated"), "--arch conv or gated"),
+        "channels": (m.arch == "resnet", "--arch resnet"),
+        "flow_steps": (m.flow != "none", "a posterior --flow"),
+        "flow_hidden": (m.flow != "none" or m.prior == "flow", "a posterior --flow or --prior flow"),
+        "flow_context": (m.flow != "none" and m.arch != "resnet", "a posterior --flow of a non-resnet model"),
+        "reflections": ("householder" in m.flow, "--flow householder or sylvester-householder"),
+        "rank": (m.flow == "sylvester-orthogonal", "--flow sylvester-orthogonal"),
+        "prior_flow": (m.prior == "flow", "--prior flow"),
+        "prior_flow_steps": (m.prior == "flow", "--prior flow"),
+        "pseudo_inputs": (m.prior == "vamp", "--prior vamp"),
+        "lr_patience": (config.lr_decay < 1, "--lr-decay below 1"),
+    }
+    return [f"--{name.replace('_', '-')} has no effect here; it acts only with {where}"
+            for name, (acts, where) in applies.items() if name in given and not acts]
 
 
 def _explicit(values: dict[str, Any]) -> dict[str, Any]:

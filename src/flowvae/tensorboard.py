@@ -42,6 +42,29 @@ class TensorBoardUnavailable(ImportError, ConfigError):
     """
 
 
+def check_log_dir(out_dir: str | Path) -> None:
+    """Before a run changes anything: the tensorboard package is there, and ``out_dir/tensorboard`` is
+    absent or a real, writable directory (not a link that would put the events elsewhere)."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise TensorBoardUnavailable(f"TensorBoard logging needs the tensorboard package: {INSTALL_HINT}") from None
+    log_dir = Path(out_dir) / "tensorboard"
+    if log_dir.is_symlink():
+        raise ConfigError(f"{log_dir} is a symbolic link; flowvae writes TensorBoard events only into the run "
+                          "itself (remove the link)")
+    if log_dir.exists() and not log_dir.is_dir():
+        raise ConfigError(f"{log_dir} exists and is not a directory; --tensorboard writes its events there")
+    if log_dir.is_dir():
+        from flowvae.io import probe_writable
+
+        try:
+            probe_writable(log_dir)
+        except OSError as err:
+            raise ConfigError(f"{log_dir} cannot be written ({err.strerror}); --tensorboard writes its events "
+                              "there") from None
+
+
 class TensorBoardLogger:
     """Scalars, image grids and figures of a run, written to ``out_dir/tensorboard/``.
 

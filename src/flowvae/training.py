@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import fcntl
 import io
 import json
@@ -32,10 +33,11 @@ import logging
 import math
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -47,7 +49,8 @@ from flowvae.config import ConfigError, TrainConfig, resume_differences
 from flowvae.data import DataError, DatasetSplits, load_dataset
 from flowvae.evaluation import autocast, evaluate, posterior_diagnostics
 from flowvae.gradient_guard import MAX_CONSECUTIVE_SKIPS, GradientGuard
-from flowvae.io import atomic_torch_save, atomic_write_text, existing_ancestor, probe_writable, remove_stale_temporaries
+from flowvae.io import (TEMP_SUFFIX, atomic_torch_save, atomic_write_text, existing_ancestor, probe_writable,
+                        remove_stale_temporaries)
 from flowvae.models import LatentVariableModel, as_unit_interval, build_model, count_parameters, draw_noise
 from flowvae.models import MODEL_FIELDS
 from flowvae.models.base import select_noise
@@ -239,8 +242,8 @@ def _prepare_out_dir(out: Path, resume: bool) -> Path | None:
     parent = existing_ancestor(out)
     if not parent.is_dir():
         raise RunDirError(f"--out {out}: {parent} is a file, not a directory")
-    if (out / LOCK_NAME).is_file():  # another process at work here is the first thing to say
-        with open(out / LOCK_NAME) as handle:
+    if (out / LOCK_NAME).exists() or (out / LOCK_NAME).is_symlink():  # another process at work here comes first
+        with _open_lock(out, create=False) as handle:
             _take_lock(handle, out)
             fcntl.flock(handle, fcntl.LOCK_UN)
     if resume:
@@ -249,7 +252,7 @@ def _prepare_out_dir(out: Path, resume: bool) -> Path | None:
         return None
     if (out / "checkpoint.pt").exists():
         raise CheckpointError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if out.is_dir() and any(p.name not in RUN_FILES for p in out.iterdir()):
+    if out.is_dir() and any(p.name not in RUN_FILES for p in out.iterdir()) and not interrupted_start(out):
         raise RunDirError(f"--out {out} is a non-empty directory that holds no flowvae run; choose another --out")
     missing = [d for d in (out, *out.parents) if not d.exists()]
     created = missing[-1] if missing else None
@@ -261,6 +264,58 @@ def _prepare_out_dir(out: Path, resume: bool) -> Path | None:
             _remove_failed_start(out, created, ours=False)
         raise RunDirError(f"--out {out} cannot be written: {err.strerror}") from None
     return created
+
+
+def _open_lock(out: Path, create: bool = True) -> Any:
+    """The run's lock file, opened for reading and writing without following a symbolic link: a lock
+    that is a link, a FIFO or anything but a regular file is refused, so nothing outside the run is
+    ever written through it."""
+    path = out / LOCK_NAME
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP or path.is_symlink():
+            raise RunDirError(f"{path} is a symbolic link; flowvae does not write through it (remove it)") from None
+        raise RunDirError(f"--out {out} cannot be written: {path}: {err.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirError(f"{path} is not a regular file; flowvae does not write to it (remove it)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "r+")
+
+
+def interrupted_start(out: Path) -> list[Path]:
+    """The files that a new run killed before its first checkpoint left in ``out`` (config.yaml, the
+    first epoch's best.pt, metrics, curves, TensorBoard events, temporaries), the lock excepted;
+    [] when ``out`` holds a checkpoint or anything else, which is then never taken for debris."""
+    if not out.is_dir() or (out / "checkpoint.pt").exists() or (out / "checkpoint.pt").is_symlink():
+        return []
+    entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    files = {"config.yaml", "best.pt", "metrics.jsonl", "metrics.csv", "curves.png"}
+    for p in entries:
+        ours = (p.name in files or p.name.endswith(TEMP_SUFFIX)) and p.is_file() and not p.is_symlink()
+        if not (ours or (p.name == "tensorboard" and p.is_dir() and not p.is_symlink())):
+            return []
+    if not (out / "config.yaml").is_file() and not all(p.name.endswith(TEMP_SUFFIX) for p in entries):
+        return []  # flowvae writes config.yaml before any other file: without it, these are someone else's
+    if (out / "best.pt").exists():  # the first epoch's weights only: a later epoch's are a user's result
+        try:
+            epoch = torch.load(out / "best.pt", map_location="cpu", weights_only=True, mmap=True).get("epoch")
+        except Exception:  # noqa: BLE001 (a truncated write is debris too)
+            epoch = None
+        if epoch not in (None, 1):
+            return []
+    return entries
+
+
+def _clear_interrupted_start(out: Path) -> None:
+    for path in interrupted_start(out):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        logger.info("removed %s, left by a start that was interrupted before its first checkpoint", path)
 
 
 def _take_lock(handle: Any, out: Path) -> None:
@@ -276,12 +331,8 @@ def _take_lock(handle: Any, out: Path) -> None:
 @contextlib.contextmanager
 def run_lock(out: Path, on_error: Callable[[], None] | None = None):
     """Hold an exclusive lock on the run directory; a second process gets a one-line error.
-    ``on_error`` runs, still under the lock, when the body raises."""
-    path = out / LOCK_NAME
-    try:
-        handle = open(path, "a+")
-    except OSError as err:
-        raise RunDirError(f"--out {out} cannot be written: {err.strerror}") from None
+    When the body raises, temporaries are removed and ``on_error`` runs, still under the lock."""
+    handle = _open_lock(out)
     try:
         _take_lock(handle, out)
         try:
@@ -291,6 +342,7 @@ def run_lock(out: Path, on_error: Callable[[], None] | None = None):
             handle.flush()
             yield
         except BaseException:
+            remove_stale_temporaries(out)  # a write cut short by a signal between mkstemp and its try
             if on_error is not None:
                 on_error()
             raise
@@ -377,8 +429,11 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
         with torch.no_grad():
             model.initialise(data.train[:config.batch_size].to(device))
     ema = _build_ema(config, model)
-    if ema is not None and resume and "ema" in ckpt:
+    if ema is not None and resume and ckpt.get("ema") is not None:
         load_weights(ema, ckpt["ema"], out / "checkpoint.pt")
+    elif ema is not None and resume:  # --ema switched on now: the average starts from the resumed weights
+        logger.warning("the run was trained without --ema: its moving average starts from the weights of epoch %d",
+                       state.epoch)
     step_model: torch.nn.Module = model
     if context.distributed:
         step_model = torch.nn.parallel.DistributedDataParallel(
@@ -578,10 +633,10 @@ def _check_divergence(run: Run, valid_neg_elbo: float) -> None:
 
 
 def write_epoch(run: Run, improved: bool) -> None:
-    """Worker 0: best.pt (if improved), checkpoint.pt, metrics.jsonl/.csv — each written atomically."""
-    if improved:
-        atomic_torch_save({"format": CHECKPOINT_FORMAT, "model": run.eval_model.state_dict(),
-                           "config": run.config.to_dict(), "epoch": run.state.epoch}, run.out / "best.pt")
+    """Worker 0: checkpoint.pt, then best.pt (if improved), metrics.jsonl/.csv — each written atomically.
+
+    checkpoint.pt comes first, so best.pt is never ahead of it: should best.pt's write fail (a full
+    disk), the checkpoint holds the same weights and :func:`_repair_best` rewrites it on resume."""
     atomic_torch_save({
         "format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
@@ -591,10 +646,34 @@ def write_epoch(run: Run, improved: bool) -> None:
         "rng": {"torch": torch.get_rng_state(), "noise_device": run.device.type,
                 **{k: g.get_state() for k, g in run.generators.items()}},
     }, run.checkpoint_path)
+    if improved:
+        _write_best(run)
     _write_history(run.out, run.state.history)
     plot_curves(run.state.history, run.out / "curves.png", title=f"{run.config.dataset}, {run.config.model.arch}")
     if run.tensorboard is not None:
         _log_epoch_to_tensorboard(run)
+
+
+def _write_best(run: Run) -> None:
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "model": run.eval_model.state_dict(),
+                       "config": run.config.to_dict(), "epoch": run.state.epoch}, run.out / "best.pt")
+
+
+def _repair_best(run: Run) -> None:
+    """On resume: a best.pt behind the checkpoint's best epoch (its write failed after the checkpoint's)
+    is rewritten from the checkpoint, whose evaluation weights are then the best ones; the metrics
+    files are rewritten from the checkpoint's history."""
+    state, path = run.state, run.out / "best.pt"
+    if state.best_epoch == state.epoch > 0:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+        except Exception:  # missing, truncated or foreign: rewritten below  # noqa: BLE001
+            saved = None
+        if saved != state.best_epoch:
+            logger.warning("%s was behind %s (epoch %s, best %d): rewritten from the checkpoint", path,
+                           run.checkpoint_path, saved, state.best_epoch)
+            _write_best(run)
+    _write_history(run.out, state.history)
 
 
 IMAGES_EVERY_EPOCHS = 5
@@ -629,7 +708,7 @@ def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
 
 # ------------------------------------------------------------------------------------------- train
 
-def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+def train(config: TrainConfig, *, resume: bool = False, notices: Sequence[str] = ()) -> dict[str, Any]:
     """Train, early-stop on validation -ELBO, evaluate the best model; returns results.json's content.
 
     Under ``torchrun`` the model is wrapped in DistributedDataParallel: every worker draws the same
@@ -637,6 +716,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     scaled so that the averaged gradient equals the single-process gradient of the global batch.
     So a run gives the same parameters on any number of workers (up to float summation order) and
     a checkpoint resumes on any number of workers.  Only worker 0 writes files.
+
+    ``notices`` (e.g. options that have no effect) are logged as warnings once the run has started.
     """
     config.validate()
     context, device_name = distributed.setup(config.device)
@@ -644,8 +725,16 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     created: Path | None = None  # the topmost directory this call created, removed again if the start fails
     try:
         device = resolve_device(device_name)
+        if resume and not (out / "checkpoint.pt").exists() and interrupted_start(out):
+            logger.warning("%s holds no checkpoint, only the files of a start interrupted before its first "
+                           "checkpoint: starting the run afresh", out)
+            resume = False
         if context.is_main:
             created = _prepare_out_dir(out, resume)
+            if config.tensorboard:
+                from flowvae.tensorboard import check_log_dir
+
+                check_log_dir(out)
         if resume:  # refuse another run's options before loading any data (a cheap, memory-mapped look)
             ckpt = load_checkpoint(out / "checkpoint.pt", config, mmap=True)
             missing = [k for k in ("optimizer", "state", "history", "rng") if not isinstance(ckpt.get(k), (dict, list))]
@@ -665,14 +754,22 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 
         with run_lock(out, on_error=undo_failed_start) if context.is_main else contextlib.nullcontext():
             run = start_run(config, resume, context, device)
-            if context.is_main:
-                for path in remove_stale_temporaries(out):
-                    logger.info("removed %s, left by an interrupted write", path)
-                atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+            tf32 = [f"--tf32 has no effect on {device.type}; it acts only on CUDA devices"] \
+                if config.tf32 and device.type != "cuda" else []
+            for message in [*notices, *tf32] if context.is_main else []:
+                logger.warning("warning: %s", message)
+            if context.is_main and not resume:
+                _clear_interrupted_start(out)
             if context.is_main and config.tensorboard:
                 from flowvae.tensorboard import TensorBoardLogger
 
                 run.tensorboard = TensorBoardLogger(out, resume_step=run.state.step + 1 if resume else None)
+            if context.is_main:  # every check has passed: only now does the run's directory change
+                for path in remove_stale_temporaries(out):
+                    logger.info("removed %s, left by an interrupted write", path)
+                atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+                if resume:
+                    _repair_best(run)
             logger.info("%s: %d parameters, %s, %d workers, %d training images", config.dataset,
                         count_parameters(run.model), device, context.world_size, len(run.data.train))
             started = time.perf_counter() - run.state.train_seconds

@@ -85,10 +85,12 @@ def download(url: str, dest: str | Path, sha256: str | None) -> Path:
     """
     dest = Path(dest)
     algo, expected = _parse_checksum(sha256) if sha256 is not None else ("sha256", None)
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # removed again on failure
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     except OSError as exc:
+        _remove_empty(created)
         raise DataError(
             f"cannot write to data directory {dest.parent} ({exc.strerror or exc}); "
             "pass another data_dir or set FLOWVAE_DATA"
@@ -118,8 +120,18 @@ def download(url: str, dest: str | Path, sha256: str | None) -> Path:
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        _remove_empty(created)
         raise
     return dest
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove the directories a failed download created, deepest first, as long as they are empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 _download_file = download  # `fetch` has a parameter named `download`

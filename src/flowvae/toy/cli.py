@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from flowvae.flows import FLOW_NAMES, IAF, Compose, Flow, build_flow
-from flowvae.io import atomic_write_text
+from flowvae.io import atomic_write_text, existing_ancestor, probe_writable
 from flowvae.plots import save_figure
 from flowvae.toy.energies import TARGETS, get_target
 from flowvae.toy.fit import OPTIMIZERS, fit
@@ -194,18 +194,31 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if args.iterations < 1 or args.batch_size < 1 or args.eval_samples < 1 or args.workers < 1 or args.threads < 1:
-        raise ValueError("--iterations, --batch-size, --eval-samples, --workers and --threads must be >= 1")
+    if min(args.iterations, args.batch_size, args.eval_samples, args.workers, args.threads, args.hidden) < 1:
+        raise ValueError("--iterations, --batch-size, --eval-samples, --workers, --threads and --hidden must be >= 1")
     steps = args.grid_steps if args.grid else [args.flow_steps]
     if any(k < 1 for k in steps):
         raise ValueError(f"flow lengths must be >= 1, got {steps}")
 
 
+def _check_out(out: Path) -> None:
+    """``--out`` can be created and written; nothing is created before the fit has succeeded."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    ancestor = existing_ancestor(out / "metrics.json")
+    if not ancestor.is_dir():
+        raise ValueError(f"--out {out}: {ancestor} is not a directory")
+    try:
+        probe_writable(ancestor)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot write in {ancestor} ({err.strerror})") from None
+
+
 def run_single(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     spec = _spec(args, args.target, args.flow, args.flow_steps)
     result, row = _fit_one(spec, progress=args.progress)
+    out.mkdir(parents=True, exist_ok=True)
     target = get_target(args.target)
     samples = flow_samples(result.flow, PLOT_SAMPLES, seed=args.seed + 2)
     fig = plot_fit(target, samples, result.history, f"q: {args.flow} K={args.flow_steps}")
@@ -218,7 +231,6 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     specs = [_spec(args, t, f, k) for t in args.grid_targets for f in args.grid_flows for k in args.grid_steps]
     order = sorted(range(len(specs)), key=lambda i: -specs[i]["flow_steps"])  # longest first balances workers
     results: dict[int, tuple[dict[str, Any], Any]] = {}
@@ -243,6 +255,7 @@ def run_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                 results[i] = futures[i].result()
                 report(i)
     wall = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
     rows = [results[i][0] for i in range(len(specs))]
     labels = [f"{f} K={k}" for f in args.grid_flows for k in args.grid_steps]
     images = {(s["target"], f"{s['flow']} K={s['flow_steps']}"): results[i][1] for i, s in enumerate(specs)}
@@ -263,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``flowvae toy`` with parsed ``args``; returns the process exit code."""
     try:
         _validate(args)
+        _check_out(Path(args.out))
     except ValueError as err:
         print(f"flowvae toy: error: {err}", file=sys.stderr)
         return 2
