@@ -42,7 +42,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from flowvae import distributed, objectives
+from flowvae import distributed, objectives, schedules
 from flowvae.config import ConfigError, TrainConfig, resume_differences
 from flowvae.data import DataError, DatasetSplits, load_dataset
 from flowvae.evaluation import autocast, evaluate, posterior_diagnostics
@@ -187,6 +187,7 @@ class RunState:
     consecutive_skips: int = 0
     log_grad_norm_level: float | None = None    # the gradient guard's running level of log ‖g‖
     diverging_epochs: int = 0
+    lr_total_steps: float | None = None          # the lr schedule's length in steps, as the budget allows
     history: list[dict[str, Any]] = field(default_factory=list)
     config_changes: list[dict[str, Any]] = field(default_factory=list)
 
@@ -300,10 +301,37 @@ def run_lock(out: Path, on_error: Callable[[], None] | None = None):
 
 # ----------------------------------------------------------------------------- start or resume a run
 
+class AdamaxW(torch.optim.Adamax):
+    """Adamax with decoupled weight decay (Loshchilov & Hutter 2019): w ← w · (1 − lr · λ), then the
+    Adamax step; λ is each group's ``decoupled_weight_decay`` (torch's Adamax only has L2 decay)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+        for group in self.param_groups:
+            decay = group.get("decoupled_weight_decay", 0.0)
+            params = [p for p in group["params"] if p.grad is not None]
+            if decay and params:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * decay)
+        return super().step(closure)
+
+
 def _build_optimizer(config: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """Adam or Adamax; ``weight_decay`` is decoupled for both (AdamW's rule; 0: none)."""
     if config.optimizer == "adamax":
-        return torch.optim.Adamax(model.parameters(), lr=config.lr, foreach=True)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
+        optimizer = AdamaxW(model.parameters(), lr=config.lr, foreach=True)
+        _set_weight_decay(optimizer, config.weight_decay)
+        return optimizer
+    return torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"),
+                            weight_decay=config.weight_decay, decoupled_weight_decay=True)
+
+
+def _set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Decoupled weight decay λ in every group (also a resumed run's, whose saved groups hold the old λ)."""
+    for group in optimizer.param_groups:
+        if isinstance(optimizer, AdamaxW):
+            group["decoupled_weight_decay"] = weight_decay
+        else:
+            group["weight_decay"], group["decoupled_weight_decay"] = weight_decay, True
 
 
 def _build_ema(config: TrainConfig, model: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel | None:
@@ -351,6 +379,9 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
     if device.type == "cuda":  # the training set lives on the GPU: no host gather or copy per step
         data = dataclasses.replace(data, train=data.train.to(device))
     model = model_from_config(config, data.splits.image_shape, data.splits.kind).to(device)
+    if config.gradient != "reparam" and model.path_gradient_problem():
+        raise ConfigError(f"--gradient {config.gradient} is not implemented for {model.path_gradient_problem()} "
+                          "(only for a diagonal Gaussian posterior without a flow); use --gradient reparam")
     optimizer = _build_optimizer(config, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     # Shuffling and binarization (CPU) and the posterior's noise (device): the same on every worker.
@@ -376,6 +407,8 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
     elif hasattr(model, "initialise"):  # data-dependent initialisation (weight normalization)
         with torch.no_grad():
             model.initialise(data.train[:config.batch_size].to(device))
+    if config.output_bias_init and not resume:
+        model.init_output_bias(as_unit_interval(data.train, torch.float64).mean(0).to(device))
     ema = _build_ema(config, model)
     if ema is not None and resume and "ema" in ckpt:
         load_weights(ema, ckpt["ema"], out / "checkpoint.pt")
@@ -418,6 +451,8 @@ def _apply_changes(saved_config: dict[str, Any], config: TrainConfig, optimizer:
     if "lr" in changed:
         for group in optimizer.param_groups:
             group["lr"] = config.lr
+    if "weight_decay" in changed:
+        _set_weight_decay(optimizer, config.weight_decay)
     if changed:
         state.config_changes.append({"epoch": state.epoch, "step": state.step,
                                      **{k: {"from": old, "to": new} for k, (old, new) in changed.items()}})
@@ -477,6 +512,23 @@ def _shard(batch: int, context: distributed.Context) -> slice:
     return slice(start, start + base + (context.rank < extra))
 
 
+def _noisy_input(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's input in training: x in [0, 1] plus N(0, input_noise²) noise, drawn for the
+    global batch from the noise generator (amortized inference regularization, Shu et al. 2018)."""
+    x = as_unit_interval(x.to(run.device), run.model.dtype)
+    return x + run.config.input_noise * torch.randn(x.shape, generator=run.generators["noise"], device=run.device,
+                                                    dtype=x.dtype)
+
+
+def _schedule_lr(run: Run, steps_per_epoch: int) -> None:
+    """This step's learning rate from the budget-aware schedule (:mod:`flowvae.schedules`)."""
+    config, state = run.config, run.state
+    total = state.lr_total_steps or config.epochs * steps_per_epoch
+    lr = schedules.scheduled_lr(config.lr_schedule, config.lr, config.lr_floor, state.step, total)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+
+
 def train_epoch(run: Run) -> dict[str, float]:
     """One pass over the training set in global batches; every worker takes its shard."""
     config, state, data, context, device = run.config, run.state, run.data, run.context, run.device
@@ -496,14 +548,22 @@ def train_epoch(run: Run) -> dict[str, float]:
         global_batch = len(x)
         if data.dynamic:
             x = torch.bernoulli(x, generator=binarize)
-        noise = draw_noise(run.model, 1, global_batch, generator=run.generators["noise"], device=device)
+        samples = config.train_samples
+        noise = draw_noise(run.model, samples, global_batch, generator=run.generators["noise"], device=device)
+        encoder_input = _noisy_input(run, x) if config.input_noise > 0 else None
         shard = _shard(global_batch, context)                    # this worker's contiguous slice
         x, noise = x[shard].to(device, non_blocking=True), select_noise(noise, shard)
+        if encoder_input is not None:
+            encoder_input = encoder_input[shard]
         beta = min(1.0, (state.step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if config.lr_schedule != "constant":
+            _schedule_lr(run, steps_per_epoch)
         with autocast(device, config.precision):
-            ld = run.step_model(x, noise=noise)
+            ld = run.step_model(x, samples, noise=noise, path_gradient=config.gradient != "reparam",
+                                encoder_input=encoder_input)
         # Σ over the shard / (global batch / W): DDP's gradient average is then the global batch mean.
-        loss = objectives.training_loss(ld, beta, config.free_bits, normalizer=global_batch / context.world_size)
+        loss = objectives.training_loss(ld, beta, config.free_bits, normalizer=global_batch / context.world_size,
+                                        objective=config.objective, gradient=config.gradient)
         _guarded_step(run, loss)
         loss_sum += torch.where(torch.isfinite(loss), loss.detach() * (global_batch / context.world_size), 0.0)
         state.step += 1
@@ -529,6 +589,12 @@ def end_epoch(run: Run, stats: dict[str, float]) -> None:
     valid = evaluate(run.eval_model, run.data.valid, **run.eval_kwargs())
     state.epoch += 1
     state.train_seconds = run.clock()
+    if config.lr_schedule != "constant" and config.max_minutes:  # worker 0's rate, so all workers agree
+        seconds = torch.tensor(float(run.context.is_main) * state.train_seconds, dtype=torch.float64,
+                               device=run.device)
+        steps = config.epochs * math.ceil(len(run.data.train) / config.batch_size)
+        state.lr_total_steps = schedules.budget_steps(state.step, run.context.all_reduce_sum(seconds).item(),
+                                                      config.max_minutes, steps)
     row = {"epoch": state.epoch, "step": state.step, "beta": stats["beta"], "train_loss": stats["train_loss"],
            "valid_neg_elbo": valid["neg_elbo"], "valid_reconstruction": valid["reconstruction"],
            "valid_kl": valid["kl"], "lr": run.optimizer.param_groups[0]["lr"],
@@ -746,7 +812,9 @@ def finish(run: Run) -> dict[str, Any]:
         "epochs_trained": state.epoch, "best_epoch": state.best_epoch, "stopped_early": state.stopped_early,
         "train_minutes": round(state.train_seconds / 60, 3), "workers": context.world_size,
         "skipped_updates": state.skipped_updates, "ema": config.ema,
-        "objective": {"warmup_epochs": config.warmup_epochs, "free_bits": config.free_bits},
+        "objective": {"warmup_epochs": config.warmup_epochs, "free_bits": config.free_bits,
+                      "objective": config.objective, "train_samples": config.train_samples,
+                      "gradient": config.gradient},
         "train": evaluate(model, data.train_eval, desc="train -ELBO", **kwargs),
         "valid": evaluate(model, data.valid, desc="valid -ELBO", **kwargs),
         "test": evaluate(model, data.test, samples=config.eval_samples, desc=f"test -log p(x), K={config.eval_samples}",
