@@ -17,7 +17,8 @@ import math
 
 
 def scheduled_lr(schedule: str, lr: float, floor: float, step: int, total_steps: float) -> float:
-    """The learning rate at optimizer step ``step`` of ``total_steps`` (``schedule``: cosine | exponential)."""
+    """The learning rate of the ``step``-th update (1-based) of ``total_steps``: the last one is at the floor
+    (``schedule``: cosine | exponential)."""
     p = min(max(step / max(total_steps, 1.0), 0.0), 1.0)
     if schedule == "cosine":
         return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * p))

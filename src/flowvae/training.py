@@ -524,7 +524,7 @@ def _schedule_lr(run: Run, steps_per_epoch: int) -> None:
     """This step's learning rate from the budget-aware schedule (:mod:`flowvae.schedules`)."""
     config, state = run.config, run.state
     total = state.lr_total_steps or config.epochs * steps_per_epoch
-    lr = schedules.scheduled_lr(config.lr_schedule, config.lr, config.lr_floor, state.step, total)
+    lr = schedules.scheduled_lr(config.lr_schedule, config.lr, config.lr_floor, state.step + 1, total)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
 
@@ -812,9 +812,9 @@ def finish(run: Run) -> dict[str, Any]:
         "epochs_trained": state.epoch, "best_epoch": state.best_epoch, "stopped_early": state.stopped_early,
         "train_minutes": round(state.train_seconds / 60, 3), "workers": context.world_size,
         "skipped_updates": state.skipped_updates, "ema": config.ema,
-        "objective": {"warmup_epochs": config.warmup_epochs, "free_bits": config.free_bits,
-                      "objective": config.objective, "train_samples": config.train_samples,
-                      "gradient": config.gradient},
+        "objective": {"warmup_epochs": config.warmup_epochs, "free_bits": config.free_bits},
+        "training_bound": {"objective": config.objective, "train_samples": config.train_samples,
+                           "gradient": config.gradient},
         "train": evaluate(model, data.train_eval, desc="train -ELBO", **kwargs),
         "valid": evaluate(model, data.valid, desc="valid -ELBO", **kwargs),
         "test": evaluate(model, data.test, samples=config.eval_samples, desc=f"test -log p(x), K={config.eval_samples}",

@@ -34,9 +34,9 @@ class ModelConfig:
     dropout: float = field(default=0.0, metadata={
         "help": "dropout probability after every hidden layer of the MLP encoder and decoder (arch mlp, ladder; 0: off)"})
     posterior_log_var_min: float | None = field(default=None, metadata={
-        "help": "soft lower bound on the Gaussian posterior's log-variance, e.g. -6 (needs --posterior-log-var-max)"})
+        "help": "soft lower bound on the Gaussian posterior's log variance, e.g. -6 (needs --posterior-log-var-max)"})
     posterior_log_var_max: float | None = field(default=None, metadata={
-        "help": "soft upper bound on the Gaussian posterior's log-variance, e.g. 2 (default: log σ within ±8)"})
+        "help": "soft upper bound on the Gaussian posterior's log variance, e.g. 2 (default: log σ within ±8)"})
 
     @property
     def log_var_bounds(self) -> tuple[float, float] | None:

@@ -76,7 +76,7 @@ class Bernoulli(Likelihood):
 
     def params_for_mean(self, mean_image: torch.Tensor) -> torch.Tensor:
         """logit(mean pixel), clamped to [1e-3, 1 − 1e-3] so that an always-0 pixel keeps a finite bias."""
-        return torch.logit(mean_image.float().clamp(1e-3, 1 - 1e-3))
+        return torch.logit(mean_image.clamp(1e-3, 1 - 1e-3))
 
 
 class Categorical256(Likelihood):
