@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from flowvae import objectives, schedules, training
+from flowvae import objectives, optimizers, schedules, training
 from flowvae.cli import main
 from flowvae.config import TrainConfig
 from flowvae.models import GaussianEncoder, VAE, build_model, draw_noise
@@ -201,7 +201,7 @@ def test_help_lists_every_new_option(capsys):
     for flag in NEW_FLAGS:
         assert flag in text, flag
     for words in ("Burda et al. 2016", "sticking the landing", "decoupled weight decay", "encoder's input", "gated",
-                  "dropout probability", "logit(mean training pixel)", "log variance", "--max-minutes"):
+                  "dropout probability", "logit(mean training pixel)", "log variance", "pseudo-inputs (mixture components) of --prior vamp", "--max-minutes"):
         assert words in text, words
 
 
@@ -211,6 +211,7 @@ def test_help_lists_every_new_option(capsys):
     (["--gradient", "score"], "gradient must be one of reparam, stl, dreg"),
     (["--gradient", "stl", "--objective", "iwae", "--train-samples", "4"], "biased for --objective iwae"),
     (["--gradient", "dreg", "--free-bits", "0.1"], "free-bits"),
+    (["--gradient", "dreg", "--compile"], "dreg does not work with --compile"),
     (["--gradient", "stl", "--flow", "iaf"], "--gradient stl is not implemented for the IAF flow posterior"),
     (["--gradient", "dreg", "--arch", "ladder"], "--gradient dreg is not implemented for the posterior of LadderVAE"),
     (["--weight-decay", "-0.1"], "weight_decay must be in [0, 1)"),
@@ -311,7 +312,7 @@ def test_weight_decay_is_decoupled(tmp_path, optimizer):
     moves the weights (an L2 term would pass through the adaptive step instead)."""
     config = tiny(tmp_path, optimizer=optimizer, weight_decay=0.1, lr=0.01)
     model = nn.Linear(3, 2)
-    opt = training._build_optimizer(config, model, torch.device("cpu"))
+    opt = optimizers.build_optimizer(config, model, torch.device("cpu"))
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

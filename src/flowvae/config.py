@@ -142,6 +142,9 @@ class TrainConfig:
             (self.gradient in GRADIENTS, "gradient", f"must be one of {', '.join(GRADIENTS)}"),
             (problem is None, "gradient", (problem or "").replace(f"--gradient {self.gradient} ", "", 1)),
             (self.train_samples >= 1, "train_samples", "must be >= 1"),
+            (not (self.gradient == "dreg" and self.compile), "gradient",
+             "dreg does not work with --compile (its gradient hook on the samples would sit outside the "
+             "compiled graph); drop --compile"),
             (0 <= self.weight_decay < 1, "weight_decay", "must be in [0, 1)"),
             (self.input_noise >= 0, "input_noise", "must be >= 0"),
             (0 <= m.dropout < 1, "dropout", "must be in [0, 1)"),

@@ -111,7 +111,7 @@ def training_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
     if problem:
         raise ValueError(problem)
     if gradient == "dreg" and objective == "iwae" and samples > 1 and torch.is_grad_enabled():
-        # E[Σ_k w̃_k ∂_φ log q(z_k)] = E[Σ_k (w̃_k − w̃_k²) ∂log w_k^β/∂z_k ∂z_k/∂φ] (Tucker et al. 2018, eq. 5),
+        # E[Σ_k w̃_k ∂_φ log q(z_k)] = E[Σ_k (w̃_k − w̃_k²) ∂log w_k^β/∂z_k ∂z_k/∂φ] (Tucker et al. 2018),
         # so the bound's −β·(score term) becomes a path term: each z_k's gradient is scaled by 1 − β + β w̃_k.
         weights = torch.softmax(annealed_log_weight(ld, beta).detach(), 0)          # w̃ (K, B)
         factor = (1 - beta) + beta * weights

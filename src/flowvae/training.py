@@ -51,6 +51,7 @@ from flowvae.io import atomic_torch_save, atomic_write_text, existing_ancestor, 
 from flowvae.models import LatentVariableModel, as_unit_interval, build_model, count_parameters, draw_noise
 from flowvae.models import MODEL_FIELDS
 from flowvae.models.base import select_noise
+from flowvae.optimizers import build_optimizer, set_weight_decay
 from flowvae.parallelism import warn_if_oversubscribed
 from flowvae.plots import save_image_grid
 from flowvae.report import plot_curves
@@ -301,39 +302,6 @@ def run_lock(out: Path, on_error: Callable[[], None] | None = None):
 
 # ----------------------------------------------------------------------------- start or resume a run
 
-class AdamaxW(torch.optim.Adamax):
-    """Adamax with decoupled weight decay (Loshchilov & Hutter 2019): w ← w · (1 − lr · λ), then the
-    Adamax step; λ is each group's ``decoupled_weight_decay`` (torch's Adamax only has L2 decay)."""
-
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
-        for group in self.param_groups:
-            decay = group.get("decoupled_weight_decay", 0.0)
-            params = [p for p in group["params"] if p.grad is not None]
-            if decay and params:
-                torch._foreach_mul_(params, 1.0 - group["lr"] * decay)
-        return super().step(closure)
-
-
-def _build_optimizer(config: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """Adam or Adamax; ``weight_decay`` is decoupled for both (AdamW's rule; 0: none)."""
-    if config.optimizer == "adamax":
-        optimizer = AdamaxW(model.parameters(), lr=config.lr, foreach=True)
-        _set_weight_decay(optimizer, config.weight_decay)
-        return optimizer
-    return torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"),
-                            weight_decay=config.weight_decay, decoupled_weight_decay=True)
-
-
-def _set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
-    """Decoupled weight decay λ in every group (also a resumed run's, whose saved groups hold the old λ)."""
-    for group in optimizer.param_groups:
-        if isinstance(optimizer, AdamaxW):
-            group["decoupled_weight_decay"] = weight_decay
-        else:
-            group["weight_decay"], group["decoupled_weight_decay"] = weight_decay, True
-
-
 def _build_ema(config: TrainConfig, model: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel | None:
     if not config.ema:
         return None
@@ -382,7 +350,7 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
     if config.gradient != "reparam" and model.path_gradient_problem():
         raise ConfigError(f"--gradient {config.gradient} is not implemented for {model.path_gradient_problem()} "
                           "(only for a diagonal Gaussian posterior without a flow); use --gradient reparam")
-    optimizer = _build_optimizer(config, model, device)
+    optimizer = build_optimizer(config, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     # Shuffling and binarization (CPU) and the posterior's noise (device): the same on every worker.
     generators = {"shuffle": torch.Generator().manual_seed(config.seed),
@@ -452,7 +420,7 @@ def _apply_changes(saved_config: dict[str, Any], config: TrainConfig, optimizer:
         for group in optimizer.param_groups:
             group["lr"] = config.lr
     if "weight_decay" in changed:
-        _set_weight_decay(optimizer, config.weight_decay)
+        set_weight_decay(optimizer, config.weight_decay)
     if changed:
         state.config_changes.append({"epoch": state.epoch, "step": state.step,
                                      **{k: {"from": old, "to": new} for k, (old, new) in changed.items()}})

@@ -28,7 +28,8 @@ class ModelConfig:
     prior: str = "standard"            # standard | flow | vamp (the top layer's prior for hierarchical models)
     prior_flow: str | None = None      # flow prior: maf | coupling (vectors), glow (spatial); None: maf / glow
     prior_flow_steps: int = 4
-    pseudo_inputs: int = 500           # VampPrior components
+    pseudo_inputs: int = field(default=500, metadata={
+        "help": "learned pseudo-inputs (mixture components) of --prior vamp; for the ladder, on its top layer"})
     activation: str = field(default="elu", metadata={
         "help": "hidden layers of the MLP networks (arch mlp, ladder): elu (Linear+ELU) or gated (Linear·sigmoid(Linear))"})
     dropout: float = field(default=0.0, metadata={
