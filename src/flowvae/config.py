@@ -143,8 +143,8 @@ class TrainConfig:
             (problem is None, "gradient", (problem or "").replace(f"--gradient {self.gradient} ", "", 1)),
             (self.train_samples >= 1, "train_samples", "must be >= 1"),
             (not (self.gradient == "dreg" and self.compile), "gradient",
-             "dreg does not work with --compile (its gradient hook on the samples would sit outside the "
-             "compiled graph); drop --compile"),
+             ("dreg does not work with --compile (its gradient hook on the samples would sit outside the "
+              "compiled graph); drop --compile")),
             (0 <= self.weight_decay < 1, "weight_decay", "must be in [0, 1)"),
             (self.input_noise >= 0, "input_noise", "must be >= 0"),
             (0 <= m.dropout < 1, "dropout", "must be in [0, 1)"),
@@ -155,8 +155,9 @@ class TrainConfig:
              f"must be one of {', '.join(MLP_ARCHS)} for --output-bias-init"),
             ((bounds[0] is None) == (bounds[1] is None), "posterior_log_var_min",
              "and posterior_log_var_max must be given together"),
-            (None in bounds or bounds[0] < bounds[1], "posterior_log_var_min", "must be below posterior_log_var_max"),
-            (None in bounds or m.arch != "resnet", "arch", "must not be resnet for posterior log-variance bounds"),
+            (m.log_var_bounds is None or m.log_var_bounds[0] < m.log_var_bounds[1], "posterior_log_var_min",
+             "must be below posterior_log_var_max"),
+            (m.log_var_bounds is None or m.arch != "resnet", "arch", "must not be resnet for posterior log-variance bounds"),
             (self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}"),
             (0 < self.lr_floor < self.lr or self.lr_schedule == "constant", "lr_floor", "must be in (0, lr)"),
             (self.lr_schedule == "constant" or self.lr_decay == 1, "lr_schedule",

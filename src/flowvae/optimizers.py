@@ -13,7 +13,7 @@ class AdamaxW(torch.optim.Adamax):
     Adamax step; λ is each group's ``decoupled_weight_decay`` (torch's Adamax only has L2 decay)."""
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+    def step(self, closure=None):  # torch's signature
         for group in self.param_groups:
             decay = group.get("decoupled_weight_decay", 0.0)
             params = [p for p in group["params"] if p.grad is not None]

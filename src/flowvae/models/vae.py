@@ -135,11 +135,12 @@ class VAE(LatentVariableModel):
         return LogDensities(log_px, at_least_float32(self.log_prior(z)), log_q, {"z": z})
 
     def init_output_bias(self, mean_image: torch.Tensor) -> None:
-        if not isinstance(self.decoder, networks.MLPDecoder):
+        dense = self.decoder if isinstance(self.decoder, networks.MLPDecoder) else None
+        if dense is None:  # a configuration problem (a one-line error), not a programming one
             raise ValueError(f"the {type(self.decoder).__name__} has no dense output layer whose bias could start at "
                              "the data mean; use --arch mlp or ladder")
         with torch.no_grad():
-            self.decoder.output.bias.copy_(self.likelihood.params_for_mean(mean_image).flatten())
+            dense.output.bias.copy_(self.likelihood.params_for_mean(mean_image).flatten())
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
