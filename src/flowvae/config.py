@@ -22,6 +22,7 @@ import yaml
 from flowvae.flows import FLOW_NAMES
 from flowvae.flows.factory import MAX_FLOW_STEPS
 from flowvae.models import ARCHITECTURE_FLOWS, LIKELIHOODS, MODEL_FIELDS, MODELS, ModelConfig
+from flowvae.objectives import GRADIENTS, OBJECTIVES, gradient_problem
 from flowvae.priors import FLOW_PRIOR_NAMES
 
 
@@ -32,6 +33,8 @@ class ConfigError(ValueError):
 PRIORS = ("standard", "flow", "vamp")
 OPTIMIZERS = ("adam", "adamax")
 PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine", "exponential")
+MLP_ARCHS = ("mlp", "ladder")        # the options of the MLP networks (activation, dropout, output bias) apply here
 MAX_SEED = 2 ** 32 - 1              # the trainer derives generator seeds from it (seed + 2, seed·10⁶ + step)
 MAX_THREADS = 1024
 MAX_IMPORTANCE_SAMPLES = 100_000    # K of the -log p(x) estimate (papers use 5000; its bias shrinks as 1/K)
@@ -73,6 +76,22 @@ class TrainConfig:
     progress: bool = True              # progress bars
     tensorboard: bool = False          # also log to RUN/tensorboard (pip install "flowvae[tensorboard]")
     out: str = "runs/default"
+    objective: str = field(default="elbo", metadata={
+        "help": "training bound: elbo (mean over the K samples) or iwae (log (1/K) Σ_k w_k, Burda et al. 2016)"})
+    train_samples: int = field(default=1, metadata={"help": "K posterior samples per data point in training"})
+    gradient: str = field(default="reparam", metadata={
+        "help": "gradient estimator: reparam, stl (sticking the landing) or dreg (doubly reparameterized); "
+                "stl/dreg need a Gaussian posterior without a flow"})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "decoupled weight decay (AdamW-style, for adam and adamax): w -= lr·λ·w per step (0: off)"})
+    input_noise: float = field(default=0.0, metadata={
+        "help": "std of Gaussian noise added to the encoder's input only in training (Shu et al. 2018; 0: off)"})
+    output_bias_init: bool = field(default=False, metadata={
+        "help": "start the decoder's output bias at logit(mean training pixel) (Bernoulli; arch mlp, ladder)"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "constant (plus --lr-decay on plateaus), cosine or exponential decay to --lr-floor over --epochs "
+                "or --max-minutes, whichever ends first"})
+    lr_floor: float = field(default=1e-5, metadata={"help": "the learning rate a cosine/exponential schedule ends at"})
 
     def validate(self) -> "TrainConfig":
         from flowvae.data import available_datasets
@@ -109,6 +128,7 @@ class TrainConfig:
             (self.free_bits <= MAX_FREE_BITS, "free_bits",
              f"must be at most {MAX_FREE_BITS:g} nats per unit (more would switch the KL term off)"),
         ]
+        checks += self._objective_checks()
         positive = ["latent_dim", "layers", "hidden", "channels", "feature_dim", "flow_hidden", "reflections",
                     "prior_flow_steps", "pseudo_inputs", "epochs", "batch_size", "lr_patience", "eval_samples",
                     "eval_batch_size", "lr"]
@@ -119,6 +139,38 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"bad config value {name}={_get(self, name)!r}: {name} {message}")
         return self
+
+    def _objective_checks(self) -> list[tuple[bool, str, str]]:
+        """The training objective, gradient estimator, regularisers and learning-rate schedule."""
+        m, bounds = self.model, (self.model.posterior_log_var_min, self.model.posterior_log_var_max)
+        problem = gradient_problem(self.objective, self.train_samples, self.gradient, self.free_bits) \
+            if self.objective in OBJECTIVES and self.gradient in GRADIENTS else None
+        return [
+            (self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}"),
+            (self.gradient in GRADIENTS, "gradient", f"must be one of {', '.join(GRADIENTS)}"),
+            (problem is None, "gradient", (problem or "").replace(f"--gradient {self.gradient} ", "", 1)),
+            (self.train_samples >= 1, "train_samples", "must be >= 1"),
+            (not (self.gradient == "dreg" and self.compile), "gradient",
+             ("dreg does not work with --compile (its gradient hook on the samples would sit outside the "
+              "compiled graph); drop --compile")),
+            (0 <= self.weight_decay < 1, "weight_decay", "must be in [0, 1)"),
+            (self.input_noise >= 0, "input_noise", "must be >= 0"),
+            (0 <= m.dropout < 1, "dropout", "must be in [0, 1)"),
+            (m.activation in ("elu", "gated"), "activation", "must be elu or gated"),
+            ((m.activation == "elu" and m.dropout == 0) or m.arch in MLP_ARCHS, "arch",
+             f"must be one of {', '.join(MLP_ARCHS)} for --activation and --dropout (the MLP networks)"),
+            (not self.output_bias_init or m.arch in MLP_ARCHS, "arch",
+             f"must be one of {', '.join(MLP_ARCHS)} for --output-bias-init"),
+            ((bounds[0] is None) == (bounds[1] is None), "posterior_log_var_min",
+             "and posterior_log_var_max must be given together"),
+            (m.log_var_bounds is None or m.log_var_bounds[0] < m.log_var_bounds[1], "posterior_log_var_min",
+             "must be below posterior_log_var_max"),
+            (m.log_var_bounds is None or m.arch != "resnet", "arch", "must not be resnet for posterior log-variance bounds"),
+            (self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}"),
+            (0 < self.lr_floor < self.lr or self.lr_schedule == "constant", "lr_floor", "must be in (0, lr)"),
+            (self.lr_schedule == "constant" or self.lr_decay == 1, "lr_schedule",
+             "must be constant when lr_decay < 1 (the plateau decay would fight the schedule)"),
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         """Nested: the run's options with the model's under ``model``."""
@@ -177,7 +229,8 @@ def _known_name(field: str, value: str) -> str:
     as given, so that its error shows what was typed."""
     flows = {name for names in ARCHITECTURE_FLOWS.values() for name in names}
     choices = {"arch": MODELS.names(), "flow": flows, "likelihood": LIKELIHOODS, "prior": PRIORS,
-               "prior_flow": FLOW_PRIOR_NAMES, "optimizer": OPTIMIZERS, "precision": PRECISIONS}.get(field, ())
+               "prior_flow": FLOW_PRIOR_NAMES, "optimizer": OPTIMIZERS, "precision": PRECISIONS,
+               "objective": OBJECTIVES, "gradient": GRADIENTS, "lr_schedule": LR_SCHEDULES}.get(field, ())
     name = value.strip().lower()
     return name if name in choices else value
 
@@ -317,7 +370,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in _all_fields():
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"default: {defaults[f.name]}"
+        help_text = f"{f.metadata['help']} (default: {defaults[f.name]})" if "help" in f.metadata \
+            else f"default: {defaults[f.name]}"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:

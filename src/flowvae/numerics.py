@@ -43,3 +43,9 @@ def radial_parameters(alpha_raw: torch.Tensor, beta_raw: torch.Tensor) -> tuple[
     """
     alpha = F.softplus(alpha_raw)
     return alpha, -alpha + F.softplus(beta_raw)
+
+
+def soft_bound(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Smoothly squash x into (low, high): centre + soft_clamp(x − centre, half-width); identity near the centre."""
+    centre, half = (low + high) / 2, (high - low) / 2
+    return centre + soft_clamp(x - centre, half)

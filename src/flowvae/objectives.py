@@ -21,8 +21,8 @@ def negative_elbo(ld: LogDensities, beta: float = 1.0) -> torch.Tensor:
     return -(ld.log_likelihood - beta * ld.kl).mean(0)
 
 
-def training_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
-                  normalizer: float | None = None) -> torch.Tensor:
+def elbo_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
+              normalizer: float | None = None) -> torch.Tensor:
     """Scalar loss: the negative ELBO with KL weight β (warm-up) and free bits, summed over the
     batch and divided by ``normalizer`` (default: the batch size, i.e. the batch mean).
 
@@ -39,9 +39,91 @@ def training_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
     return (-ld.log_likelihood.mean(0).sum() + beta * kl.sum()) / (batch if normalizer is None else normalizer)
 
 
+def iwae_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
+              normalizer: float | None = None) -> torch.Tensor:
+    """Scalar loss: −log (1/K) Σ_k w_k^β per data point (Burda et al. 2016), with the annealed
+    weights log w^β = log p(x|z) + β (log p(z) − log q(z|x)) of :func:`annealed_log_weight`,
+    summed over the batch and divided by ``normalizer`` (default: the batch size).
+
+    At β = 1 this is −:func:`iwae_bound`; at K = 1 it is :func:`elbo_loss`'s β-ELBO.  Free bits:
+    a KL group g whose (sample-mean, batch-summed) KL lies below its floor λ · units_g · B adds
+    β · (floor − KL_g), which is :func:`elbo_loss`'s max(KL_g, floor) exactly at K = 1 and for
+    K > 1 adds back the average pull that drags the group's KL below its floor.
+    """
+    batch, samples = ld.kl.shape[-1], ld.kl.shape[0]
+    bound = torch.logsumexp(annealed_log_weight(ld, beta), 0) - math.log(samples)      # (B,)
+    loss = -bound.sum()
+    if free_bits > 0:
+        kl = ld.kl_groups.mean(0).sum(0)                                                # (G,)
+        units = torch.tensor(ld.group_units, dtype=kl.dtype, device=kl.device)
+        loss = loss + beta * torch.relu(free_bits * units * batch - kl).sum()
+    return loss / (batch if normalizer is None else normalizer)
+
+
 def iwae_bound(ld: LogDensities) -> torch.Tensor:
     """log (1/K) Σ_k w_k per data point: (B,)."""
     return torch.logsumexp(ld.log_weight, 0) - math.log(ld.log_weight.shape[0])
+
+
+OBJECTIVES = ("elbo", "iwae")
+GRADIENTS = ("reparam", "stl", "dreg")
+
+
+def gradient_problem(objective: str, samples: int, gradient: str, free_bits: float) -> str | None:
+    """Why ``gradient`` would be a biased estimator of ``objective``'s gradient, or None.
+
+    STL (Roeder et al. 2017) drops the score term E_q[∇ log q] = 0 of the ELBO; of the IWAE bound
+    with K > 1 the dropped term Σ_k w̃_k ∇ log q(z_k) is not zero in expectation (Tucker et al.
+    2018), and free bits' floor depends on the sample, so neither may drop it.
+    """
+    if gradient == "stl" and objective == "iwae" and samples > 1:
+        return "--gradient stl is biased for --objective iwae with --train-samples > 1; use --gradient dreg"
+    if gradient != "reparam" and free_bits > 0:
+        return f"--gradient {gradient} is not unbiased with --free-bits > 0 (the floor depends on the sample); " \
+               "use --gradient reparam or --free-bits 0"
+    return None
+
+
+def annealed_log_weight(ld: LogDensities, beta: float = 1.0) -> torch.Tensor:
+    """log p(x|z) + β (log p(z) − log q(z|x)), (K, B): log w at β = 1, the β-ELBO's integrand at K = 1."""
+    return ld.log_likelihood - beta * ld.kl
+
+
+def training_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
+                  normalizer: float | None = None, objective: str = "elbo", gradient: str = "reparam"
+                  ) -> torch.Tensor:
+    """The scalar training loss for ``objective`` 'elbo' (:func:`elbo_loss`) or 'iwae'
+    (:func:`iwae_loss`), with the gradient estimator ``gradient``.
+
+    'reparam' differentiates the loss as it is.  'stl' and 'dreg' expect ``ld`` from a model's
+    ``path_log_densities`` (log q scored with the posterior's parameters held constant); 'dreg'
+    (Tucker et al. 2018) also scales the gradient that reaches each sample z_k by its normalised
+    weight w̃_k, so the posterior's path gradient is Σ_k w̃_k² ∂log w_k/∂z_k ∂z_k/∂φ; every other
+    gradient (the decoder's, the prior's) keeps its weight w̃_k.  Under KL warm-up (β < 1) the
+    scale is 1 − β + β w̃_k, the exact doubly reparameterized gradient of the annealed bound.  For
+    the ELBO, and at K = 1, 'dreg' is 'stl'.
+    """
+    if objective not in OBJECTIVES or gradient not in GRADIENTS:
+        raise ValueError(f"objective must be one of {OBJECTIVES} and gradient one of {GRADIENTS}, "
+                         f"got {objective!r} and {gradient!r}")
+    samples = ld.log_likelihood.shape[0]
+    problem = gradient_problem(objective, samples, gradient, free_bits)
+    if problem:
+        raise ValueError(problem)
+    if gradient == "dreg" and objective == "iwae" and samples > 1 and torch.is_grad_enabled():
+        # E[Σ_k w̃_k ∂_φ log q(z_k)] = E[Σ_k (w̃_k − w̃_k²) ∂log w_k^β/∂z_k ∂z_k/∂φ] (Tucker et al. 2018),
+        # so the bound's −β·(score term) becomes a path term: each z_k's gradient is scaled by 1 − β + β w̃_k.
+        weights = torch.softmax(annealed_log_weight(ld, beta).detach(), 0)          # w̃ (K, B)
+        factor = (1 - beta) + beta * weights
+        for z in ld.latents.values():
+            if z.requires_grad:
+                scale = factor.reshape(*factor.shape, *(1,) * (z.dim() - 2)).to(z.dtype)
+                z.register_hook(lambda grad, scale=scale: grad * scale)
+    if objective == "iwae":
+        return iwae_loss(ld, beta, free_bits, normalizer)
+    return elbo_loss(ld, beta, free_bits, normalizer)
+
+
 
 
 # Importance samples are drawn this many at a time for all the batch's data points, in order, so an

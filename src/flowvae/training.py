@@ -44,7 +44,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from flowvae import distributed, objectives
+from flowvae import distributed, objectives, schedules
 from flowvae.config import ConfigError, TrainConfig, resume_differences
 from flowvae.data import DataError, DatasetSplits, load_dataset
 from flowvae.evaluation import autocast, evaluate, posterior_diagnostics
@@ -54,6 +54,7 @@ from flowvae.io import (TEMP_SUFFIX, atomic_torch_save, atomic_write_text, exist
 from flowvae.models import LatentVariableModel, as_unit_interval, build_model, count_parameters, draw_noise
 from flowvae.models import MODEL_FIELDS
 from flowvae.models.base import select_noise
+from flowvae.optimizers import build_optimizer, set_weight_decay
 from flowvae.parallelism import warn_if_oversubscribed
 from flowvae.plots import save_image_grid
 from flowvae.report import plot_curves
@@ -190,6 +191,7 @@ class RunState:
     consecutive_skips: int = 0
     log_grad_norm_level: float | None = None    # the gradient guard's running level of log ‖g‖
     diverging_epochs: int = 0
+    lr_total_steps: float | None = None          # the lr schedule's length in steps, as the budget allows
     history: list[dict[str, Any]] = field(default_factory=list)
     config_changes: list[dict[str, Any]] = field(default_factory=list)
 
@@ -352,12 +354,6 @@ def run_lock(out: Path, on_error: Callable[[], None] | None = None):
 
 # ----------------------------------------------------------------------------- start or resume a run
 
-def _build_optimizer(config: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    if config.optimizer == "adamax":
-        return torch.optim.Adamax(model.parameters(), lr=config.lr, foreach=True)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
-
-
 def _build_ema(config: TrainConfig, model: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel | None:
     if not config.ema:
         return None
@@ -403,7 +399,10 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
     if device.type == "cuda":  # the training set lives on the GPU: no host gather or copy per step
         data = dataclasses.replace(data, train=data.train.to(device))
     model = model_from_config(config, data.splits.image_shape, data.splits.kind).to(device)
-    optimizer = _build_optimizer(config, model, device)
+    if config.gradient != "reparam" and model.path_gradient_problem():
+        raise ConfigError(f"--gradient {config.gradient} is not implemented for {model.path_gradient_problem()} "
+                          "(only for a diagonal Gaussian posterior without a flow); use --gradient reparam")
+    optimizer = build_optimizer(config, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     # Shuffling and binarization (CPU) and the posterior's noise (device): the same on every worker.
     generators = {"shuffle": torch.Generator().manual_seed(config.seed),
@@ -428,6 +427,8 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
     elif hasattr(model, "initialise"):  # data-dependent initialisation (weight normalization)
         with torch.no_grad():
             model.initialise(data.train[:config.batch_size].to(device))
+    if config.output_bias_init and not resume:
+        model.init_output_bias(as_unit_interval(data.train, torch.float64).mean(0).to(device))
     ema = _build_ema(config, model)
     if ema is not None and resume and ckpt.get("ema") is not None:
         load_weights(ema, ckpt["ema"], out / "checkpoint.pt")
@@ -473,6 +474,8 @@ def _apply_changes(saved_config: dict[str, Any], config: TrainConfig, optimizer:
     if "lr" in changed:
         for group in optimizer.param_groups:
             group["lr"] = config.lr
+    if "weight_decay" in changed:
+        set_weight_decay(optimizer, config.weight_decay)
     if changed:
         state.config_changes.append({"epoch": state.epoch, "step": state.step,
                                      **{k: {"from": old, "to": new} for k, (old, new) in changed.items()}})
@@ -532,6 +535,23 @@ def _shard(batch: int, context: distributed.Context) -> slice:
     return slice(start, start + base + (context.rank < extra))
 
 
+def _noisy_input(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's input in training: x in [0, 1] plus N(0, input_noise²) noise, drawn for the
+    global batch from the noise generator (amortized inference regularization, Shu et al. 2018)."""
+    x = as_unit_interval(x.to(run.device), run.model.dtype)
+    return x + run.config.input_noise * torch.randn(x.shape, generator=run.generators["noise"], device=run.device,
+                                                    dtype=x.dtype)
+
+
+def _schedule_lr(run: Run, steps_per_epoch: int) -> None:
+    """This step's learning rate from the budget-aware schedule (:mod:`flowvae.schedules`)."""
+    config, state = run.config, run.state
+    total = state.lr_total_steps or config.epochs * steps_per_epoch
+    lr = schedules.scheduled_lr(config.lr_schedule, config.lr, config.lr_floor, state.step + 1, total)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+
+
 def train_epoch(run: Run) -> dict[str, float]:
     """One pass over the training set in global batches; every worker takes its shard."""
     config, state, data, context, device = run.config, run.state, run.data, run.context, run.device
@@ -551,14 +571,22 @@ def train_epoch(run: Run) -> dict[str, float]:
         global_batch = len(x)
         if data.dynamic:
             x = torch.bernoulli(x, generator=binarize)
-        noise = draw_noise(run.model, 1, global_batch, generator=run.generators["noise"], device=device)
+        samples = config.train_samples
+        noise = draw_noise(run.model, samples, global_batch, generator=run.generators["noise"], device=device)
+        encoder_input = _noisy_input(run, x) if config.input_noise > 0 else None
         shard = _shard(global_batch, context)                    # this worker's contiguous slice
         x, noise = x[shard].to(device, non_blocking=True), select_noise(noise, shard)
+        if encoder_input is not None:
+            encoder_input = encoder_input[shard]
         beta = min(1.0, (state.step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if config.lr_schedule != "constant":
+            _schedule_lr(run, steps_per_epoch)
         with autocast(device, config.precision):
-            ld = run.step_model(x, noise=noise)
+            ld = run.step_model(x, samples, noise=noise, path_gradient=config.gradient != "reparam",
+                                encoder_input=encoder_input)
         # Σ over the shard / (global batch / W): DDP's gradient average is then the global batch mean.
-        loss = objectives.training_loss(ld, beta, config.free_bits, normalizer=global_batch / context.world_size)
+        loss = objectives.training_loss(ld, beta, config.free_bits, normalizer=global_batch / context.world_size,
+                                        objective=config.objective, gradient=config.gradient)
         _guarded_step(run, loss)
         loss_sum += torch.where(torch.isfinite(loss), loss.detach() * (global_batch / context.world_size), 0.0)
         state.step += 1
@@ -584,6 +612,12 @@ def end_epoch(run: Run, stats: dict[str, float]) -> None:
     valid = evaluate(run.eval_model, run.data.valid, **run.eval_kwargs())
     state.epoch += 1
     state.train_seconds = run.clock()
+    if config.lr_schedule != "constant" and config.max_minutes:  # worker 0's rate, so all workers agree
+        seconds = torch.tensor(float(run.context.is_main) * state.train_seconds, dtype=torch.float64,
+                               device=run.device)
+        steps = config.epochs * math.ceil(len(run.data.train) / config.batch_size)
+        state.lr_total_steps = schedules.budget_steps(state.step, run.context.all_reduce_sum(seconds).item(),
+                                                      config.max_minutes, steps)
     row = {"epoch": state.epoch, "step": state.step, "beta": stats["beta"], "train_loss": stats["train_loss"],
            "valid_neg_elbo": valid["neg_elbo"], "valid_reconstruction": valid["reconstruction"],
            "valid_kl": valid["kl"], "lr": run.optimizer.param_groups[0]["lr"],
@@ -844,6 +878,8 @@ def finish(run: Run) -> dict[str, Any]:
         "train_minutes": round(state.train_seconds / 60, 3), "workers": context.world_size,
         "skipped_updates": state.skipped_updates, "ema": config.ema,
         "objective": {"warmup_epochs": config.warmup_epochs, "free_bits": config.free_bits},
+        "training_bound": {"objective": config.objective, "train_samples": config.train_samples,
+                           "gradient": config.gradient},
         "train": evaluate(model, data.train_eval, desc="train -ELBO", **kwargs),
         "valid": evaluate(model, data.valid, desc="valid -ELBO", **kwargs),
         "test": evaluate(model, data.test, samples=config.eval_samples, desc=f"test -log p(x), K={config.eval_samples}",

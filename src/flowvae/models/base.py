@@ -104,8 +104,31 @@ class LatentVariableModel(nn.Module):
         """Draw ``samples`` z ~ q(z|x) (from ``noise`` (samples, B, ...) if given) and score them."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, samples: int = 1, noise: Noise | torch.Tensor | None = None) -> LogDensities:
-        return self.log_densities(x, self.encode(x), samples, noise)
+    def path_log_densities(self, x: torch.Tensor, encoded: Any, samples: int = 1,
+                           noise: Noise | None = None) -> LogDensities:
+        """As :meth:`log_densities`, but log q(z|x) is scored with the posterior's parameters held
+        constant, so its gradient flows along the path of the samples only (STL, DReG); every use
+        of a sample must derive from the tensors in ``latents``.  Exact where
+        :meth:`path_gradient_problem` returns None."""
+        raise NotImplementedError(self.path_gradient_problem() or f"{type(self).__name__}.path_log_densities")
+
+    def path_gradient_problem(self) -> str | None:
+        """None where :meth:`path_log_densities` is implemented and exact; otherwise the posterior
+        it is not implemented for, e.g. "the iaf flow posterior"."""
+        return f"the posterior of {type(self).__name__}"
+
+    def init_output_bias(self, mean_image: torch.Tensor) -> None:
+        """Set the decoder's output bias so that the likelihood's mean is ``mean_image`` (C, H, W)
+        at zero hidden activity: logit(mean training pixel) for a Bernoulli likelihood."""
+        raise ValueError(f"{type(self).__name__} cannot initialise its decoder's output bias from the data")
+
+    def forward(self, x: torch.Tensor, samples: int = 1, noise: Noise | torch.Tensor | None = None,
+                path_gradient: bool = False, encoder_input: torch.Tensor | None = None) -> LogDensities:
+        """log-densities of ``samples`` posterior draws for x; ``encoder_input`` (default x) is what
+        the encoder sees (e.g. x with noise), ``path_gradient`` uses :meth:`path_log_densities`."""
+        encoded = self.encode(x if encoder_input is None else encoder_input)
+        score = self.path_log_densities if path_gradient else self.log_densities
+        return score(x, encoded, samples, noise)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ and ``results.json`` are all derived from :class:`ModelConfig`."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -28,7 +28,23 @@ class ModelConfig:
     prior: str = "standard"            # standard | flow | vamp (the top layer's prior for hierarchical models)
     prior_flow: str | None = None      # flow prior: maf | coupling (vectors), glow (spatial); None: maf / glow
     prior_flow_steps: int = 4
-    pseudo_inputs: int = 500           # VampPrior components
+    pseudo_inputs: int = field(default=500, metadata={
+        "help": "learned pseudo-inputs (mixture components) of --prior vamp; for the ladder, on its top layer"})
+    activation: str = field(default="elu", metadata={
+        "help": "hidden layers of the MLP networks (arch mlp, ladder): elu (Linear+ELU) or gated (Linear·sigmoid(Linear))"})
+    dropout: float = field(default=0.0, metadata={
+        "help": "dropout probability after every hidden layer of the MLP encoder and decoder (arch mlp, ladder; 0: off)"})
+    posterior_log_var_min: float | None = field(default=None, metadata={
+        "help": "soft lower bound on the Gaussian posterior's log variance, e.g. -6 (needs --posterior-log-var-max)"})
+    posterior_log_var_max: float | None = field(default=None, metadata={
+        "help": "soft upper bound on the Gaussian posterior's log variance, e.g. 2 (default: log σ within ±8)"})
+
+    @property
+    def log_var_bounds(self) -> tuple[float, float] | None:
+        """(low, high) of the posterior's log-variance, or None."""
+        if self.posterior_log_var_min is None or self.posterior_log_var_max is None:
+            return None
+        return self.posterior_log_var_min, self.posterior_log_var_max
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -31,6 +31,8 @@ from flowvae.distributions import LOG_2PI
 from flowvae.flows import Flow, build_flow
 from flowvae.models.base import LatentVariableModel, LogDensities, Noise, as_noise, at_least_float32, sample_prior
 from flowvae.models.likelihoods import Likelihood
+from flowvae.models.networks import hidden_layer
+from flowvae.models.vae import bounded_log_std
 from flowvae.numerics import soft_clamp
 
 LOG_STD_BOUND = 8.0
@@ -42,12 +44,14 @@ def _gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tenso
     return -(0.5 * eps * eps + log_std + 0.5 * LOG_2PI).sum(-1)
 
 
-def _mlp(sizes: Sequence[int], last_activation: bool = True) -> nn.Sequential:
+def _dense(sizes: Sequence[int], last_activation: bool = True, activation: str = "elu",
+           dropout: float = 0.0) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
         if last_activation or i < len(sizes) - 2:
-            layers.append(nn.ELU())
+            layers += hidden_layer(a, b, activation, dropout)
+        else:
+            layers.append(nn.Linear(a, b))
     return nn.Sequential(*layers)
 
 
@@ -86,19 +90,26 @@ class LadderVAE(LatentVariableModel):
         flow_steps, flow_hidden, reflections, rank: that flow's options.
         flow_context: condition each layer's flow on its context c_l (else global flow parameters).
         prior: the top layer's prior (``log_prob``/``sample`` module), None for N(0, I).
+        activation, dropout: every MLP's hidden layers ('elu' or 'gated'; dropout probability).
+        log_var_bounds: (low, high) soft bounds on the posterior's log-variance (None: log σ within ±8).
     """
 
     def __init__(self, image_shape: Sequence[int], likelihood: Likelihood, latent_dim: int = 32, layers: int = 2,
                  hidden: int = 300, flow: str = "none", flow_steps: int = 1, flow_hidden: int = 320,
                  reflections: int = 8, rank: int | None = None, flow_context: bool = True,
-                 prior: nn.Module | None = None) -> None:
+                 prior: nn.Module | None = None, activation: str = "elu", dropout: float = 0.0,
+                 log_var_bounds: tuple[float, float] | None = None) -> None:
         super().__init__()
         if layers < 1 or latent_dim < 1 or hidden < 1:
             raise ValueError(f"LadderVAE needs layers, latent_dim and hidden >= 1, got {layers}, {latent_dim}, {hidden}")
         self.image_shape, self.likelihood = tuple(image_shape), likelihood
         self.latent_dim, self.layers, self.prior = latent_dim, layers, prior
+        self.log_var_bounds = log_var_bounds
         pixels = math.prod(self.image_shape)
         D, H = latent_dim, hidden
+
+        def _mlp(sizes: Sequence[int], last_activation: bool = True) -> nn.Sequential:
+            return _dense(sizes, last_activation, activation, dropout)
         self.bottom_up = nn.ModuleList([_mlp((pixels, H, H))] + [_mlp((H, H)) for _ in range(layers - 1)])
         self.top_posterior = _GaussianHead(H, D)
         # Index l (0-based, bottom layer 0) for the layers below the top: l = 0 … L-2.
@@ -129,7 +140,7 @@ class LadderVAE(LatentVariableModel):
     def top_gaussian_parameters(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z_L|x)'s base Gaussian: (mean, log_std), each (B, D) (the VampPrior's components)."""
         mean, log_std = self.top_posterior(self.encode(x).features[-1])
-        return mean, soft_clamp(log_std, LOG_STD_BOUND)
+        return mean, bounded_log_std(log_std, self.log_var_bounds)
 
     def _flow(self, l: int, z0: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.has_flow:
@@ -154,7 +165,7 @@ class LadderVAE(LatentVariableModel):
         L = self.layers
         # Top layer: q(z_L | x) from the bottom-up features, scored against p(z_L).
         mean, log_std = self.top_posterior(d[L - 1])
-        log_std = soft_clamp(log_std, LOG_STD_BOUND)
+        log_std = bounded_log_std(log_std, self.log_var_bounds)
         z0 = mean + torch.exp(log_std) * eps(L - 1)
         z, ladj = self._flow(L - 1, z0, d[L - 1])
         log_q = [at_least_float32(_gaussian_log_prob(z0, mean, log_std) - ladj)]
@@ -165,13 +176,17 @@ class LadderVAE(LatentVariableModel):
             t, p_mean, p_log_std = self._prior_step(l, z)
             both = torch.cat([d[l], t], -1)
             d_mean, d_log_std = self.posterior_heads[l](both)
-            q_mean, q_log_std = p_mean + d_mean, soft_clamp(p_log_std + d_log_std, LOG_STD_BOUND)
+            q_mean, q_log_std = p_mean + d_mean, bounded_log_std(p_log_std + d_log_std, self.log_var_bounds)
             z0 = q_mean + torch.exp(q_log_std) * eps(l)
             z, ladj = self._flow(l, z0, self.contexts[l](both))
             log_q.append(at_least_float32(_gaussian_log_prob(z0, q_mean, q_log_std) - ladj))
             log_p.append(at_least_float32(_gaussian_log_prob(z, p_mean, p_log_std)))
             latents[f"z{l + 1}"] = z
         return z, t, log_q, log_p, dict(sorted(latents.items()))
+
+    def init_output_bias(self, mean_image: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.decoder[-1].bias.copy_(self.likelihood.params_for_mean(mean_image).flatten())
 
     def _decode(self, z: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """Likelihood parameters (…, P·C, H, W) from z_1 and the skip t_1."""

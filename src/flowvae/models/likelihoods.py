@@ -40,6 +40,10 @@ class Likelihood:
         """Nats to add to -log p(x) to get -log P(x) of the 8-bit data (0 for discrete likelihoods)."""
         return 0.0
 
+    def params_for_mean(self, mean_image: torch.Tensor) -> torch.Tensor:
+        """Parameters (P·C, H, W) whose mean is ``mean_image`` (C, H, W): a decoder's initial output bias."""
+        raise ValueError(f"the {self.name} likelihood has no output-bias initialisation from the data mean")
+
 
 def _split(params: torch.Tensor, per_pixel: int) -> torch.Tensor:
     """(..., P·C, H, W) -> (..., C, P, H, W)."""
@@ -69,6 +73,10 @@ class Bernoulli(Likelihood):
 
     def mean(self, params):
         return torch.sigmoid(params)
+
+    def params_for_mean(self, mean_image: torch.Tensor) -> torch.Tensor:
+        """logit(mean pixel), clamped to [1e-3, 1 − 1e-3] so that an always-0 pixel keeps a finite bias."""
+        return torch.logit(mean_image.clamp(1e-3, 1 - 1e-3))
 
 
 class Categorical256(Likelihood):

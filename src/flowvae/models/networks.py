@@ -21,15 +21,42 @@ def _downsampled(size: int, times: int) -> list[int]:
     return sizes
 
 
-class MLPEncoder(nn.Module):
-    """x (B, C, H, W) -> h (B, hidden[-1]) through Linear+ELU layers."""
+ACTIVATIONS = ("elu", "gated")
 
-    def __init__(self, image_shape: Sequence[int], hidden: Sequence[int] = (300, 300)) -> None:
+
+class GatedLinear(nn.Module):
+    """h = Linear_h(x) ⊙ sigmoid(Linear_g(x)), the gated dense layer of the VampPrior and Sylvester
+    code (Tomczak & Welling 2018; van den Berg et al. 2018), as one (…, 2·out) product."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, 2 * out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, g = self.linear(x).chunk(2, dim=-1)
+        return h * torch.sigmoid(g)
+
+
+def hidden_layer(in_features: int, out_features: int, activation: str = "elu", dropout: float = 0.0
+                 ) -> list[nn.Module]:
+    """One hidden layer of an MLP: Linear+ELU or :class:`GatedLinear`, then Dropout(p) if p > 0."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    layers: list[nn.Module] = ([nn.Linear(in_features, out_features), nn.ELU(inplace=True)]  # in place: one pass less
+                               if activation == "elu" else [GatedLinear(in_features, out_features)])
+    return layers + ([nn.Dropout(dropout)] if dropout > 0 else [])
+
+
+class MLPEncoder(nn.Module):
+    """x (B, C, H, W) -> h (B, hidden[-1]) through hidden layers (Linear+ELU or gated, optional dropout)."""
+
+    def __init__(self, image_shape: Sequence[int], hidden: Sequence[int] = (300, 300), activation: str = "elu",
+                 dropout: float = 0.0) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(image_shape)
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ELU(inplace=True)]  # in place: one pass less
+            layers += hidden_layer(width, h, activation, dropout)
             width = h
         self.net = nn.Sequential(*layers)
         self.feature_dim = width
@@ -39,19 +66,24 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """z (N, D) -> parameters (N, P·C, H, W) through Linear+ELU layers."""
+    """z (N, D) -> parameters (N, P·C, H, W) through hidden layers (Linear+ELU or gated, optional dropout)."""
 
     def __init__(self, latent_dim: int, image_shape: Sequence[int], params_per_pixel: int,
-                 hidden: Sequence[int] = (300, 300)) -> None:
+                 hidden: Sequence[int] = (300, 300), activation: str = "elu", dropout: float = 0.0) -> None:
         super().__init__()
         c, h, w = image_shape
         layers: list[nn.Module] = []
         width = latent_dim
         for size in hidden:
-            layers += [nn.Linear(width, size), nn.ELU(inplace=True)]
+            layers += hidden_layer(width, size, activation, dropout)
             width = size
         layers += [nn.Linear(width, params_per_pixel * c * h * w), nn.Unflatten(-1, (params_per_pixel * c, h, w))]
         self.net = nn.Sequential(*layers)
+
+    @property
+    def output(self) -> nn.Linear:
+        """The last layer, whose bias is the parameters at zero hidden activity."""
+        return self.net[-2]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)

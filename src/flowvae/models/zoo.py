@@ -42,7 +42,8 @@ def _single_latent(arch: str):
     def build(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> LatentVariableModel:
         model = build_vae(arch, image_shape, config.latent_dim, model_likelihood(config, data_kind), config.hidden,
                           config.feature_dim, config.flow, config.flow_steps, config.flow_hidden, config.reflections,
-                          config.rank, data_kind=data_kind, flow_context=config.flow_context)
+                          config.rank, data_kind=data_kind, flow_context=config.flow_context,
+                          activation=config.activation, dropout=config.dropout, log_var_bounds=config.log_var_bounds)
         return with_prior(model, config, (config.latent_dim,), model.gaussian_parameters)
     return build
 
@@ -55,7 +56,8 @@ for _arch in ("mlp", "conv", "gated"):
 def _ladder(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> LatentVariableModel:
     model = LadderVAE(image_shape, model_likelihood(config, data_kind), config.latent_dim, config.layers,
                       config.hidden, config.flow, config.flow_steps, config.flow_hidden, config.reflections,
-                      config.rank, config.flow_context)
+                      config.rank, config.flow_context, activation=config.activation, dropout=config.dropout,
+                      log_var_bounds=config.log_var_bounds)
     return with_prior(model, config, (config.latent_dim,), model.top_gaussian_parameters)
 
 
