@@ -86,3 +86,20 @@ def test_bf16_importance_weighted_nll_equals_fp32_on_the_same_noise():
     nll = {precision: evaluate(model, x, batch_size=20, samples=200, chunk_size=100, seed=0,
                                precision=precision)["nll"] for precision in ("fp32", "bf16")}
     assert nll["bf16"] == pytest.approx(nll["fp32"], abs=0.05)
+
+
+def test_a_cuda_checkpoint_holds_and_restores_the_device_global_generator(monkeypatch):
+    """The Gaussian likelihood's dequantization noise draws from the device's global generator: on CUDA
+    its state is saved and set again on resume (torch.cuda stood in for; only a GPU runs the real one)."""
+    from flowvae import training
+
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.full((16,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update(state=state, device=device))
+    cuda = torch.device("cuda", 0)
+    generators = {name: torch.Generator() for name in ("shuffle", "noise", "binarize")}
+    saved = {"torch": torch.get_rng_state(), "noise_device": "cuda", **training._device_rng_state(cuda),
+             **{name: g.get_state() for name, g in generators.items()}}
+    training._restore_rng(saved, generators, cuda, training.TrainConfig(), training.RunState())
+    assert torch.equal(restored["state"], torch.full((16,), 7, dtype=torch.uint8)) and restored["device"] == cuda
+    assert training._device_rng_state(torch.device("cpu")) == {}

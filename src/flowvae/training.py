@@ -15,8 +15,10 @@ Run directory ``out/``:
     metrics.jsonl/.csv   one row per epoch
     samples.png, reconstructions.png, results.json
 
-``resume=True`` continues from ``checkpoint.pt``; the RNG states are restored, so a killed run
-resumed ends with bit-identical parameters to a run that was never interrupted.  The trainer asks
+``resume=True`` continues from ``checkpoint.pt``; the RNG states are restored (the CPU's, the run's
+generators and, on CUDA, the device's global generator), so on a CPU a killed run resumed ends with
+bit-identical parameters to a run that was never interrupted; on CUDA only with ``deterministic``
+(cuDNN and atomics otherwise vary from run to run) and on the same device type.  The trainer asks
 the model only what :class:`flowvae.models.LatentVariableModel` declares.
 """
 
@@ -390,6 +392,12 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
                guard)
 
 
+def _device_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The CUDA device's global generator (what draws without a generator, e.g. the Gaussian
+    likelihood's dequantization noise), saved with the run: {} on a CPU, whose global state is saved apart."""
+    return {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+
+
 def _restore_rng(saved: dict[str, torch.Tensor], generators: dict[str, torch.Generator], device: torch.device,
                  config: TrainConfig, state: RunState) -> None:
     torch.set_rng_state(saved["torch"])
@@ -400,6 +408,8 @@ def _restore_rng(saved: dict[str, torch.Tensor], generators: dict[str, torch.Gen
         with contextlib.suppress(RuntimeError, KeyError):
             for name in device_generators:
                 generators[name].set_state(saved[name])
+            if "cuda" in saved and device.type == "cuda":  # absent from checkpoints of flowvae before this
+                torch.cuda.set_rng_state(saved["cuda"], device)
             return
     # A generator's state is device-specific: reseed from (seed, step), deterministically, and say so.
     for offset, name in enumerate(device_generators):
@@ -585,7 +595,7 @@ def write_epoch(run: Run, improved: bool) -> None:
         "config": run.config.to_dict(), "state": {k: v for k, v in dataclasses.asdict(run.state).items()
                                                   if k != "history"},
         "history": run.state.history,
-        "rng": {"torch": torch.get_rng_state(), "noise_device": run.device.type,
+        "rng": {"torch": torch.get_rng_state(), "noise_device": run.device.type, **_device_rng_state(run.device),
                 **{k: g.get_state() for k, g in run.generators.items()}},
     }, run.checkpoint_path)
     _write_history(run.out, run.state.history)
