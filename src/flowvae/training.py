@@ -229,7 +229,8 @@ class Run:
 # ----------------------------------------------------------------------------- the run's directory
 
 LOCK_NAME = ".flowvae.lock"
-RUN_FILES = ("config.yaml", LOCK_NAME)
+SHARED_PROBE_NAME = ".flowvae.shared"
+RUN_FILES = ("config.yaml", LOCK_NAME, SHARED_PROBE_NAME)
 
 
 def _prepare_out_dir(out: Path, resume: bool) -> Path | None:
@@ -339,6 +340,29 @@ def require_visible(path: Path, context: distributed.Context, device: torch.devi
     if context.all_reduce_sum(missing).item() > 0:
         raise CheckpointError(f"{int(missing.item())} worker(s) cannot see {path}: with several nodes, --out must "
                               "be on a filesystem that all of them share")
+
+
+def require_shared_out(out: Path, context: distributed.Context, device: torch.device) -> None:
+    """Every worker must see what worker 0 writes in ``out``: checked before any work, with a file
+    of a random token that worker 0 writes, every worker reads, and worker 0 removes."""
+    if not context.distributed:
+        return
+    probe = out / SHARED_PROBE_NAME
+    token = torch.zeros((), dtype=torch.int64, device=device)
+    if context.is_main:
+        token.fill_(int.from_bytes(os.urandom(7), "little"))
+        atomic_write_text(probe, str(int(token)))
+    context.all_reduce_sum(token)  # every worker gets worker 0's token, after the file is written
+    try:
+        seen = probe.read_text().strip() == str(int(token))
+    except OSError:
+        seen = False
+    missing = context.all_reduce_sum(torch.tensor(0.0 if seen else 1.0, device=device))
+    if context.is_main:
+        probe.unlink(missing_ok=True)
+    if missing.item() > 0:
+        raise RunDirError(f"{int(missing.item())} worker(s) cannot see {out}: with several nodes, --out must be on "
+                          "a filesystem that all of them share")
 
 
 def start_run(config: TrainConfig, resume: bool, context: distributed.Context, device: torch.device) -> Run:
@@ -653,6 +677,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         device = resolve_device(device_name)
         if context.is_main:
             created = _prepare_out_dir(out, resume)
+        require_shared_out(out, context, device)  # before any work: not at the end of training
         if resume:  # refuse another run's options before loading any data (a cheap, memory-mapped look)
             ckpt = load_checkpoint(out / "checkpoint.pt", config, mmap=True)
             missing = [k for k in ("optimizer", "state", "history", "rng") if not isinstance(ckpt.get(k), (dict, list))]
