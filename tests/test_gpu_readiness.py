@@ -103,3 +103,128 @@ def test_a_cuda_checkpoint_holds_and_restores_the_device_global_generator(monkey
     training._restore_rng(saved, generators, cuda, training.TrainConfig(), training.RunState())
     assert torch.equal(restored["state"], torch.full((16,), 7, dtype=torch.uint8)) and restored["device"] == cuda
     assert training._device_rng_state(torch.device("cpu")) == {}
+
+
+def _check_shared_out(rank: int, port: int, dirs: list[str], errors) -> None:
+    import torch.distributed as dist
+
+    from flowvae import distributed, training
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        training.require_shared_out(Path(dirs[rank]), distributed.Context(rank, 2, rank), torch.device("cpu"))
+    except training.RunDirError as error:
+        errors.put((rank, str(error)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_workers_that_do_not_share_out_stop_before_any_work(tmp_path, shared):
+    """Without a shared file system, a run trained to the end and then failed in finish(); every
+    worker now checks at the start that it sees what worker 0 wrote in --out."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node0, node1 = tmp_path / "run", tmp_path / "other_node" / "run"   # one path, two "file systems"
+    node0.mkdir()
+    node1.mkdir(parents=True)
+    dirs = [str(node0), str(node0 if shared else node1)]
+    errors = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_check_shared_out, args=(port, dirs, errors), nprocs=2, start_method="spawn")
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    if shared:
+        assert found == []
+    else:
+        assert sorted(rank for rank, _ in found) == [0, 1]
+        assert all("1 worker(s) cannot see" in message and "share" in message for _, message in found)
+    assert list(node0.iterdir()) == [] and list(node1.iterdir()) == [], "the probe file is removed"
+
+
+def test_masked_adamax_step_is_adamax_when_made_and_a_no_op_when_skipped():
+    """Adamax has no fused kernel taking a found_inf flag: the guard weights its update by the decision
+    on the device instead of reading it on the host."""
+    from flowvae.gradient_guard import masked_adamax_step
+
+    torch.manual_seed(0)
+    ours, reference = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    reference.load_state_dict(ours.state_dict())
+    opt = torch.optim.Adamax(ours.parameters(), lr=0.01, foreach=True)
+    ref_opt = torch.optim.Adamax(reference.parameters(), lr=0.01, foreach=True)
+    for made in (False, True, True, False, True):   # a skipped first step too: t = 0, u = 0
+        grads = [torch.randn_like(p) for p in ours.parameters()]
+        before = {k: v.clone() for k, v in ours.state_dict().items()}
+        state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in ours.parameters()]
+        for p, g in zip(ours.parameters(), grads):
+            p.grad = g.clone() if made else torch.full_like(g, float("nan"))
+        masked_adamax_step(opt, torch.tensor(made))
+        if made:
+            for p, g in zip(reference.parameters(), grads):
+                p.grad = g
+            ref_opt.step()
+            for p, q in zip(ours.parameters(), reference.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+                for key in ("exp_avg", "exp_inf", "step"):
+                    torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key], rtol=1e-6, atol=1e-9)
+        else:
+            assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+            after = [dict(opt.state[p]) for p in ours.parameters()]
+            assert all(torch.equal(a[k], b[k]) for a, b in zip(after, state_before) for k in b)
+    assert int(opt.state[next(ours.parameters())]["step"]) == 3
+
+
+# ------------------------------------------------------------------------- host reads and fake CUDA
+
+CONFIGS = HERE.parent / "configs"
+GPU_PRESETS = ("mnist_resnet_iaf_gpu", "cifar10_resnet_iaf", "mnist_ladder_cpu")
+
+
+def preset_config(name: str, out: Path, **overrides):
+    """The preset's optimizer, EMA, free bits, precision and architecture, at digits size on the CPU."""
+    import yaml
+
+    from flowvae.config import TrainConfig
+
+    d = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    model = d.pop("model")
+    model.pop("likelihood", None)  # digits are binary
+    model |= dict(layers=2, channels=8, latent_dim=2 if model["arch"] == "resnet" else 4, hidden=16, flow_hidden=8,
+                  prior_flow_steps=1)
+    d |= dict(dataset="digits", device="cpu", compile=False, progress=False, epochs=1, max_minutes=0, threads=1,
+              eval_samples=0, out=str(out), model=model)
+    return TrainConfig.from_dict(d | overrides)
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the reads of a tensor's value on the host (.item(), bool(), int(), float(): one op each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("preset", GPU_PRESETS)
+def test_a_training_epoch_of_each_preset_reads_the_device_only_at_its_end(tmp_path, preset, monkeypatch):
+    """Adamax's step, the EMA's counter and free bits each cost a pipeline drain per step; now an epoch
+    reads 4 values on the host whatever its length: the guard's 3 counters and the summed loss."""
+    from flowvae import distributed, training
+
+    reads = []
+    for batch_size in (100, 50):   # 13 and 26 steps
+        config = preset_config(preset, tmp_path / str(batch_size), batch_size=batch_size)
+        run = training.start_run(config, False, distributed.Context(), torch.device("cpu"))
+        with monkeypatch.context() as patch, HostReads() as counter:
+            patch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail("tolist() in a training epoch"))
+            training.train_epoch(run)
+        reads.append(counter.count)
+    assert reads == [4, 4]

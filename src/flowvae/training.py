@@ -314,7 +314,10 @@ def _build_ema(config: TrainConfig, model: torch.nn.Module) -> torch.optim.swa_u
     from torch.optim.swa_utils import AveragedModel
 
     # The container only (weights and n_averaged, saved with the run): GradientGuard does the averaging.
-    return AveragedModel(model, use_buffers=True)
+    ema = AveragedModel(model, use_buffers=True)
+    # n_averaged on the model's device: on the CPU its per-step update would be a device-to-host copy.
+    ema.n_averaged = torch.zeros((), dtype=torch.long, device=next(model.parameters()).device)
+    return ema
 
 
 def configure_backends(config: TrainConfig, device: torch.device) -> None:
