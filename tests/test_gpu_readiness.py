@@ -317,3 +317,35 @@ def test_the_pieces_of_a_training_step_and_of_the_iw_evaluation_stay_on_cuda(tmp
         model.eval()
         nll = importance_weighted_nll(model, x, samples=4, chunk_size=2)
     assert loss.device == nll.device == cuda and loss.shape == () and nll.shape == (6,)
+
+
+def test_the_ladder_keeps_its_noise_in_float32_under_bf16_autocast():
+    """The noise was cast to the 16-bit dtype of the bottom-up features, rounding z before any density."""
+    torch.manual_seed(0)
+    model = tiny_model("ladder", "none", True)
+    x = torch.bernoulli(torch.full((3, 1, 8, 8), 0.5))
+    noise = {name: torch.randn(1, 3, *shape) for name, shape in model.noise_shapes().items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latents = model(x, noise=noise).latents
+    assert {z.dtype for z in latents.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cudnn_autotunes_the_bf16_presets_unless_deterministic(tmp_path, deterministic, monkeypatch):
+    """cudnn.benchmark was tied to --tf32, so the bf16 ResNet presets ran without autotuning."""
+    from flowvae import training
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what --deterministic sets, undone after
+
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision(),
+             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    try:
+        config = preset_config("mnist_resnet_iaf_gpu", tmp_path, deterministic=deterministic, threads=0)
+        training.configure_backends(config, torch.device("cuda"))   # switches only: no GPU needed
+        assert torch.backends.cudnn.benchmark is not deterministic
+        assert not torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+        torch.use_deterministic_algorithms(saved[3])
+        torch.backends.cudnn.deterministic = saved[4]

@@ -30,7 +30,7 @@ def masked_adamax_step(optimizer: torch.optim.Adamax, made: torch.Tensor) -> Non
     device), without reading it on the host: a skipped step (``made`` False, the gradient maybe
     non-finite) leaves parameters, moments and step counts unchanged.  State as Adamax keeps it.
 
-        m ← m + w(1−β₁)(g − m),  u ← u + w(max(β₂u, |g| + ε) − u),  t ← t + w,
+        m ← m + w(1−β₁)(g − m),  u ← w·max(β₂u, |g| + ε) + (1 − w)·u,  t ← t + w,
         θ ← θ − w · lr/(1 − β₁ᵗ) · m/u,    w = made ∈ {0, 1}
     """
     w = made.to(torch.float32)
@@ -48,18 +48,22 @@ def masked_adamax_step(optimizer: torch.optim.Adamax, made: torch.Tensor) -> Non
                 state["step"] = state["step"].to(p.device)
         states = [optimizer.state[p] for p in params]
         exp_avgs, exp_infs, steps = ([s[k] for s in states] for k in ("exp_avg", "exp_inf", "step"))
-        weights = [w.to(p.dtype) for p in params]
         grads = [torch.where(made, p.grad, 0.0) for p in params]  # a skipped gradient may be inf or NaN
         if group["maximize"]:
             torch._foreach_neg_(grads)
         if group["weight_decay"]:
             torch._foreach_add_(grads, params, alpha=group["weight_decay"])
-        torch._foreach_lerp_(exp_avgs, grads, torch._foreach_mul(weights, 1 - beta1))
+        # Products with a 0-dim device tensor (one fused kernel on CUDA; a list of 0-dim weights would
+        # take one kernel per tensor); sums with lists (a single-tensor operand is read on the host on a CPU).
+        moves = torch._foreach_sub(grads, exp_avgs)
+        torch._foreach_mul_(moves, w * (1 - beta1))
+        torch._foreach_add_(exp_avgs, moves)
         torch._foreach_abs_(grads)
         torch._foreach_add_(grads, eps)
         torch._foreach_maximum_(grads, torch._foreach_mul(exp_infs, beta2))
-        torch._foreach_lerp_(exp_infs, grads, weights)   # weight 1 gives the new value exactly
-        # Tensor operands as lists: a single-tensor operand takes a path that reads it on the host (CPU).
+        torch._foreach_mul_(grads, w)                  # u ← w·new + (1 − w)·u: exact for w in {0, 1}
+        torch._foreach_mul_(exp_infs, 1 - w)
+        torch._foreach_add_(exp_infs, grads)
         torch._foreach_add_(steps, [w] * len(params))
         # A skipped first step leaves t = 0 and u = 0: with t + 1 − w and u + 1 − w its 0-weighted update stays finite.
         keep = [1 - w] * len(params)
@@ -93,7 +97,6 @@ class GradientGuard:
             pairs = zip([*ema.module.parameters(), *ema.module.buffers()], [*model.parameters(), *model.buffers()])
             pairs = [(a, m) for a, m in pairs if a.is_floating_point()]
             self.ema_averaged, self.ema_live = [a for a, _ in pairs], [m for _, m in pairs]
-            self.ema_dtypes = sorted({a.dtype for a in self.ema_averaged}, key=str)
         self.level = torch.full((), math.nan, dtype=torch.float64, device=device)
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
@@ -142,9 +145,10 @@ class GradientGuard:
             optimizer.step()
         scaler.update()                            # fp16: lowers the scale after an overflow
         if self.ema is not None:  # averaged += w·(live − averaged), w = 0 on a skipped step
-            weights = {dtype: made.to(dtype) * self.ema_weight for dtype in self.ema_dtypes}
-            with torch.no_grad():
-                torch._foreach_lerp_(self.ema_averaged, self.ema_live, [weights[a.dtype] for a in self.ema_averaged])
+            with torch.no_grad():  # one product with a 0-dim device tensor: a fused kernel on CUDA
+                moves = torch._foreach_sub(self.ema_live, self.ema_averaged)
+                torch._foreach_mul_(moves, made.to(torch.float32) * self.ema_weight)
+                torch._foreach_add_(self.ema_averaged, moves)
             self.ema.n_averaged.add_(made.long().to(self.ema.n_averaged.device))
         return made
 

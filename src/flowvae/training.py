@@ -321,13 +321,14 @@ def _build_ema(config: TrainConfig, model: torch.nn.Module) -> torch.optim.swa_u
 
 
 def configure_backends(config: TrainConfig, device: torch.device) -> None:
-    """Numerics switches: TF32 and cudnn.benchmark (``tf32``), deterministic algorithms (``deterministic``)."""
+    """Numerics switches: TF32 (``tf32``), deterministic algorithms (``deterministic``); cuDNN's
+    autotuning (``cudnn.benchmark``, which changes no precision) unless ``deterministic``."""
     if config.threads:
         torch.set_num_threads(config.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
         torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
-        torch.backends.cudnn.benchmark = config.tf32 and not config.deterministic
+        torch.backends.cudnn.benchmark = not config.deterministic
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True

@@ -193,10 +193,10 @@ class LadderVAE(LatentVariableModel):
         noise = as_noise(self, noise)
         d = [f.expand(samples, *f.shape) for f in encoded.features]  # (K, B, H) views
 
-        def eps(l: int) -> torch.Tensor:
+        def eps(l: int) -> torch.Tensor:  # in the model's dtype: d[l] is 16-bit under autocast
             if noise is not None:
-                return noise[f"z{l + 1}"].to(d[l].dtype)
-            return torch.randn(*d[l].shape[:-1], self.latent_dim, device=d[l].device, dtype=d[l].dtype)
+                return noise[f"z{l + 1}"].to(self.dtype)
+            return torch.randn(*d[l].shape[:-1], self.latent_dim, device=d[l].device, dtype=self.dtype)
 
         z, t, log_q, log_p, latents = self._top_down(d, eps)
         params = at_least_float32(self._decode(z, t))
