@@ -349,3 +349,20 @@ def test_cudnn_autotunes_the_bf16_presets_unless_deterministic(tmp_path, determi
         torch.set_float32_matmul_precision(saved[2])
         torch.use_deterministic_algorithms(saved[3])
         torch.backends.cudnn.deterministic = saved[4]
+
+
+def test_maf_reads_its_autoregressive_order_on_the_host_once_not_every_pass(monkeypatch):
+    """MAF as a posterior runs its sequential direction every step; its order is read when built or loaded."""
+    from flowvae.flows import build_flow
+
+    torch.manual_seed(0)
+    maf = build_flow("maf", 4, 2, 8, 16)
+    other = build_flow("maf", 4, 2, 8, 16)
+    z, h = torch.randn(5, 4), torch.randn(5, 8)
+    expected = maf(z, h)
+    other.load_state_dict(maf.state_dict())
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail("tolist() in a MAF pass"))
+    for flow in (maf, other):
+        got = flow(z, h)
+        torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
