@@ -241,7 +241,8 @@ def main() -> None:
         lines += ["", "Presets as configured (Adamax, EMA, free bits; the trainer's step):", "",
                   "| preset | batch | precision | compile | images/s | ms/step (range) | peak MiB |", "|" + "---|" * 7]
         lines += [f"| {r['arch']} | {r['batch']} | {r['precision']} | {r['compile']} | {r['images_per_s']} | "
-                  f"{r['ms_per_step']} ({r['ms_range'][0]}–{r['ms_range'][1]}) | {r['peak_mem_mib']} |" for r in presets]
+                  f"{r['ms_per_step']} ({r['ms_range'][0]}–{r['ms_range'][1]}) | {r['peak_mem_mib']} |"
+                  for r in presets]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

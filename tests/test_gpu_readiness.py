@@ -306,7 +306,8 @@ def test_the_pieces_of_a_training_step_and_of_the_iw_evaluation_stay_on_cuda(tmp
         to_fake_cuda(model)
         cuda = torch.device("cuda", 0)
         ema = training._build_ema(config, model)
-        guard = GradientGuard(model, training._build_optimizer(config, model, cuda), torch.amp.GradScaler("cuda", enabled=False), max_norm=0,
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        guard = GradientGuard(model, training._build_optimizer(config, model, cuda), scaler, max_norm=0,
                               skip_factor=50, device=cuda, ema=ema, ema_decay=config.ema)
         assert guard.fused == (optimizer == "adam") and guard.masked_adamax == (optimizer == "adamax")
         assert ema.n_averaged.device == cuda
