@@ -16,8 +16,14 @@ Two kinds of row:
   nothing else: the bound the trainer's own work is measured against.
 
 For each: batch 100 and 1000, fp32 / TF32 (CUDA only) / bf16 / fp16, eager and ``torch.compile``.
+
+* ``preset``: the trainer step of each GPU preset in ``configs/`` as configured (ResNet VAE, Adamax,
+  EMA, free bits, bf16, ``torch.compile``, its batch size) on random images of its data's shape,
+  which the rows above (Adam, no EMA, no free bits) do not exercise.  ``--quick`` shrinks them.
+
 Median of ``--repeats`` timings after a warm-up (compilation excluded), images/s, peak GPU memory,
-and the numerics flags in force.  Prints a Markdown table, writes
+and the numerics flags in force.  Every row starts from ``torch._dynamo.reset()``, so no row runs
+eager past the recompile limit while reported as compiled.  Prints a Markdown table, writes
 ``benchmarks/results/gpu_throughput.{json,md}`` (``--out`` elsewhere).
 """
 
@@ -35,14 +41,17 @@ from pathlib import Path
 import torch
 
 from flowvae import distributed, objectives, training
-from flowvae.config import TrainConfig
+from flowvae.config import TrainConfig, load_yaml
 from flowvae.data.registry import DatasetSplits, register
 from flowvae.evaluation import autocast
 from flowvae.models import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARCHS = {"mlp": 40, "gated": 64}
+PRESETS = ("mnist_resnet_iaf_gpu", "cifar10_resnet_iaf")
 DATASET = "throughput_random28"
+DATASET_RGB = "throughput_random_rgb32"   # CIFAR-10's shape and kind: 3x32x32, 8-bit
 _images: dict[str, int] = {"train": 0}
 
 
@@ -54,6 +63,16 @@ def _random_binary_images(data_dir: Path, *, download: bool, seed: int) -> Datas
     def draw(n: int) -> torch.Tensor:
         return torch.bernoulli(torch.full((n, 1, 28, 28), 0.3), generator=g)
     return DatasetSplits(DATASET, draw(_images["train"]), draw(100), draw(100), "binary")
+
+
+@register(DATASET_RGB)
+def _random_rgb_images(data_dir: Path, *, download: bool, seed: int) -> DatasetSplits:
+    """``_images["train"]`` random 8-bit 3x32x32 images (and 100 for valid and test)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return DatasetSplits(DATASET_RGB, draw(_images["train"]), draw(100), draw(100), "8bit")
 
 
 def _sync(device: torch.device) -> None:
@@ -72,6 +91,19 @@ def _config(arch: str, batch: int, precision: str, compile_model: bool, device: 
         "dataset": DATASET, "batch_size": batch, "precision": amp, "tf32": tf32, "compile": compile_model,
         "device": str(device), "progress": False, "out": out, "grad_skip": 50.0,
         "model": {"arch": arch, "latent_dim": ARCHS[arch], "flow": "iaf", "flow_steps": 4, "flow_hidden": 320}})
+
+
+def preset_config(name: str, device: torch.device, out: str, compile_model: bool, quick: bool) -> TrainConfig:
+    """The preset ``configs/NAME.yaml`` as it trains, on random images of its data's shape;
+    ``quick``: 2 layers of 8 channels, batch 8 (a smoke run)."""
+    values = load_yaml(CONFIGS / f"{name}.yaml")
+    rgb = values["dataset"] == "cifar10"
+    values |= {"dataset": DATASET_RGB if rgb else DATASET, "device": str(device), "out": out, "progress": False,
+               "compile": compile_model and values.get("compile", False), "max_minutes": 0}
+    if quick:
+        values["model"] |= {"layers": 2, "channels": 8, "flow_hidden": 8}
+        values["batch_size"] = 8
+    return TrainConfig.from_dict(values)
 
 
 def time_trainer(config: TrainConfig, device: torch.device, steps: int, repeats: int) -> list[float]:
@@ -119,12 +151,18 @@ def time_model(config: TrainConfig, device: torch.device, steps: int, repeats: i
 
 
 def measure(kind: str, arch: str, batch: int, precision: str, compile_model: bool, device: torch.device,
-            steps: int, repeats: int) -> dict:
+            steps: int, repeats: int, quick: bool = False) -> dict:
+    """One row; ``kind`` 'preset' times the trainer on the preset named ``arch``, as configured."""
+    torch._dynamo.reset()  # a fresh compilation budget per row: none silently falls back to eager
     with tempfile.TemporaryDirectory() as out:
-        config = _config(arch, batch, precision, compile_model, device, out)
+        if kind == "preset":
+            config = preset_config(arch, device, out, compile_model, quick)
+            batch, precision, compile_model = config.batch_size, config.precision, config.compile
+        else:
+            config = _config(arch, batch, precision, compile_model, device, out)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        timer = time_trainer if kind == "trainer" else time_model
+        timer = time_model if kind == "model" else time_trainer
         started = time.perf_counter()
         times = timer(config, device, steps, repeats)
         total_s = time.perf_counter() - started
@@ -132,7 +170,8 @@ def measure(kind: str, arch: str, batch: int, precision: str, compile_model: boo
     flags = {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
              "cudnn_benchmark": torch.backends.cudnn.benchmark,
              "float32_matmul_precision": torch.get_float32_matmul_precision()}
-    return {"kind": kind, "arch": arch, "latent": ARCHS[arch], "batch": batch, "precision": precision,
+    latent = ARCHS.get(arch, config.model.latent_dim)
+    return {"kind": kind, "arch": arch, "latent": latent, "batch": batch, "precision": precision,
             "compile": compile_model, "ms_per_step": round(ms, 3), "ms_range": [round(min(times) * 1e3, 3),
                                                                               round(max(times) * 1e3, 3)],
             "images_per_s": round(batch / ms * 1e3, 1), "total_s": round(total_s, 1), "flags": flags,
@@ -148,6 +187,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "tf32", "bf16", "fp16"],
                         help="default: fp32 tf32 bf16 fp16 on CUDA, fp32 bf16 on a CPU")
     parser.add_argument("--kinds", nargs="+", default=["trainer", "model"], choices=["trainer", "model"])
+    parser.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS),
+                        help="GPU presets whose real configuration is timed (none: --presets without names)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--steps", type=int, default=30, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=3)
@@ -174,13 +215,21 @@ def main() -> None:
                         r = rows[-1]
                         print(f"{kind:7s} {arch:5s} batch {batch:5d} {precision} compile={compile_model}: "
                               f"{r['images_per_s']:.0f} images/s", flush=True)
+    for preset in args.presets:
+        for compile_model in compiles:
+            rows.append(measure("preset", preset, 0, "", compile_model, device, steps, repeats, quick=args.quick))
+            r = rows[-1]
+            print(f"preset  {preset} batch {r['batch']} {r['precision']} compile={r['compile']}: "
+                  f"{r['images_per_s']:.0f} images/s", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     header = ["arch", "z", "batch", "precision", "compile", "trainer images/s", "model images/s", "trainer/model",
               "trainer ms/step (range)", "peak MiB"]
     lines = [f"Device: {name}; torch {torch.__version__}; {steps} steps x {repeats} repeats, median", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key in dict.fromkeys((r["arch"], r["batch"], r["precision"], r["compile"]) for r in rows):
-        found = {r["kind"]: r for r in rows if (r["arch"], r["batch"], r["precision"], r["compile"]) == key}
+    presets = [r for r in rows if r["kind"] == "preset"]
+    rows_ab = [r for r in rows if r["kind"] != "preset"]
+    for key in dict.fromkeys((r["arch"], r["batch"], r["precision"], r["compile"]) for r in rows_ab):
+        found = {r["kind"]: r for r in rows_ab if (r["arch"], r["batch"], r["precision"], r["compile"]) == key}
         trainer, model = found.get("trainer"), found.get("model")
         first = trainer or model
         ratio = f"{trainer['images_per_s'] / model['images_per_s']:.2f}" if trainer and model else "–"
@@ -188,6 +237,12 @@ def main() -> None:
         lines.append(f"| {first['arch']} | {first['latent']} | {first['batch']} | {first['precision']} | "
                      f"{first['compile']} | {trainer['images_per_s'] if trainer else '–'} | "
                      f"{model['images_per_s'] if model else '–'} | {ratio} | {timing} | {first['peak_mem_mib']} |")
+    if presets:
+        lines += ["", "Presets as configured (Adamax, EMA, free bits; the trainer's step):", "",
+                  "| preset | batch | precision | compile | images/s | ms/step (range) | peak MiB |", "|" + "---|" * 7]
+        lines += [f"| {r['arch']} | {r['batch']} | {r['precision']} | {r['compile']} | {r['images_per_s']} | "
+                  f"{r['ms_per_step']} ({r['ms_range'][0]}–{r['ms_range'][1]}) | {r['peak_mem_mib']} |"
+                  for r in presets]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -549,7 +549,9 @@ def run(args: argparse.Namespace) -> dict:
     models = [(flow, conditioned) for flow in args.flows for conditioned in ((True,) if flow == "none" else (True, False))]
     for flow, conditioned in models:
         for library in args.libraries:
-            if conditioned not in CONDITIONINGS[library] or (flow == "none" and library not in ("flowvae", "flowvae-compile", "torch")):
+            # the peers build the flow models, the hand-written torch row only the no-flow floor
+            peer = library not in ("flowvae", "flowvae-compile")
+            if conditioned not in CONDITIONINGS[library] or (peer and (flow == "none") != (library == "torch")):
                 continue
             torch.manual_seed(args.seed)
             try:

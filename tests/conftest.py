@@ -1,16 +1,37 @@
-"""Shared test options: ``--device cuda`` runs the device-aware tests on a GPU, with TF32 off."""
+"""Shared test options: ``--device cuda`` runs the device-aware tests on a GPU, with TF32 off.
+
+Every other test runs on the CPU, also on a machine with a GPU: without ``--device cuda`` the GPUs
+are hidden from the session and from the ``flowvae`` commands it starts, and a training config
+that leaves ``device`` at 'auto' resolves to the CPU in-process either way.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import os
+
 import pytest
 import torch
+
+from flowvae import training
 
 
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="torch device for device-aware tests (cpu or cuda)")
+
+
+def pytest_configure(config):
+    if not config.getoption("--device").startswith("cuda"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything asks torch.cuda; inherited by subprocesses
+
+
+@pytest.fixture(autouse=True)
+def auto_device_is_cpu(monkeypatch) -> None:
+    """'auto' means the CPU in tests: only a test that asks for CUDA (the ``device`` fixture) gets it."""
+    resolve = training.resolve_device
+    monkeypatch.setattr(training, "resolve_device", lambda name: resolve("cpu" if name == "auto" else name))
 
 
 @contextmanager

@@ -42,9 +42,13 @@ def test_gpu_throughput_quick_times_the_real_trainer_step_and_the_bare_model(tmp
                       cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "gpu_throughput.json").read_text())["rows"]
-    assert sorted(r["kind"] for r in rows) == ["model", "trainer"]
+    assert sorted(r["kind"] for r in rows) == ["model", "preset", "preset", "trainer"]
     assert all(r["images_per_s"] > 0 and r["flags"]["float32_matmul_precision"] for r in rows)
     assert "| mlp | 40 | 100 | fp32 | False |" in done.stdout
+    # The GPU presets as configured (shrunk by --quick): their bf16 precision, not the sweep's fp32.
+    assert {r["arch"]: r["precision"] for r in rows if r["kind"] == "preset"} == {
+        "mnist_resnet_iaf_gpu": "bf16", "cifar10_resnet_iaf": "bf16"}
+    assert "| cifar10_resnet_iaf | 8 | bf16 | False |" in done.stdout
 
 
 def test_iw_eval_quick_replays_every_matrix_product_of_the_evaluation(tmp_path):

@@ -273,7 +273,7 @@ def test_trainer_tensorboard_events_continue_across_a_resume_without_duplicates(
 
 
 def test_resume_of_a_checkpoint_saved_on_another_device_type_reseeds_and_says_so(tmp_path, caplog):
-    config = tiny(tmp_path, epochs=1, eval_samples=2)
+    config = tiny(tmp_path, epochs=1, eval_samples=2, device="cpu")  # saved on the CPU, said to be from CUDA
     training.train(config)
     path = Path(config.out) / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)

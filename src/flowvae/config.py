@@ -71,7 +71,7 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     precision: str = "fp32"            # fp32 | bf16 | fp16 (autocast; densities accumulate in fp32)
     compile: bool = False              # torch.compile the model
-    tf32: bool = False                 # CUDA fp32: TF32 matmuls and convolutions, cudnn.benchmark (faster, ~1e-3 relative)
+    tf32: bool = False                 # CUDA fp32: TF32 matmuls and convolutions (faster, ~1e-3 relative)
     deterministic: bool = False        # deterministic algorithms (CUDA: cuBLAS workspace, cuDNN deterministic)
     progress: bool = True              # progress bars
     tensorboard: bool = False          # also log to RUN/tensorboard (pip install "flowvae[tensorboard]")

@@ -34,9 +34,19 @@ def elbo_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
     batch = ld.kl.shape[-1]
     kl = ld.kl_groups.mean(0).sum(0)                                    # (G,), summed over the batch
     if free_bits > 0:
-        units = torch.tensor(ld.group_units, dtype=kl.dtype, device=kl.device)
-        kl = torch.maximum(kl, free_bits * units * batch)
+        kl = kl.clamp_min(_kl_floor(ld, free_bits, kl))
     return (-ld.log_likelihood.mean(0).sum() + beta * kl.sum()) / (batch if normalizer is None else normalizer)
+
+
+def _kl_floor(ld: LogDensities, free_bits: float, kl: torch.Tensor) -> torch.Tensor | float:
+    """Each KL group's free-bits floor λ · units_g · B, for ``kl`` (G,) summed over the batch: a
+    Python number where every group has as many units (every built-in model: no host-to-device
+    copy per step), else a (G,) tensor."""
+    batch = ld.kl.shape[-1]
+    if len(set(ld.group_units)) == 1:
+        return free_bits * ld.group_units[0] * batch
+    units = torch.tensor(ld.group_units, dtype=kl.dtype).to(kl.device, non_blocking=True)
+    return free_bits * batch * units
 
 
 def iwae_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
@@ -55,8 +65,7 @@ def iwae_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
     loss = -bound.sum()
     if free_bits > 0:
         kl = ld.kl_groups.mean(0).sum(0)                                                # (G,)
-        units = torch.tensor(ld.group_units, dtype=kl.dtype, device=kl.device)
-        loss = loss + beta * torch.relu(free_bits * units * batch - kl).sum()
+        loss = loss + beta * torch.relu(_kl_floor(ld, free_bits, kl) - kl).sum()
     return loss / (batch if normalizer is None else normalizer)
 
 

@@ -15,8 +15,10 @@ Run directory ``out/``:
     metrics.jsonl/.csv   one row per epoch
     samples.png, reconstructions.png, results.json
 
-``resume=True`` continues from ``checkpoint.pt``; the RNG states are restored, so a killed run
-resumed ends with bit-identical parameters to a run that was never interrupted.  The trainer asks
+``resume=True`` continues from ``checkpoint.pt``; the RNG states are restored (the CPU's, the run's
+generators and, on CUDA, the device's global generator), so on a CPU a killed run resumed ends with
+bit-identical parameters to a run that was never interrupted; on CUDA only with ``deterministic``
+(cuDNN and atomics otherwise vary from run to run) and on the same device type.  The trainer asks
 the model only what :class:`flowvae.models.LatentVariableModel` declares.
 """
 
@@ -233,7 +235,8 @@ class Run:
 # ----------------------------------------------------------------------------- the run's directory
 
 LOCK_NAME = ".flowvae.lock"
-RUN_FILES = ("config.yaml", LOCK_NAME)
+SHARED_PROBE_NAME = ".flowvae.shared"
+RUN_FILES = ("config.yaml", LOCK_NAME, SHARED_PROBE_NAME)
 
 
 def _prepare_out_dir(out: Path, resume: bool) -> Path | None:
@@ -360,11 +363,15 @@ def _build_ema(config: TrainConfig, model: torch.nn.Module) -> torch.optim.swa_u
     from torch.optim.swa_utils import AveragedModel
 
     # The container only (weights and n_averaged, saved with the run): GradientGuard does the averaging.
-    return AveragedModel(model, use_buffers=True)
+    ema = AveragedModel(model, use_buffers=True)
+    # n_averaged on the model's device: on the CPU its per-step update would be a device-to-host copy.
+    ema.n_averaged = torch.zeros((), dtype=torch.long, device=next(model.parameters()).device)
+    return ema
 
 
 def configure_backends(config: TrainConfig, device: torch.device) -> None:
-    """Numerics switches: TF32 and cudnn.benchmark (``tf32``), deterministic algorithms (``deterministic``)."""
+    """Numerics switches: TF32 (``tf32``), deterministic algorithms (``deterministic``); cuDNN's
+    autotuning (``cudnn.benchmark``, which changes no precision) unless ``deterministic``."""
     if config.threads:
         torch.set_num_threads(config.threads)
     if device.type == "cpu":
@@ -372,7 +379,7 @@ def configure_backends(config: TrainConfig, device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
         torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
-        torch.backends.cudnn.benchmark = config.tf32 and not config.deterministic
+        torch.backends.cudnn.benchmark = not config.deterministic
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
@@ -388,6 +395,29 @@ def require_visible(path: Path, context: distributed.Context, device: torch.devi
     if context.all_reduce_sum(missing).item() > 0:
         raise CheckpointError(f"{int(missing.item())} worker(s) cannot see {path}: with several nodes, --out must "
                               "be on a filesystem that all of them share")
+
+
+def require_shared_out(out: Path, context: distributed.Context, device: torch.device) -> None:
+    """Every worker must see what worker 0 writes in ``out``: checked before any work, with a file
+    of a random token that worker 0 writes, every worker reads, and worker 0 removes."""
+    if not context.distributed:
+        return
+    probe = out / SHARED_PROBE_NAME
+    token = torch.zeros((), dtype=torch.int64, device=device)
+    if context.is_main:
+        token.fill_(int.from_bytes(os.urandom(7), "little"))
+        atomic_write_text(probe, str(int(token)))
+    context.all_reduce_sum(token)  # every worker gets worker 0's token, after the file is written
+    try:
+        seen = probe.read_text().strip() == str(int(token))
+    except OSError:
+        seen = False
+    missing = context.all_reduce_sum(torch.tensor(0.0 if seen else 1.0, device=device))
+    if context.is_main:
+        probe.unlink(missing_ok=True)
+    if missing.item() > 0:
+        raise RunDirError(f"{int(missing.item())} worker(s) cannot see {out}: with several nodes, --out must be on "
+                          "a filesystem that all of them share")
 
 
 def start_run(config: TrainConfig, resume: bool, context: distributed.Context, device: torch.device) -> Run:
@@ -449,6 +479,12 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
                guard)
 
 
+def _device_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The CUDA device's global generator (what draws without a generator, e.g. the Gaussian
+    likelihood's dequantization noise), saved with the run: {} on a CPU, whose global state is saved apart."""
+    return {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+
+
 def _restore_rng(saved: dict[str, torch.Tensor], generators: dict[str, torch.Generator], device: torch.device,
                  config: TrainConfig, state: RunState) -> None:
     torch.set_rng_state(saved["torch"])
@@ -459,6 +495,8 @@ def _restore_rng(saved: dict[str, torch.Tensor], generators: dict[str, torch.Gen
         with contextlib.suppress(RuntimeError, KeyError):
             for name in device_generators:
                 generators[name].set_state(saved[name])
+            if "cuda" in saved and device.type == "cuda":  # absent from checkpoints of flowvae before this
+                torch.cuda.set_rng_state(saved["cuda"], device)
             return
     # A generator's state is device-specific: reseed from (seed, step), deterministically, and say so.
     for offset, name in enumerate(device_generators):
@@ -677,7 +715,7 @@ def write_epoch(run: Run, improved: bool) -> None:
         "config": run.config.to_dict(), "state": {k: v for k, v in dataclasses.asdict(run.state).items()
                                                   if k != "history"},
         "history": run.state.history,
-        "rng": {"torch": torch.get_rng_state(), "noise_device": run.device.type,
+        "rng": {"torch": torch.get_rng_state(), "noise_device": run.device.type, **_device_rng_state(run.device),
                 **{k: g.get_state() for k, g in run.generators.items()}},
     }, run.checkpoint_path)
     if improved:
@@ -769,6 +807,7 @@ def train(config: TrainConfig, *, resume: bool = False, notices: Sequence[str] =
                 from flowvae.tensorboard import check_log_dir
 
                 check_log_dir(out)
+        require_shared_out(out, context, device)  # before any work: not at the end of training
         if resume:  # refuse another run's options before loading any data (a cheap, memory-mapped look)
             ckpt = load_checkpoint(out / "checkpoint.pt", config, mmap=True)
             missing = [k for k in ("optimizer", "state", "history", "rng") if not isinstance(ckpt.get(k), (dict, list))]

@@ -18,6 +18,12 @@ from flowvae.flows.made import MADE, Network
 from flowvae.numerics import soft_clamp
 
 
+def _read_orders(module: _MaskedAffine, *args) -> None:
+    """Each step's positions in the order of their degrees, read on the host when the module is built
+    or loaded, not in every sequential pass (a sync, and a graph break compiled)."""
+    module.orders = torch.argsort(module.made.degrees.view(-1, module.dim), dim=-1).tolist()
+
+
 class _MaskedAffine(Flow):
     """``steps`` such flows in one module (one MADE with stacked weights, see :class:`MADE`), the
     autoregressive order reversed between steps; ``steps=1`` is one step."""
@@ -37,6 +43,8 @@ class _MaskedAffine(Flow):
             self.made.output_layer.bias.zero_()
         self._register_load_state_dict_pre_hook(
             functools.partial(read_per_step_layout, concatenated=("made.context_layer.weight",)), with_module=True)
+        self.register_load_state_dict_post_hook(_read_orders)
+        _read_orders(self)
 
     def _scale_shift(self, made_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log_scale, shift) from the MADE's output (..., 2, D)."""
@@ -50,7 +58,7 @@ class _MaskedAffine(Flow):
         log_scale, shift = self._scale_shift(network(z_out))
         return (z_out - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
 
-    def _sequential(self, network: Network, degrees: torch.Tensor, z: torch.Tensor, invert: bool
+    def _sequential(self, network: Network, order: list[int], z: torch.Tensor, invert: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Solve the autoregressive equations one degree at a time: D MADE passes.
 
@@ -59,7 +67,7 @@ class _MaskedAffine(Flow):
         The last pass sees every input its outputs depend on, so its log-scales give the log-det.
         """
         x = torch.zeros_like(z)
-        for position in torch.argsort(degrees).tolist():
+        for position in order:
             log_scale, shift = (t.to(z.dtype) for t in self._scale_shift(network(x)))
             z_i, log_scale_i, shift_i = z[..., position], log_scale[..., position], shift[..., position]
             x_i = (z_i - shift_i) * torch.exp(-log_scale_i) if invert else z_i * torch.exp(log_scale_i) + shift_i
@@ -69,14 +77,13 @@ class _MaskedAffine(Flow):
     def _run(self, z: torch.Tensor, context: torch.Tensor | None, invert: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.dim, context)
         networks = self.made.networks(context)
-        degrees = self.made.degrees.view(-1, self.dim)
         steps = range(self.steps - 1, -1, -1) if invert else range(self.steps)
         log_det = None
         for t in steps:
             if invert == self.conditioned_on_output:
                 z, step_log_det = (self._one_pass_inverse if invert else self._one_pass)(networks[t], z)
             else:
-                z, step_log_det = self._sequential(networks[t], degrees[t], z, invert)
+                z, step_log_det = self._sequential(networks[t], self.orders[t], z, invert)
             log_det = step_log_det if log_det is None else log_det + step_log_det
         return z, log_det
 

@@ -36,6 +36,10 @@ class ActNorm(Flow):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        # The buffer read on the host once, not every training step (a sync, and a graph break compiled);
+        # loading weights reads it again.
+        self._known_initialized = False
+        self.register_load_state_dict_post_hook(_forget_initialized)
 
     def _view(self, p: torch.Tensor) -> torch.Tensor:
         return p.view(-1, *([1] * (self.event_dim - 1)))
@@ -49,8 +53,10 @@ class ActNorm(Flow):
 
     def forward(self, z, context=None):
         self._check(z, self.channels, context)
-        if self.training and not self.initialized:
-            self._initialize(z)
+        if self.training and not self._known_initialized:
+            if not self.initialized:
+                self._initialize(z)
+            self._known_initialized = True
         y = (z + self._view(self.bias)) * torch.exp(self._view(self.log_scale))
         ladj = (_pixels(z, self.event_dim) * self.log_scale.sum()).expand(self.batch_shape(z))
         return y, ladj
@@ -59,6 +65,10 @@ class ActNorm(Flow):
         self._check(z, self.channels, context)
         x = z * torch.exp(-self._view(self.log_scale)) - self._view(self.bias)
         return x, (-_pixels(z, self.event_dim) * self.log_scale.sum()).expand(self.batch_shape(z))
+
+
+def _forget_initialized(module: ActNorm, incompatible_keys) -> None:
+    module._known_initialized = False
 
 
 def _mix_channels(z: torch.Tensor, weight: torch.Tensor, event_dim: int) -> torch.Tensor:

@@ -70,6 +70,13 @@ class _GaussianHead(nn.Linear):
         return mean, log_std
 
 
+def _drop_unused_contexts(module: LadderVAE, state_dict: dict, prefix: str, *args) -> None:
+    """Earlier checkpoints hold context networks also where no flow reads them; they are ignored."""
+    if len(module.contexts) == 0:
+        for key in [k for k in state_dict if k.startswith(prefix + "contexts.")]:
+            del state_dict[key]
+
+
 @dataclass
 class BottomUp:
     """The sample-independent part of inference: features d_l (B, hidden), bottom layer first."""
@@ -116,11 +123,14 @@ class LadderVAE(LatentVariableModel):
         self.top_down = nn.ModuleList([_mlp((D, H, H)) for _ in range(layers - 1)])
         self.prior_heads = nn.ModuleList([_GaussianHead(H, D) for _ in range(layers - 1)])
         self.posterior_heads = nn.ModuleList([_GaussianHead(2 * H, D, residual=True) for _ in range(layers - 1)])
-        self.contexts = nn.ModuleList([_mlp((2 * H, H)) for _ in range(layers - 1)])
+        self.has_flow = flow != "none"
+        # Only what is used is built: an unused parameter gets no gradient and DDP refuses it.
+        uses_context = self.has_flow and flow_context
+        self.contexts = nn.ModuleList([_mlp((2 * H, H)) for _ in range(layers - 1)] if uses_context else [])
         context_dim = H if flow_context else None
         self.flows = nn.ModuleList([build_flow(flow, D, flow_steps, context_dim, flow_hidden, reflections, rank)
                                     or nn.Identity() for _ in range(layers)])
-        self.has_flow = flow != "none"
+        self._register_load_state_dict_pre_hook(_drop_unused_contexts, with_module=True)
         decoder_in = D + (H if layers > 1 else 0)
         self.decoder = _mlp((decoder_in, H, H, likelihood.params_per_pixel * pixels), last_activation=False)
 
@@ -178,7 +188,7 @@ class LadderVAE(LatentVariableModel):
             d_mean, d_log_std = self.posterior_heads[l](both)
             q_mean, q_log_std = p_mean + d_mean, bounded_log_std(p_log_std + d_log_std, self.log_var_bounds)
             z0 = q_mean + torch.exp(q_log_std) * eps(l)
-            z, ladj = self._flow(l, z0, self.contexts[l](both))
+            z, ladj = self._flow(l, z0, self.contexts[l](both) if len(self.contexts) else None)
             log_q.append(at_least_float32(_gaussian_log_prob(z0, q_mean, q_log_std) - ladj))
             log_p.append(at_least_float32(_gaussian_log_prob(z, p_mean, p_log_std)))
             latents[f"z{l + 1}"] = z
@@ -198,10 +208,10 @@ class LadderVAE(LatentVariableModel):
         noise = as_noise(self, noise)
         d = [f.expand(samples, *f.shape) for f in encoded.features]  # (K, B, H) views
 
-        def eps(l: int) -> torch.Tensor:
+        def eps(l: int) -> torch.Tensor:  # in the model's dtype: d[l] is 16-bit under autocast
             if noise is not None:
-                return noise[f"z{l + 1}"].to(d[l].dtype)
-            return torch.randn(*d[l].shape[:-1], self.latent_dim, device=d[l].device, dtype=d[l].dtype)
+                return noise[f"z{l + 1}"].to(self.dtype)
+            return torch.randn(*d[l].shape[:-1], self.latent_dim, device=d[l].device, dtype=self.dtype)
 
         z, t, log_q, log_p, latents = self._top_down(d, eps)
         params = at_least_float32(self._decode(z, t))
