@@ -10,13 +10,13 @@ import os
 import re
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import torch
 
 from flowvae.config import (MAX_IMPORTANCE_SAMPLES, MAX_SEED, ConfigError, TrainConfig, add_config_arguments,
                             config_from_args, given_options, load_yaml, no_effect)
+from flowvae.interrupts import Terminated, handled_interrupts
 from flowvae.io import existing_ancestor, probe_writable
 
 logger = logging.getLogger("flowvae")
@@ -224,10 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     from flowvae.training import CheckpointError, RunDirError
 
     reuse_freed_memory()
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
-        return args.func(args)
+        with handled_interrupts():
+            return args.func(args)
     except (ConfigError, DataError, CheckpointError, RunDirError, FloatingPointError, ValueError) as err:
         return _fail(args, str(err))
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError and the CPU allocator's RuntimeError
@@ -251,18 +250,6 @@ def main(argv: list[str] | None = None) -> int:
             message = what
         print(f"flowvae {args.command}: {message}", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler ending the job), raised where the program is so that it ends like Ctrl-C:
-    temporaries removed, the lock released, one line saying how to resume."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
 
 
 def _fail(args: argparse.Namespace, message: str) -> int:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from flowvae import objectives
 from flowvae.distributed import Context
+from flowvae.interrupts import raise_pending
 from flowvae.models.base import LatentVariableModel, draw_noise
 
 # While importance sampling, at most this many elements of decoder output (times an activation
@@ -123,6 +124,7 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
     starts = list(range(0, len(data), batch_size))[context.rank::context.world_size]
     for start in tqdm(starts, desc=desc, disable=not progress or not context.is_main, leave=False,
                       unit="batch"):
+        raise_pending()
         x = data[start:start + batch_size].to(device)
         generator = _batch_generator(seed, start // batch_size, device)
         noise = None if generator is None else draw_noise(model, 1, len(x), generator=generator, device=device)

@@ -51,6 +51,7 @@ from flowvae.config import ConfigError, TrainConfig, resume_differences
 from flowvae.data import DataError, DatasetSplits, load_dataset
 from flowvae.evaluation import autocast, evaluate, posterior_diagnostics
 from flowvae.gradient_guard import MAX_CONSECUTIVE_SKIPS, GradientGuard
+from flowvae.interrupts import raise_pending
 from flowvae.io import (TEMP_SUFFIX, atomic_torch_save, atomic_write_text, existing_ancestor, probe_writable,
                         remove_stale_temporaries)
 from flowvae.models import LatentVariableModel, as_unit_interval, build_model, count_parameters, draw_noise
@@ -610,6 +611,7 @@ def train_epoch(run: Run) -> dict[str, float]:
         if data.dynamic:
             x = torch.bernoulli(x, generator=binarize)
         samples = config.train_samples
+        raise_pending()  # a Ctrl-C that landed in a finalizer, where Python only prints it
         noise = draw_noise(run.model, samples, global_batch, generator=run.generators["noise"], device=device)
         encoder_input = _noisy_input(run, x) if config.input_noise > 0 else None
         shard = _shard(global_batch, context)                    # this worker's contiguous slice
