@@ -14,6 +14,7 @@ import torch
 
 from flowvae.evaluation import evaluate
 from flowvae.models import ModelConfig, build_model
+from flowvae.optimizers import build_optimizer
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
@@ -311,7 +312,7 @@ def test_the_pieces_of_a_training_step_and_of_the_iw_evaluation_stay_on_cuda(tmp
         cuda = torch.device("cuda", 0)
         ema = training._build_ema(config, model)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
-        guard = GradientGuard(model, training._build_optimizer(config, model, cuda), scaler, max_norm=0,
+        guard = GradientGuard(model, build_optimizer(config, model, cuda), scaler, max_norm=0,
                               skip_factor=50, device=cuda, ema=ema, ema_decay=config.ema)
         assert guard.fused == (optimizer == "adam") and guard.masked_adamax == (optimizer == "adamax")
         assert ema.n_averaged.device == cuda

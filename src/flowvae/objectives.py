@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flowvae.models.base import LatentVariableModel, LogDensities, Noise, draw_noise, select_noise
+from flowvae.models.base import LatentVariableModel, LogDensities, Noise, draw_noise
 
 
 def negative_elbo(ld: LogDensities, beta: float = 1.0) -> torch.Tensor:
@@ -172,8 +172,8 @@ class _NoiseStream:
             blocks.append(block)
             held += next(iter(block.values())).shape[0]
         noise = blocks[0] if len(blocks) == 1 else {name: torch.cat([b[name] for b in blocks]) for name in blocks[0]}
-        self.buffer = {name: t[k:] for name, t in noise.items()} if held > k else {}
-        return {name: t[:k] for name, t in noise.items()}
+        self.buffer = {name: t.narrow(0, k, held - k) for name, t in noise.items()} if held > k else {}
+        return {name: t.narrow(0, 0, k) for name, t in noise.items()}
 
     def _held(self) -> int:
         return next(iter(self.buffer.values())).shape[0] if self.buffer else 0
@@ -197,20 +197,23 @@ def importance_weighted_estimate(model: LatentVariableModel, x: torch.Tensor, sa
     if samples < 1 or chunk_size < 1:
         raise ValueError(f"samples and chunk_size must be >= 1, got {samples} and {chunk_size}")
     batch = len(x)
-    points = batch if points is None else max(1, points)
-    parts = [(slice(s, s + points), model.encode(x[s:s + points])) for s in range(0, batch, points)]
+    parts = x.split(batch if points is None else max(1, points))
+    encoded = [model.encode(part) for part in parts]
     score = score or model.log_densities
     stream = _NoiseStream(model, batch, samples, generator, x.device)
-    total = torch.full((batch,), -math.inf, dtype=torch.float64, device=x.device)
-    total_sq = total.clone()
+    totals = [torch.full((len(part),), -math.inf, dtype=torch.float64, device=x.device) for part in parts]
+    totals_sq = [t.clone() for t in totals]
     for start in range(0, samples, chunk_size):
         k = min(chunk_size, samples - start)
         noise = stream.take(k)
-        for index, encoded in parts:
-            part_noise = noise if len(parts) == 1 else select_noise(noise, index)
-            log_w = score(x[index], encoded, k, part_noise).log_weight.double()
-            total[index] = torch.logaddexp(total[index], torch.logsumexp(log_w, 0))
-            total_sq[index] = torch.logaddexp(total_sq[index], torch.logsumexp(2 * log_w, 0))
+        first = 0
+        for i, part in enumerate(parts):
+            part_noise = noise if len(parts) == 1 else {n: t.narrow(1, first, len(part)) for n, t in noise.items()}
+            log_w = score(part, encoded[i], k, part_noise).log_weight.double()
+            totals[i] = torch.logaddexp(totals[i], torch.logsumexp(log_w, 0))
+            totals_sq[i] = torch.logaddexp(totals_sq[i], torch.logsumexp(2 * log_w, 0))
+            first += len(part)
+    total, total_sq = torch.cat(totals), torch.cat(totals_sq)
     ess = torch.exp(2 * total - total_sq)
     mc_se = (1 / ess - 1 / samples).clamp(min=0).sqrt()
     return ImportanceWeightedEstimate(nll=-(total - math.log(samples)), mc_se=mc_se, ess=ess)
