@@ -39,6 +39,9 @@ class TrainConfig:
 
     dataset: str = "digits"            # see flowvae.data.available_datasets()
     data_dir: str | None = None        # default: $FLOWVAE_DATA or ~/.cache/flowvae
+    data_kind: str | None = None       # binary | grayscale | 8bit for a --dataset PATH (default: from its values)
+    valid_fraction: float = 0.1        # of a --dataset PATH without a valid split, held out for validation
+    test_fraction: float = 0.1         # of a --dataset PATH without a test split, held out for testing
     model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 100
     batch_size: int = 100
@@ -72,13 +75,23 @@ class TrainConfig:
         from flowvae.data import available_datasets
 
         m = self.model
-        if isinstance(self.dataset, str):  # names are case-insensitive, '-' and '_' alike
+        from flowvae.data.files import ARRAYS, is_data_path
+
+        path = isinstance(self.dataset, str) and is_data_path(self.dataset)
+        if path:  # recorded absolute, so that a resume from another directory finds the same data
+            self.dataset = str(Path(self.dataset).expanduser().absolute())
+        elif isinstance(self.dataset, str):  # names are case-insensitive, '-' and '_' alike
             self.dataset = self.dataset.strip().lower().replace("-", "_")
         # Non-finite numbers first: NaN fails every comparison, so "lr must be > 0" would be misleading.
         checks = [(math.isfinite(_get(self, f.name)), f.name, "must be finite")
                   for f in _all_fields() if _field_type(f) is float and _get(self, f.name) is not None]
         checks += [
-            (self.dataset in available_datasets(), "dataset", f"must be one of {', '.join(available_datasets())}"),
+            (path or self.dataset in (*available_datasets(), ARRAYS), "dataset",
+             f"must be one of {', '.join(available_datasets())}, or a folder of images, a .npy or a .npz file"),
+            (self.data_kind in (None, "binary", "grayscale", "8bit"), "data_kind", "must be binary, grayscale or 8bit"),
+            (0 < self.valid_fraction < 1, "valid_fraction", "must be in (0, 1)"),
+            (0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)"),
+            (self.valid_fraction + self.test_fraction < 1, "test_fraction", "plus valid_fraction must be below 1"),
             (m.arch in MODELS, "arch", f"must be one of {', '.join(MODELS.names())}"),
             (m.flow in ARCHITECTURE_FLOWS.get(m.arch, FLOW_NAMES), "flow",
              f"must be one of {', '.join(ARCHITECTURE_FLOWS.get(m.arch, FLOW_NAMES))} for arch {m.arch}"),
@@ -143,7 +156,8 @@ class TrainConfig:
 
 
 # Options that define what is trained: a resumed run must keep them (the model fields too).
-MUST_MATCH_ON_RESUME = ("dataset", "seed", "batch_size", "optimizer", "precision") + MODEL_FIELDS
+MUST_MATCH_ON_RESUME = ("dataset", "data_kind", "valid_fraction", "test_fraction", "seed", "batch_size", "optimizer",
+                        "precision") + MODEL_FIELDS
 
 
 def resume_differences(saved: dict[str, Any], config: TrainConfig) -> tuple[list[str], dict[str, tuple]]:

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from flowvae import distributed, objectives
 from flowvae.config import ConfigError, TrainConfig, resume_differences
 from flowvae.data import DataError, DatasetSplits, load_dataset
+from flowvae.data.files import ARRAYS, is_data_path, load_path
 from flowvae.evaluation import autocast, evaluate, posterior_diagnostics
 from flowvae.gradient_guard import MAX_CONSECUTIVE_SKIPS, GradientGuard
 from flowvae.io import atomic_torch_save, atomic_write_text, existing_ancestor, probe_writable, remove_stale_temporaries
@@ -100,8 +101,11 @@ class PreparedData:
     dynamic: bool              # binarize training batches afresh
 
 
-def prepare_data(config: TrainConfig) -> PreparedData:
-    splits = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+def prepare_data(config: TrainConfig, splits: DatasetSplits | None = None) -> PreparedData:
+    """The run's data: ``splits`` when given (``flowvae.fit``), else ``config.dataset``'s, a
+    registered name or a folder/.npy/.npz path (:mod:`flowvae.data.files`)."""
+    if splits is None:
+        splits = load_splits(config)
     for name, t in (("train", splits.train), ("valid", splits.valid), ("test", splits.test)):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise DataError(f"{splits.name}: the {name} split contains NaN or infinite values")
@@ -113,6 +117,16 @@ def prepare_data(config: TrainConfig) -> PreparedData:
         fixed = [torch.bernoulli(t, generator=g) for t in (splits.valid, splits.test, splits.train)]
         return PreparedData(splits, splits.train, fixed[0], fixed[1], fixed[2], True)
     return PreparedData(splits, splits.train, splits.valid, splits.test, splits.train, False)
+
+
+def load_splits(config: TrainConfig) -> DatasetSplits:
+    """``config.dataset``'s splits: a registered name or a folder/.npy/.npz path."""
+    if config.dataset == ARRAYS:
+        raise DataError("this run was trained by flowvae.fit on arrays: pass them to flowvae.fit again")
+    if is_data_path(config.dataset):
+        return load_path(config.dataset, kind=config.data_kind, valid_fraction=config.valid_fraction,
+                         test_fraction=config.test_fraction, seed=config.seed)
+    return load_dataset(config.dataset, config.data_dir, seed=config.seed)
 
 
 def model_from_config(config: TrainConfig, image_shape, data_kind: str) -> LatentVariableModel:

@@ -90,21 +90,21 @@ class DatasetSplits:
         test: np.ndarray,
         image_shape: tuple[int, int, int],
     ) -> DatasetSplits:
-        """Build splits from uint8 arrays ``(N, ...)`` holding ``prod(image_shape)`` values each.
+        """Build splits from arrays ``(N, ...)`` holding ``prod(image_shape)`` values each.
 
-        ``'binary'`` arrays hold 0/1 and ``'grayscale'`` ones 0..255 (scaled to [0, 1] here);
-        ``'8bit'`` arrays are kept as uint8.
+        ``'binary'`` arrays hold 0/1; ``'grayscale'`` ones integers 0..255 (scaled to [0, 1] here)
+        or floats in [0, 1] (kept); ``'8bit'`` ones integers 0..255 (kept as uint8).  Values that do
+        not fit the kind, NaN and infinities raise :class:`~flowvae.data.DataError` naming the split.
         """
+        from .files import to_tensor
 
-        def convert(x: np.ndarray) -> torch.Tensor:
+        def convert(x: np.ndarray, split: str) -> torch.Tensor:
             x = np.ascontiguousarray(x).reshape((len(x), *image_shape))
-            if kind == "binary":
-                return torch.from_numpy(x.astype(np.float32))
-            if kind == "grayscale":
-                return torch.from_numpy(x.astype(np.float32)).div_(255.0)
-            return torch.from_numpy(x.copy() if not x.flags.writeable else x)
+            if kind == "8bit" and x.dtype == np.uint8:
+                return torch.from_numpy(x.copy() if not x.flags.writeable else x)
+            return to_tensor(x, kind, where=f"{name} [{split}]")
 
-        return cls(name, convert(train), convert(valid), convert(test), kind)
+        return cls(name, convert(train, "train"), convert(valid, "valid"), convert(test, "test"), kind)
 
 
 def shuffled_split(
