@@ -122,11 +122,18 @@ def prepare_data(config: TrainConfig, splits: DatasetSplits | None = None) -> Pr
 def load_splits(config: TrainConfig) -> DatasetSplits:
     """``config.dataset``'s splits: a registered name or a folder/.npy/.npz path."""
     if config.dataset == ARRAYS:
-        raise DataError("this run was trained by flowvae.fit on arrays: pass them to flowvae.fit again")
+        raise DataError("this run was trained on arrays given to flowvae.fit, which it does not keep: give the "
+                        "images as a file (flowvae evaluate --data PATH; TrainedRun.evaluate(path=...)), "
+                        "or the arrays to flowvae.fit again to resume")
     if is_data_path(config.dataset):
         return load_path(config.dataset, kind=config.data_kind, valid_fraction=config.valid_fraction,
                          test_fraction=config.test_fraction, seed=config.seed)
     return load_dataset(config.dataset, config.data_dir, seed=config.seed)
+
+
+def model_class(model: torch.nn.Module) -> str:
+    """``module.QualifiedName`` of the model's class, recorded with its weights."""
+    return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
 def model_from_config(config: TrainConfig, image_shape, data_kind: str) -> LatentVariableModel:
@@ -353,15 +360,19 @@ def require_visible(path: Path, context: distributed.Context, device: torch.devi
                               "be on a filesystem that all of them share")
 
 
-def start_run(config: TrainConfig, resume: bool, context: distributed.Context, device: torch.device) -> Run:
-    """Build the data, model and optimizer; on ``resume`` restore them from ``checkpoint.pt``."""
+def start_run(config: TrainConfig, resume: bool, context: distributed.Context, device: torch.device,
+              splits: DatasetSplits | None = None, model: LatentVariableModel | None = None) -> Run:
+    """Build the data, model and optimizer (or take ``splits`` and ``model`` given to :func:`train`);
+    on ``resume`` restore them from ``checkpoint.pt``."""
     out = Path(config.out)
     configure_backends(config, device)
     torch.manual_seed(config.seed)
-    data = prepare_data(config)
+    data = prepare_data(config, splits)
     if device.type == "cuda":  # the training set lives on the GPU: no host gather or copy per step
         data = dataclasses.replace(data, train=data.train.to(device))
-    model = model_from_config(config, data.splits.image_shape, data.splits.kind).to(device)
+    if model is None:
+        model = model_from_config(config, data.splits.image_shape, data.splits.kind)
+    model = model.to(device)
     optimizer = _build_optimizer(config, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     # Shuffling and binarization (CPU) and the posterior's noise (device): the same on every worker.
@@ -590,11 +601,13 @@ def _check_divergence(run: Run, valid_neg_elbo: float) -> None:
 
 def write_epoch(run: Run, improved: bool) -> None:
     """Worker 0: best.pt (if improved), checkpoint.pt, metrics.jsonl/.csv — each written atomically."""
+    data = run.data.splits.describe() | {"model_class": model_class(run.model)}  # inference needs no data files
     if improved:
         atomic_torch_save({"format": CHECKPOINT_FORMAT, "model": run.eval_model.state_dict(),
-                           "config": run.config.to_dict(), "epoch": run.state.epoch}, run.out / "best.pt")
+                           "config": run.config.to_dict(), "epoch": run.state.epoch, "data": data}, run.out / "best.pt")
     atomic_torch_save({
         "format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "data": data,
         "ema": run.ema.state_dict() if run.ema is not None else None,
         "config": run.config.to_dict(), "state": {k: v for k, v in dataclasses.asdict(run.state).items()
                                                   if k != "history"},
@@ -640,8 +653,12 @@ def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
 
 # ------------------------------------------------------------------------------------------- train
 
-def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+def train(config: TrainConfig, *, resume: bool = False, splits: DatasetSplits | None = None,
+          model: LatentVariableModel | None = None) -> dict[str, Any]:
     """Train, early-stop on validation -ELBO, evaluate the best model; returns results.json's content.
+
+    ``splits`` replaces ``config.dataset``'s data and ``model`` the model that ``config.model``
+    describes (``flowvae.fit`` passes a user's arrays and model this way).
 
     Under ``torchrun`` the model is wrapped in DistributedDataParallel: every worker draws the same
     global batch, noise and binarization from shared generators and takes its shard, and the loss is
@@ -675,7 +692,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                 _remove_failed_start(out, created, ours=True)  # a new run that failed leaves nothing
 
         with run_lock(out, on_error=undo_failed_start) if context.is_main else contextlib.nullcontext():
-            run = start_run(config, resume, context, device)
+            run = start_run(config, resume, context, device, splits, model)
             if context.is_main:
                 for path in remove_stale_temporaries(out):
                     logger.info("removed %s, left by an interrupted write", path)
@@ -755,6 +772,7 @@ def finish(run: Run) -> dict[str, Any]:
     results: dict[str, Any] = {
         "dataset": config.dataset, "model": config.model.to_dict(), "parameters": count_parameters(model),
         "epochs_trained": state.epoch, "best_epoch": state.best_epoch, "stopped_early": state.stopped_early,
+        "data": data.splits.describe(),
         "train_minutes": round(state.train_seconds / 60, 3), "workers": context.world_size,
         "skipped_updates": state.skipped_updates, "ema": config.ema,
         "objective": {"warmup_epochs": config.warmup_epochs, "free_bits": config.free_bits},

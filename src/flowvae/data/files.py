@@ -206,8 +206,8 @@ def _check_finite(x: np.ndarray, where: str) -> None:
 
 def to_tensor(x: np.ndarray, kind: str, *, from_images: bool = False, where: str = "the data") -> torch.Tensor:
     """``x`` (N, C, H, W) as the tensor of ``kind`` (float32 for 'binary'/'grayscale', uint8 for
-    '8bit'), every value checked.  Integers are gray levels 0..255 for 'grayscale', and image files'
-    0/255 pixels are 0/1 for 'binary'."""
+    '8bit'), every value checked.  Integers are gray levels 0..255 for 'grayscale' (integer arrays of
+    only 0 and 1 are read as 0 and 1), and image files' 0/255 pixels are 0/1 for 'binary'."""
     if kind not in KINDS:
         raise DataError(f"data kind must be one of {', '.join(KINDS)}, got {kind!r}")
     _check_finite(x, where)
@@ -219,6 +219,8 @@ def to_tensor(x: np.ndarray, kind: str, *, from_images: bool = False, where: str
             raise DataError(f"{where}: kind binary needs values 0 and 1 only, found {_odd_value(x, (x != 0) & (x != 1))}")
         return torch.from_numpy(x.astype(np.float32))
     if kind == "grayscale":
+        if integral and not from_images and x.min() >= 0 and x.max() <= 1:
+            return torch.from_numpy(x.astype(np.float32))  # 0/1 arrays: probabilities 0 and 1, not gray levels
         if integral:
             if x.min() < 0 or x.max() > 255:
                 raise DataError(f"{where}: kind grayscale needs integers 0..255 or floats in [0, 1], "

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -72,6 +72,12 @@ class DatasetSplits:
         """``C * H * W``."""
         c, h, w = self.image_shape
         return c * h * w
+
+    def describe(self) -> dict[str, Any]:
+        """What a trained model needs to know about its data, without the data: name, kind,
+        ``image_shape`` (C, H, W), channels and the split sizes (recorded in every checkpoint)."""
+        return {"name": self.name, "kind": self.kind, "image_shape": list(self.image_shape),
+                "channels": self.image_shape[0], "sizes": {split: len(t) for split, t in self._items()}}
 
     def __repr__(self) -> str:
         sizes = "/".join(str(len(t)) for _, t in self._items())
