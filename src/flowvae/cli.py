@@ -31,6 +31,13 @@ EXAMPLES = """examples:
 """
 
 
+TRAIN_DESCRIPTION = """Train a VAE, keep the weights with the best validation -ELBO, then evaluate them: -ELBO on
+every split and the test -log p(x) with --eval-samples K importance samples (K = 5000 by default:
+the final evaluation can take longer than many epochs; lower K for quick runs).  Every option is
+also a key of a --config YAML file; flags override the file.  The run directory --out gets
+config.yaml, checkpoint.pt, best.pt, metrics.csv, curves.png, samples.png and results.json."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block) and a "did you mean" for mistyped flags."""
 
@@ -156,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a VAE and evaluate it", description=TrainConfig.__doc__)
+    p = sub.add_parser("train", help="train a VAE and evaluate it", description=TRAIN_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.set_defaults(func=cmd_train)
@@ -195,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flowvae import cli_report
 
     cli_report.add_subcommands(sub)  # curves, compare, posterior, manifold
+    for subparser in sub.choices.values():  # -v after the subcommand too (flowvae train -v ...)
+        subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                               help="log every epoch (and more) to stderr")
     return parser
 
 

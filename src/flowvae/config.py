@@ -291,12 +291,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, model fields included (``--latent-dim``); unset flags keep the
     YAML or default value."""
+    from flowvae.config_help import HELP, choices
+
     parser.add_argument("--config", help="YAML file of config values (flags override it)")
     defaults = TrainConfig().flat()
     for f in _all_fields():
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"default: {defaults[f.name]}"
+        names = choices(f.name)
+        help_text = HELP[f.name] + (f"; one of {', '.join(names)}" if names else "") + f" (default: {defaults[f.name]})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from flowvae.models import LatentVariableModel, as_unit_interval, build_model, c
 from flowvae.models import MODEL_FIELDS
 from flowvae.models.base import select_noise
 from flowvae.plots import save_image_grid
+from flowvae.progress import Throughput, is_terminal
 from flowvae.report import plot_curves
 
 logger = logging.getLogger(__name__)
@@ -510,9 +512,9 @@ def train_epoch(run: Run) -> dict[str, float]:
     binarize = run.generators.get("binarize", run.generators["shuffle"])
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     beta = 1.0
-    started = time.perf_counter()
+    throughput = Throughput()
     bar = tqdm(range(0, n_train, config.batch_size), desc=f"epoch {state.epoch + 1}", leave=False, unit="step",
-               disable=not (config.progress and context.is_main))
+               disable=not _bars(run))
     for start in bar:
         x = data.train[order[start:start + config.batch_size]]  # the global batch
         global_batch = len(x)
@@ -534,13 +536,20 @@ def train_epoch(run: Run) -> dict[str, float]:
                 "train/loss": loss.item(), "train/reconstruction": -ld.log_likelihood.detach().mean().item(),
                 "train/kl": ld.kl.detach().mean().item(), "train/beta": beta,
                 "train/lr": run.optimizer.param_groups[0]["lr"], "train/skipped_updates": run.guard.skipped.item()})
-        if bar.n % 20 == 0 and not bar.disable:
-            images_per_s = (bar.n + 1) * config.batch_size / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{loss.item():.2f}", img_s=f"{images_per_s:.0f}")
+        throughput.add(global_batch)
+        if not bar.disable and throughput.due():  # a windowed rate, refreshed every second
+            bar.set_postfix(loss=f"{loss.item():.2f}", img_s=f"{throughput.images_per_second():.0f}")
     bar.close()
     _sync_guard(run)
     loss_sum = context.all_reduce_sum(loss_sum)  # the one collective of the epoch outside DDP's own
-    return {"train_loss": loss_sum.item() / n_train, "beta": beta}
+    seconds = throughput.seconds()
+    return {"train_loss": loss_sum.item() / n_train, "beta": beta, "seconds": seconds,
+            "images_per_s": n_train / max(seconds, 1e-9)}
+
+
+def _bars(run: Run) -> bool:
+    """Progress bars: asked for, worker 0, and a terminal to draw them on (else plain lines per epoch)."""
+    return run.config.progress and run.context.is_main and is_terminal()
 
 
 # ------------------------------------------------------------------------------------ end of epoch
@@ -570,8 +579,13 @@ def end_epoch(run: Run, stats: dict[str, float]) -> None:
         state.stopped_early = True
     if run.context.is_main:
         write_epoch(run, improved)
-    logger.info("epoch %d  train loss %.3f  valid -ELBO %.3f  (β=%.2f)", state.epoch, row["train_loss"],
-                valid["neg_elbo"], stats["beta"])
+    line = (f"epoch {state.epoch}/{config.epochs}  train loss {row['train_loss']:.3f}  valid -ELBO "
+            f"{valid['neg_elbo']:.3f}  (β={stats['beta']:.2f})  {stats['seconds']:.1f} s  "
+            f"{stats['images_per_s']:.0f} images/s")
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(line)
+    elif config.progress and run.context.is_main and not is_terminal():  # a log file: plain lines, no bars
+        print(line, file=sys.stderr, flush=True)
     _check_divergence(run, valid["neg_elbo"])
 
 
@@ -705,8 +719,8 @@ def train(config: TrainConfig, *, resume: bool = False, splits: DatasetSplits | 
                         count_parameters(run.model), device, context.world_size, len(run.data.train))
             started = time.perf_counter() - run.state.train_seconds
             run.clock = lambda: time.perf_counter() - started
-            epochs = tqdm(total=config.epochs, initial=min(run.state.epoch, config.epochs), desc="epochs",
-                          disable=not (config.progress and context.is_main))
+            epochs = tqdm(total=config.epochs, initial=min(run.state.epoch, config.epochs),
+                          desc=f"epochs (then the test -log p(x) with K={config.eval_samples})", disable=not _bars(run))
             while not run_is_over(run):
                 stats = train_epoch(run)
                 end_epoch(run, stats)
@@ -767,7 +781,7 @@ def finish(run: Run) -> dict[str, Any]:
     require_visible(out / "best.pt", context, device)
     load_weights(model, load_checkpoint(out / "best.pt", config)["model"], out / "best.pt")
     model.eval()
-    kwargs = run.eval_kwargs() | {"progress": config.progress}
+    kwargs = run.eval_kwargs() | {"progress": _bars(run)}
     state = run.state
     results: dict[str, Any] = {
         "dataset": config.dataset, "model": config.model.to_dict(), "parameters": count_parameters(model),
