@@ -41,6 +41,16 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (file, the block's first line, up to 
     ("docs/results.md", 'common="--dataset binarized_mnist --data'): "MNIST runs of 15 minutes each; " + TINY_CLI,
     ("docs/results.md", "flowvae train --config configs/mnist_lad"): "a 49-minute MNIST run; "
                                                                      "tests/test_hierarchical.py trains tiny ladders",
+    ("docs/index.md", 'pip install -e ".[docs]" && mkdocs build'): "builds this site; .ci/run does it (and "
+                                                                     "tests/test_site.py checks its sources)",
+    ("docs/getting-started.md", "pip install torch==2.13.0 && pip install"): "installs the package; .ci/run does it",
+    ("docs/getting-started.md", "flowvae train --dataset digits --flow ia"): "a 100-epoch run (minutes); the "
+                                                                             "Python block below trains the same",
+    ("docs/your-data.md", "flowvae train --dataset my_pngs/ --epoch"): "needs your images; tests/test_runs.py and "
+                                                                       "tests/test_user_data.py train on PNG folders, "
+                                                                       ".npy and .npz files",
+    ("docs/your-data.md", "flowvae sample --run runs/mine --n 64 --"): "needs the run above; tests/test_runs.py runs "
+                                                                       "these commands after deleting the data",
     ("docs/toy.md", "flowvae toy --target u1 --flow planar --"): "the grid takes 15 minutes; tests/test_toy.py runs "
                                                                  "the command with few iterations",
     ("docs/visualize.md", "flowvae train --dataset digits --latent-"): "two 200-epoch runs (minutes); "
@@ -68,7 +78,7 @@ def test_every_block_is_run_or_listed() -> None:
     listed = set()
     for path in FILES:
         for line, language, code in blocks(path):
-            if language == "python":
+            if language in ("python", "text"):  # text: a program's output (docs/cli.md), not code
                 continue
             key = (_name(path), code.splitlines()[0][:40])
             assert key in NOT_RUN, f"{_name(path)}:{line}: a {language or 'plain'} block that is neither run nor " \

@@ -168,8 +168,9 @@ def fit(config_or_model: TrainConfig | dict[str, Any] | LatentVariableModel | No
             your own (a :class:`~flowvae.models.LatentVariableModel`, trained as it is), or None.
         train: images as a NumPy array or tensor ((N, H, W), (N, C, H, W) or (N, H, W, C)), or a
             path (folder, ``.npy``, ``.npz``); None: the config's ``dataset``.
-        valid, test: arrays of the same shape; where missing, ``valid_fraction`` and
-            ``test_fraction`` of ``train`` are held out (shuffled with ``seed``).
+        valid: validation images of the same shape; where missing, ``valid_fraction`` of
+            ``train`` is held out (shuffled with ``seed``).
+        test: test images of the same shape; where missing, ``test_fraction`` of ``train``.
         resume: continue the run in ``out`` (pass the same arrays again).
         **options: any config key (``out``, ``epochs``, ``flow``, ``data_kind``, ...), overriding
             ``config_or_model``'s.
