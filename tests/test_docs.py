@@ -33,6 +33,7 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (file, the block's first line, up to 
     ("README.md", "flowvae train --device cuda --precision "): "needs GPUs and torchrun; tests/test_distributed.py "
                                                                "runs 2 gloo workers",
     ("README.md", "src/flowvae/"): "a directory listing, not code",
+    ("README.md", 'pip install -e ".[docs]" && mkdocs build'): "builds the site; .ci/run and tests/test_site.py do",
     ("docs/benchmarks.md", "pip install torch==2.13.0 && pip install"): "installs the benchmarks' peer libraries",
     ("docs/benchmarks.md", "benchmarks/.venv-peers/bin/python benchm"): "timing benchmarks (minutes, a quiet "
                                                                         "machine); tests/test_benchmarks.py smokes them",
