@@ -74,6 +74,8 @@ class RunDirError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """``'auto'`` (CUDA if available, else the CPU), ``'cpu'``, ``'cuda'`` or ``'cuda:N'`` as a
+    device; a one-line ``ValueError`` for a name that is wrong or unavailable here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -139,6 +141,7 @@ def model_class(model: torch.nn.Module) -> str:
 
 
 def model_from_config(config: TrainConfig, image_shape, data_kind: str) -> LatentVariableModel:
+    """The model that ``config.model`` describes, for images (C, H, W) of ``data_kind``."""
     return build_model(config.model, image_shape, data_kind)
 
 
@@ -759,6 +762,7 @@ def _remove_failed_start(out: Path, created: Path | None, *, ours: bool) -> None
 
 
 def run_is_over(run: Run) -> bool:
+    """All epochs done, stopped early, or the time budget spent."""
     state = run.state
     return state.epoch >= run.config.epochs or state.stopped_early or _out_of_time(run)
 
