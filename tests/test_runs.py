@@ -140,3 +140,14 @@ def test_runs_without_recorded_data_still_load(tmp_path: Path) -> None:
 def _digits_npy(root: Path) -> Path:
     np.save(root / "d.npy", binary_images(80, seed=3))
     return root / "d.npy"
+
+
+def test_fit_resumes_with_the_same_arrays(tmp_path: Path) -> None:
+    x = binary_images(120)
+    flowvae.fit(train=x, out=str(tmp_path / "r"), **TINY)
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        flowvae.fit(train=x, out=str(tmp_path / "r"), **TINY)
+    _, run = flowvae.fit(train=x, out=str(tmp_path / "r"), resume=True, **(TINY | {"epochs": 2}))
+    assert run.results["epochs_trained"] == 2
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]

@@ -46,6 +46,16 @@ def snapshot(root: Path) -> dict[str, tuple[int, str]]:
 
 # ------------------------------------------------------------------------------------ reading data
 
+def test_registered_names_win_over_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowvae.data.files import is_data_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "mine").mkdir()
+    assert not is_data_path("digits") and is_data_path("./digits") and is_data_path("mine")
+    assert is_data_path("x.npy") and is_data_path("X.NPZ") and not is_data_path("binarized_mnist")
+
+
 def test_npy_binary_detected_and_split_reproducibly(tmp_path: Path) -> None:
     x = binary_images(100)
     np.save(tmp_path / "x.npy", x)
@@ -270,3 +280,39 @@ def test_bad_data_through_the_real_command(tmp_path: Path) -> None:
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().count("\n") == 0 and "binary needs values 0 and 1 only, found 255" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
+# ------------------------------------------------------------------- evaluate --data against a run
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    np.save(root / "x.npy", binary_images(100))
+    assert main(["train", "--dataset", str(root / "x.npy"), *QUICK, "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+EVALUATE_BAD = [  # (id, setup, --data, expected)
+    ("other-shape", _npy("y.npy", binary_images(10, side=6)), "y.npy", "shape (1, 6, 6) (C, H, W) but the run was"),
+    ("rgb-for-gray", _npy("y.npy", np.zeros((4, 8, 8, 3), np.uint8)), "y.npy", "shape (3, 8, 8)"),
+    ("wrong-kind", _npy("y.npy", np.full((4, 8, 8), 0.5)), "y.npy", "binary needs values 0 and 1"),
+    ("nan", _npy("y.npy", NAN), "y.npy", "NaN"),
+    ("no-such-split", _npz("y.npz", train=BIN, valid=BIN), "y.npz", "has no test split"),
+    ("missing", lambda root: None, "nothing.npy", "nothing.npy does not exist"),
+    ("empty-folder", lambda root: (root / "imgs").mkdir(), "imgs", "holds no PNG or JPEG images"),
+]
+
+
+@pytest.mark.parametrize("case", EVALUATE_BAD, ids=[c[0] for c in EVALUATE_BAD])
+def test_evaluate_bad_data_is_one_line_and_writes_nothing(case, trained_run: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    _, setup, data, expected = case
+    monkeypatch.chdir(tmp_path)
+    setup(tmp_path)
+    before, run_before = snapshot(tmp_path), snapshot(trained_run)
+    code = main(["evaluate", "--run", str(trained_run), "--data", data, "--samples", "2", "--output", "e.json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1 and expected in err, err
+    assert err.startswith("flowvae evaluate: error: ") and "Traceback" not in err
+    assert snapshot(tmp_path) == before and snapshot(trained_run) == run_before

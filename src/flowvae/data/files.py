@@ -50,9 +50,16 @@ ARRAYS = "arrays"                    # the dataset name of a run trained by flow
 
 
 def is_data_path(name: str) -> bool:
-    """Whether ``--dataset`` names a path (a folder, ``.npy`` or ``.npz``) rather than a registered name."""
+    """Whether ``--dataset`` names a path (a folder, ``.npy`` or ``.npz``) rather than a registered
+    name.  A registered name wins over a folder of that name in the working directory (write
+    ``./mnist`` for the folder)."""
+    from .registry import available_datasets
+
     name = str(name)
-    return "/" in name or name.lower().endswith(ARRAY_SUFFIXES) or Path(name).expanduser().is_dir()
+    if "/" in name or name.lower().endswith(ARRAY_SUFFIXES):
+        return True
+    registered = name.strip().lower().replace("-", "_") in available_datasets()
+    return not registered and Path(name).expanduser().is_dir()
 
 
 # ------------------------------------------------------------------------------------------ reading
