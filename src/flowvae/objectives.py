@@ -85,17 +85,6 @@ def importance_weighted_nll(model: LatentVariableModel, x: torch.Tensor, samples
     log-sum-exp is accumulated in float64.  ``generator`` (on x's device) makes the draw
     reproducible; noise is drawn in the model's dtype, never in 16 bits.  ``score`` replaces
     ``model.log_densities`` (same signature), e.g. by its ``torch.compile``'d version.
-
-    Args:
-        model: any :class:`~flowvae.models.LatentVariableModel`.
-        x: images (B, C, H, W) of the model's data kind.
-        samples: K.
-        chunk_size: samples scored at once.
-        generator: a torch generator on x's device (None: the global RNG).
-        score: a replacement for ``model.log_densities``.
-
-    Returns:
-        (B,) float64 estimates of -log p(x) in nats.
     """
     if samples < 1 or chunk_size < 1:
         raise ValueError(f"samples and chunk_size must be >= 1, got {samples} and {chunk_size}")
