@@ -113,6 +113,8 @@ def test_cli_run_works_after_its_data_is_deleted(tmp_path: Path, monkeypatch: py
                  "--samples", "10", "--out", "p.png"]) == 0
     assert main(["evaluate", "--run", "run", "--data", "other.npy", "--samples", "3", "--output", "e.json"]) == 0
     assert json.loads(Path("e.json").read_text())["points"] == 30
+    assert main(["evaluate", "--run", "run", "--data", "digits", "--samples", "2", "--output", "d.json"]) == 0
+    assert json.loads(Path("d.json").read_text())["points"] == 250    # a registered data set's test split
     assert all(Path(name).is_file() for name in ("s.png", "m.png", "p.png"))
     capsys.readouterr()
     for argv, expected in (
@@ -120,6 +122,7 @@ def test_cli_run_works_after_its_data_is_deleted(tmp_path: Path, monkeypatch: py
         (["evaluate", "--run", "run", "--data", "small.npy"], "shape (1, 6, 6) (C, H, W) but the run was trained on"),
         (["evaluate", "--run", "run", "--data", "gray.npy"], "binary needs values 0 and 1"),
         (["evaluate", "--run", "run", "--data", "none.npy"], "none.npy does not exist"),
+        (["evaluate", "--run", "run", "--data", "nosuchset"], "unknown dataset 'nosuchset'"),
         (["posterior", "--run", "run", "--data", "small.npy", "--out", "q.png"], "shape (1, 6, 6)"),
     ):
         assert main(argv) == 2

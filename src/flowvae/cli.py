@@ -183,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", choices=("train", "valid", "test"), default="test",
                            help="which split of the run's data, or of --data when it has splits (default test)")
             p.add_argument("--data", default=None, metavar="PATH",
-                           help="score these images (folder, .npy, .npz) instead of the run's data set; they must "
-                                "have the run's image shape and data kind")
+                           help="score these images (folder, .npy, .npz, or a registered data set's name) instead "
+                                "of the run's data set; they must have the run's image shape and data kind")
             p.add_argument("--samples", type=int, default=5000, help="K importance samples (default 5000)")
             p.add_argument("--output", default=None, help="also write the results as JSON here")
             p.add_argument("--limit", type=int, default=0, help="evaluate only the first N points of the split")

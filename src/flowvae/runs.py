@@ -30,7 +30,7 @@ import torch
 
 from flowvae.config import ConfigError, TrainConfig, load_yaml
 from flowvae.data import DataError, DatasetSplits
-from flowvae.data.files import ARRAYS, load_images_for, splits_from_arrays
+from flowvae.data.files import ARRAYS, is_data_path, load_images_for, splits_from_arrays
 from flowvae.models import LatentVariableModel
 from flowvae.training import (CheckpointError, load_checkpoint, load_weights, model_class, model_from_config,
                               prepare_data, resolve_device)
@@ -71,7 +71,7 @@ class TrainedRun:
     def images(self, split: str = "test", path: str | Path | None = None) -> torch.Tensor:
         """The images of ``split`` as the run scores them, ``(N, C, H, W)``: from ``path`` (a folder,
         ``.npy`` or ``.npz``, checked against the run's shape and kind; all of it when it has no
-        splits) or else from the run's own data set.  Grayscale images are binarized once with the
+        splits; or a registered data set's name) or else from the run's own data set.  Grayscale images are binarized once with the
         run's seed, as the trainer does."""
         if split not in ("train", "valid", "test"):
             raise ValueError(f"split must be train, valid or test, got {split!r}")
@@ -82,6 +82,12 @@ class TrainedRun:
                 raise DataError(f"the run's own data cannot be read: {err} (score other images with --data PATH, "
                                 "or path= in Python)") from None
             return {"train": data.train_eval, "valid": data.valid, "test": data.test}[split]
+        if not is_data_path(str(path)):  # a registered data set's split
+            images = _registered_split(str(path), split, self.config.data_dir, self.config.seed)
+            if images.shape[1:] != self.image_shape or _kind_of(images) not in (self.kind, "binary"):
+                raise DataError(f"data set {path} holds {_kind_of(images)} images of shape {tuple(images.shape[1:])} "
+                                f"(C, H, W) but the run was trained on {self.kind} images of shape {self.image_shape}")
+            return images
         images = load_images_for(path, self.kind, self.image_shape, split)
         if self.kind == "grayscale":
             images = torch.bernoulli(images, generator=torch.Generator().manual_seed(self.config.seed + 1))
@@ -100,6 +106,17 @@ class TrainedRun:
         return evaluate(self.model, self.images(split, path), batch_size=config.eval_batch_size, samples=samples,
                         device=self.device, seed=config.seed, precision=config.precision, progress=progress,
                         desc=f"{split} -log p(x), K={samples}")
+
+
+def _registered_split(name: str, split: str, data_dir: str | None, seed: int) -> torch.Tensor:
+    """Split ``split`` of a registered data set as the trainer scores it (grayscale binarized once)."""
+    config = TrainConfig(dataset=name, data_dir=data_dir, seed=seed)
+    data = prepare_data(config)
+    return {"train": data.train_eval, "valid": data.valid, "test": data.test}[split]
+
+
+def _kind_of(images: torch.Tensor) -> str:
+    return "8bit" if images.dtype == torch.uint8 else "binary"
 
 
 def run_config(path: str | Path) -> TrainConfig:
