@@ -38,10 +38,11 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .registry import KINDS, DatasetSplits, shuffled_split
+from .registry import DatasetSplits
+from .values import describe_error, detect_kind, to_tensor
 
-__all__ = ["ARRAYS", "IMAGE_SUFFIXES", "SPLITS", "detect_kind", "is_data_path", "load_path", "read_images",
-           "splits_from_arrays", "to_tensor"]
+__all__ = ["ARRAYS", "IMAGE_SUFFIXES", "SPLITS", "detect_kind", "is_data_path", "load_images_for", "load_path",
+           "read_images", "splits_from_arrays", "to_tensor"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "valid", "test")
@@ -85,7 +86,7 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise DataError(f"{path} is not a readable .npy array ({_reason(err)})") from None
+        raise DataError(f"{path} is not a readable .npy array ({describe_error(err)})") from None
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -103,13 +104,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 raise DataError(f"{path} holds {found}; expected arrays train (valid, test) or exactly one array")
             arrays = {split: archive[key] for split, key in chosen.items()}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
-        raise DataError(f"{path} is not a readable .npz archive ({_reason(err)})") from None
+        raise DataError(f"{path} is not a readable .npz archive ({describe_error(err)})") from None
     return {split: _as_images(x, path, split) for split, x in arrays.items()}
-
-
-def _reason(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return (text[:120] + "…") if len(text) > 120 else (text or type(err).__name__)
 
 
 def _as_images(x: np.ndarray, path: Path, split: str | None = None) -> np.ndarray:
@@ -161,7 +157,7 @@ def _read_image_files(folder: Path) -> np.ndarray:
                     raise DataError(f"{path}: image mode {mode} (16-bit or floating point) is not supported; "
                                     "save 8-bit grayscale or RGB images")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise DataError(f"{path} is not a readable image ({_reason(err)})") from None
+            raise DataError(f"{path} is not a readable image ({describe_error(err)})") from None
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         if first is None:
             first = (path, pixels.shape)
@@ -180,73 +176,6 @@ def _palette_is_gray(image: Any) -> bool:
 def _describe(shape: tuple[int, ...]) -> str:
     c, h, w = shape
     return f"{w}x{h} {'grayscale' if c == 1 else 'RGB'}"
-
-
-# ------------------------------------------------------------------------------------- the values
-
-def detect_kind(x: np.ndarray, *, from_images: bool = False) -> str:
-    """The data kind that ``x``'s values say (see the module docstring); raises :class:`DataError`
-    for values that fit none."""
-    _check_finite(x, "the data")
-    if x.dtype == bool:
-        return "binary"
-    low, high = x.min(), x.max()
-    if np.issubdtype(x.dtype, np.integer) or (np.mod(x, 1) == 0).all():
-        values = np.unique(x) if high - low <= 255 else None
-        if values is not None and set(values.tolist()) <= {0, 1}:
-            return "binary"
-        if from_images and values is not None and set(values.tolist()) <= {0, 255}:
-            return "binary"
-        if low >= 0 and high <= 255:
-            return "8bit"
-    if np.issubdtype(x.dtype, np.floating) and low >= 0 and high <= 1:
-        return "grayscale"
-    raise DataError(f"values from {low} to {high} fit no data kind: give 0/1 (binary), floats in [0, 1] "
-                    "(grayscale) or integers 0..255 (8bit)")
-
-
-def _check_finite(x: np.ndarray, where: str) -> None:
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-        bad = "NaN" if np.isnan(x).any() else "infinite"
-        raise DataError(f"{where} holds {bad} values")
-
-
-def to_tensor(x: np.ndarray, kind: str, *, from_images: bool = False, where: str = "the data") -> torch.Tensor:
-    """``x`` (N, C, H, W) as the tensor of ``kind`` (float32 for 'binary'/'grayscale', uint8 for
-    '8bit'), every value checked.  Integers are gray levels 0..255 for 'grayscale' (integer arrays of
-    only 0 and 1 are read as 0 and 1), and image files' 0/255 pixels are 0/1 for 'binary'."""
-    if kind not in KINDS:
-        raise DataError(f"data kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    _check_finite(x, where)
-    integral = x.dtype == bool or np.issubdtype(x.dtype, np.integer)
-    if kind == "binary":
-        if from_images:
-            x = x // 255 if set(np.unique(x).tolist()) <= {0, 255} else x
-        if not ((x == 0) | (x == 1)).all():
-            raise DataError(f"{where}: kind binary needs values 0 and 1 only, found {_odd_value(x, (x != 0) & (x != 1))}")
-        return torch.from_numpy(x.astype(np.float32))
-    if kind == "grayscale":
-        if integral and not from_images and x.min() >= 0 and x.max() <= 1:
-            return torch.from_numpy(x.astype(np.float32))  # 0/1 arrays: probabilities 0 and 1, not gray levels
-        if integral:
-            if x.min() < 0 or x.max() > 255:
-                raise DataError(f"{where}: kind grayscale needs integers 0..255 or floats in [0, 1], "
-                                f"found {_odd_value(x, (x < 0) | (x > 255))}")
-            return torch.from_numpy(x.astype(np.float32) / 255.0)
-        if x.min() < 0 or x.max() > 1:
-            raise DataError(f"{where}: kind grayscale needs floats in [0, 1] (or integers 0..255), "
-                            f"found {_odd_value(x, (x < 0) | (x > 1))}")
-        return torch.from_numpy(x.astype(np.float32))
-    if not integral and not (np.mod(x, 1) == 0).all():
-        raise DataError(f"{where}: kind 8bit needs integers 0..255, found the non-integer {_odd_value(x, np.mod(x, 1) != 0)}")
-    if x.min() < 0 or x.max() > 255:
-        raise DataError(f"{where}: kind 8bit needs integers 0..255, found {_odd_value(x, (x < 0) | (x > 255))}")
-    return torch.from_numpy(x.astype(np.uint8))
-
-
-def _odd_value(x: np.ndarray, mask: np.ndarray) -> str:
-    index = np.argwhere(mask)[0]
-    return f"{x[tuple(index)].item()!r} (image {index[0]})"
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -310,7 +239,7 @@ def _numpy(x: Any, name: str, split: str) -> np.ndarray:
         try:
             x = np.asarray(x)
         except (ValueError, TypeError) as err:
-            raise DataError(f"{name} [{split}]: not an array of images ({_reason(err)})") from None
+            raise DataError(f"{name} [{split}]: not an array of images ({describe_error(err)})") from None
     return _as_images(x, Path(name), split)
 
 

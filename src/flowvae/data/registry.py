@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .cache import default_data_dir
+from .values import KINDS, to_tensor
 
 __all__ = [
     "DatasetSplits",
@@ -23,7 +24,6 @@ __all__ = [
     "KINDS",
 ]
 
-KINDS = ("binary", "grayscale", "8bit")
 _KIND_DTYPE = {"binary": torch.float32, "grayscale": torch.float32, "8bit": torch.uint8}
 
 # Modules whose import registers the built-in datasets; imported on first use of the registry.
@@ -102,8 +102,6 @@ class DatasetSplits:
         or floats in [0, 1] (kept); ``'8bit'`` ones integers 0..255 (kept as uint8).  Values that do
         not fit the kind, NaN and infinities raise :class:`~flowvae.data.DataError` naming the split.
         """
-        from .files import to_tensor
-
         def convert(x: np.ndarray, split: str) -> torch.Tensor:
             x = np.ascontiguousarray(x).reshape((len(x), *image_shape))
             if kind == "8bit" and x.dtype == np.uint8:
