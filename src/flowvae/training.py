@@ -682,6 +682,30 @@ def train(config: TrainConfig, *, resume: bool = False, splits: DatasetSplits | 
     scaled so that the averaged gradient equals the single-process gradient of the global batch.
     So a run gives the same parameters on any number of workers (up to float summation order) and
     a checkpoint resumes on any number of workers.  Only worker 0 writes files.
+
+    Args:
+        config: the run's options; ``config.out`` is the run directory (new, or ``resume``).
+        resume: continue the run in ``config.out`` from its ``checkpoint.pt``.
+        splits: data to train on instead of ``config.dataset``'s.
+        model: a model to train instead of the one ``config.model`` describes.
+
+    Returns:
+        The content of ``results.json``: -ELBO on every split, the test -log p(x) with K =
+        ``config.eval_samples``, the data's description, diagnostics.
+
+    Raises:
+        ConfigError, DataError, CheckpointError, RunDirError: one-line errors; a new run that fails
+        before its first checkpoint leaves nothing behind.
+
+    Example:
+        >>> import tempfile
+        >>> from flowvae.config import TrainConfig
+        >>> out = tempfile.mkdtemp() + "/run"
+        >>> config = TrainConfig.from_dict({"dataset": "digits", "epochs": 1, "hidden": 16, "latent_dim": 2,
+        ...                                 "eval_samples": 5, "progress": False, "out": out})
+        >>> results = train(config)
+        >>> results["epochs_trained"], results["test"]["nll_samples"], results["data"]["image_shape"]
+        (1, 5, [1, 8, 8])
     """
     config.validate()
     context, device_name = distributed.setup(config.device)

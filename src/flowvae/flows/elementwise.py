@@ -84,6 +84,13 @@ class Householder(Flow):
     """Householder flow: ``reflections`` reflections z ← (I - 2vvᵀ/‖v‖²) z (Tomczak & Welling 2016).
 
     Volume preserving (log|det| = 0); its own inverse up to the order of the reflections.
+
+    Example:
+        >>> import torch
+        >>> flow = Householder(dim=4, reflections=2, context_dim=6)    # v from h
+        >>> z, log_abs_det = flow(torch.randn(3, 4), context=torch.randn(3, 6))
+        >>> log_abs_det
+        tensor([0., 0., 0.])
     """
 
     def __init__(self, dim: int, reflections: int = 1, context_dim: int | None = None) -> None:
