@@ -694,8 +694,9 @@ def train(config: TrainConfig, *, resume: bool = False, splits: DatasetSplits | 
         ``config.eval_samples``, the data's description, diagnostics.
 
     Raises:
-        ConfigError, DataError, CheckpointError, RunDirError: one-line errors; a new run that fails
-        before its first checkpoint leaves nothing behind.
+        ConfigError: a bad option (DataError, CheckpointError and RunDirError likewise name bad data,
+            checkpoints and run directories, in one line; a new run that fails before its first
+            checkpoint leaves nothing behind).
 
     Example:
         >>> import tempfile
