@@ -705,7 +705,8 @@ def train(config: TrainConfig, *, resume: bool = False, splits: DatasetSplits | 
         >>> config = TrainConfig.from_dict({"dataset": "digits", "epochs": 1, "hidden": 16, "latent_dim": 2,
         ...                                 "eval_samples": 5, "progress": False, "out": out})
         >>> results = train(config)
-        >>> results["epochs_trained"], results["test"]["nll_samples"], results["data"]["image_shape"]
+        >>> test, data = results["test"], results["data"]
+        >>> results["epochs_trained"], test["nll_samples"], data["image_shape"]
         (1, 5, [1, 8, 8])
     """
     config.validate()
