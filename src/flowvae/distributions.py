@@ -136,7 +136,7 @@ class FlowDistribution(D.Distribution):
       ``set_default_validate_args(False)``) and checks the value given to ``log_prob`` (shape and
       support, a device sync); sampling is never validated, and the flow checks h's shape itself.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from flowvae import flows
         >>> flow = flows.build_flow("iaf", dim=2, steps=2, context_dim=4, hidden=8)

@@ -104,7 +104,7 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
         A dict of means over the data in nats: ``neg_elbo``, ``reconstruction``, ``kl``,
         ``kl_groups``; with K > 0 also ``nll`` and ``nll_samples``; for 8-bit data the bits/dim.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from flowvae.models import build_vae
         >>> model = build_vae("mlp", (1, 8, 8), latent_dim=2, hidden=16)

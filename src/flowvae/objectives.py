@@ -4,7 +4,7 @@ With log w_k = log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x):
     ELBO = E_q[log w],   -log p(x) ≈ -log (1/K) Σ_k w_k   (Burda et al. 2016; an upper bound on
     -log p(x) in expectation that tightens as K grows).
 
-Example:
+Examples:
     >>> import torch
     >>> from flowvae import objectives
     >>> from flowvae.models import build_vae

@@ -387,7 +387,7 @@ def build_prior(name: str, event_shape: int | Sequence[int], *, flow: str | None
     Returns:
         A :class:`Prior`: ``log_prob(z)`` (…, D) -> (…) and ``sample(n, generator)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> prior = build_prior("flow", (4,), flow="maf", steps=2, hidden=16)
         >>> prior.log_prob(torch.randn(10, 4)).shape, prior.sample(3).shape

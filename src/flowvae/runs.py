@@ -4,7 +4,7 @@ Both go through the trainer of ``flowvae train`` (run directory, checkpoints, re
 ``torchrun``, every check), and a run needs no data files to be used afterwards: its checkpoints
 record the image shape, channels and data kind.
 
-Example:
+Examples:
     >>> import tempfile, numpy as np, flowvae
     >>> from pathlib import Path
     >>> tmp = Path(tempfile.mkdtemp())

@@ -698,7 +698,7 @@ def train(config: TrainConfig, *, resume: bool = False, splits: DatasetSplits | 
             checkpoints and run directories, in one line; a new run that fails before its first
             checkpoint leaves nothing behind).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from flowvae.config import TrainConfig
         >>> out = tempfile.mkdtemp() + "/run"

@@ -19,7 +19,7 @@ Image files are read as integers 0..255, so black-and-white images (only 0 and 2
 and any other image '8bit'; ``kind='grayscale'`` reads them as gray levels in [0, 1].  Every problem
 is one :class:`DataError` naming the file and what is wrong.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> from flowvae.data.files import splits_from_arrays
     >>> x = (np.random.default_rng(0).random((50, 8, 8)) > 0.5).astype(np.uint8)

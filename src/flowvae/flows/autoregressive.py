@@ -100,7 +100,7 @@ class IAF(_MaskedAffine):
     T steps in one module, ``order`` reversed between them (one-step modules in a ``Compose``
     take alternating orders from the caller).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = IAF(dim=4, hidden=(32, 32), context_dim=8, steps=2)
         >>> z, log_abs_det = flow(torch.randn(6, 4), context=torch.randn(6, 8))
@@ -138,7 +138,7 @@ class MAF(_MaskedAffine):
     Density direction (``inverse``) is one pass; sampling (``forward``) takes D passes.
     ``steps=T``: T steps in one module, ``order`` reversed between them.
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow, z = MAF(dim=3, hidden=(16,), steps=2), torch.randn(5, 3)
         >>> z0, log_abs_det = flow.inverse(z)           # the density direction: one pass

@@ -105,7 +105,7 @@ def read_per_step_layout(module: nn.Module, state_dict: dict, prefix: str, *args
 class Compose(Flow):
     """A sequence of flows applied in order; log-determinants add up.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from flowvae.flows import Planar, Radial
         >>> flow = Compose(Planar(2, steps=2), Radial(2))
@@ -158,7 +158,7 @@ class Compose(Flow):
 class Inverse(Flow):
     """Swaps a flow's directions: ``Inverse(f).forward == f.inverse``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from flowvae.flows import Radial
         >>> flow, z0 = Radial(3), torch.randn(4, 3)

@@ -18,7 +18,7 @@ class Planar(Flow):
     b (T,), or one head for all T), so that û and 1 + wᵀû are prepared for all steps at once and
     a stack of T steps has 3 parameter tensors, not 3T.  No closed-form inverse.
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = Planar(dim=2, context_dim=8, steps=4)      # amortized: u, w, b from h
         >>> z, log_abs_det = flow(torch.randn(5, 2), context=torch.randn(5, 8))
@@ -54,7 +54,7 @@ class Radial(Flow):
 
     Has a closed-form inverse (the radius solves a quadratic).
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow, z0 = Radial(dim=3), torch.randn(4, 3)
         >>> z, log_abs_det = flow(z0)
@@ -85,7 +85,7 @@ class Householder(Flow):
 
     Volume preserving (log|det| = 0); its own inverse up to the order of the reflections.
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = Householder(dim=4, reflections=2, context_dim=6)    # v from h
         >>> z, log_abs_det = flow(torch.randn(3, 4), context=torch.randn(3, 6))

@@ -69,7 +69,7 @@ def build_flow(name: str, dim: int, steps: int, context_dim: int | None = None, 
     Returns:
         A :class:`~flowvae.flows.Flow`, ``flow(z, context) -> (z_K, log|det|)``, or None.
 
-    Example:
+    Examples:
         >>> import torch
         >>> flow = build_flow("iaf", dim=4, steps=2, context_dim=8, hidden=16)
         >>> z, log_abs_det = flow(torch.randn(10, 4), context=torch.randn(10, 8))

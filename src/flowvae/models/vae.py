@@ -149,7 +149,7 @@ def build_vae(arch: str, image_shape: Sequence[int], latent_dim: int, likelihood
     Returns:
         A :class:`VAE`; ``model(x, samples=K)`` gives its log-densities (K, B).
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = build_vae("mlp", (1, 8, 8), latent_dim=2, hidden=16, flow="iaf")   # 4 IAF steps
         >>> model(torch.zeros(3, 1, 8, 8), samples=5).log_weight.shape
