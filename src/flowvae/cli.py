@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="best.pt (best validation -ELBO) or the last epoch's checkpoint.pt (last or checkpoint)")
         p.add_argument("--device", default=None, help="default: the run's device")
         p.add_argument("--data-dir", default=None, help="where the run's registered data set is (evaluate only)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seeds the posterior or prior draws (default 0)")
         p.set_defaults(func=func)
         if name == "evaluate":
             p.add_argument("--split", choices=("train", "valid", "test"), default="test",
@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                            help="torch.compile the importance sampling (default: as the run was trained)")
         else:
-            p.add_argument("--n", type=int, default=64)
-            p.add_argument("--out", default="samples.png")
+            p.add_argument("--n", type=int, default=64, help="how many samples, drawn as one grid (default 64)")
+            p.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
 
     from flowvae.toy import cli as toy_cli
 
