@@ -305,7 +305,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
         names = choices(f.name)
-        help_text = HELP[f.name] + (f"; one of {', '.join(names)}" if names else "") + f" (default: {defaults[f.name]})"
+        text = HELP.get(f.name) or f.metadata.get("help", "")   # config_help.py, or the field's own metadata
+        help_text = text + (f"; one of {', '.join(names)}" if names else "") + f" (default: {defaults[f.name]})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
