@@ -297,21 +297,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, model fields included (``--latent-dim``); unset flags keep the
     YAML or default value."""
-    from flowvae.config_help import HELP, choices
+    from flowvae.config_help import option_help
 
     parser.add_argument("--config", help="YAML file of config values (flags override it)")
     defaults = TrainConfig().flat()
     for f in _all_fields():
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
-        names = choices(f.name)
-        text = HELP.get(f.name) or f.metadata.get("help", "")   # config_help.py, or the field's own metadata
-        help_text = text + (f"; one of {', '.join(names)}" if names else "") + f" (default: {defaults[f.name]})"
+        help_text = f"default: {defaults[f.name]}"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=option_help(f, defaults[f.name]))
         else:
             parser.add_argument(flag, type=str, default=argparse.SUPPRESS, dest=f.name, metavar=kind.__name__.upper(),
-                                help=help_text)
+                                help=option_help(f, defaults[f.name]))
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:

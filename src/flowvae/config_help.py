@@ -7,6 +7,9 @@ are names, which names are accepted (read from the registries, so a new flow sho
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 HELP: dict[str, str] = {
     # the data
     "dataset": "a registered data set, or a folder of PNG/JPEG images, a .npy or a .npz file of your own",
@@ -82,3 +85,12 @@ def choices(name: str) -> tuple[str, ...] | None:
         "prior_flow": FLOW_PRIOR_NAMES,
     }
     return table.get(name)
+
+
+def option_help(field: dataclasses.Field, default: Any) -> str:
+    """``--help``'s line for a config field: :data:`HELP`'s text (or the field's ``metadata['help']``),
+    the names it accepts and its default."""
+    names = choices(field.name)
+    text = HELP.get(field.name) or field.metadata.get("help", "")
+    accepted = f"; one of {', '.join(names)}" if names else ""
+    return f"{text}{accepted} (default: {default})".strip()

@@ -19,6 +19,11 @@ def is_terminal(stream: TextIO | None = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def plain_line(text: str) -> None:
+    """One line of progress on stderr, flushed (for logs that are not a terminal)."""
+    print(text, file=sys.stderr, flush=True)
+
+
 class Throughput:
     """Images per second over the last :data:`WINDOW_S` seconds of steps, and when to show it again.
 

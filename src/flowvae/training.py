@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +53,7 @@ from flowvae.models import LatentVariableModel, as_unit_interval, build_model, c
 from flowvae.models import MODEL_FIELDS
 from flowvae.models.base import select_noise
 from flowvae.plots import save_image_grid
-from flowvae.progress import Throughput, is_terminal
+from flowvae.progress import Throughput, is_terminal, plain_line
 from flowvae.report import plot_curves
 
 logger = logging.getLogger(__name__)
@@ -588,7 +587,7 @@ def end_epoch(run: Run, stats: dict[str, float]) -> None:
     if logger.isEnabledFor(logging.INFO):
         logger.info(line)
     elif config.progress and run.context.is_main and not is_terminal():  # a log file: plain lines, no bars
-        print(line, file=sys.stderr, flush=True)
+        plain_line(line)
     _check_divergence(run, valid["neg_elbo"])
 
 

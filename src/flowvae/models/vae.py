@@ -131,29 +131,6 @@ def build_vae(arch: str, image_shape: Sequence[int], latent_dim: int, likelihood
     are conditioned on the encoder's h: planar, radial, Householder and Sylvester parameters come
     from h (amortized), IAF/MAF/coupling networks read h.  Without it, every flow has global
     parameters shared by all data points (as in pythae's and normflows' VAEs).
-
-    Args:
-        arch: ``'mlp'``, ``'conv'`` or ``'gated'``.
-        image_shape: (C, H, W).
-        latent_dim: latent size D.
-        likelihood: a name of :data:`~flowvae.models.LIKELIHOODS` or a Likelihood.
-        hidden: the MLP width.
-        feature_dim: the convolutional encoders' h size.
-        flow: the posterior flow's family (as :func:`~flowvae.flows.build_flow`; ``flow_steps``,
-            ``flow_hidden``, ``reflections`` and ``rank`` are its options).
-        flow_steps: the posterior flow's steps.
-        data_kind: ``'binary'``, ``'grayscale'`` or ``'8bit'``, for the likelihood.
-        flow_context: condition the flow on h.
-        prior: a prior module (None: N(0, I)).
-
-    Returns:
-        A :class:`VAE`; ``model(x, samples=K)`` gives its log-densities (K, B).
-
-    Examples:
-        >>> import torch
-        >>> model = build_vae("mlp", (1, 8, 8), latent_dim=2, hidden=16, flow="iaf")   # 4 IAF steps
-        >>> model(torch.zeros(3, 1, 8, 8), samples=5).log_weight.shape
-        torch.Size([5, 3])
     """
     if arch not in ("mlp", "conv", "gated"):
         raise ValueError(f"unknown single-latent architecture {arch!r}; choose one of mlp, conv, gated")
