@@ -34,6 +34,13 @@ EXAMPLES = """examples:
 """
 
 
+TRAIN_DESCRIPTION = """Train a VAE, keep the weights with the best validation -ELBO, then evaluate them: -ELBO on
+every split and the test -log p(x) with --eval-samples K importance samples (K = 5000 by default:
+the final evaluation can take longer than many epochs; lower K for quick runs).  Every option is
+also a key of a --config YAML file; flags override the file.  The run directory --out gets
+config.yaml, checkpoint.pt, best.pt, metrics.csv, curves.png, samples.png and results.json."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block) and a "did you mean" for mistyped flags."""
 
@@ -52,14 +59,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _run_config(run: str) -> TrainConfig:
-    path = Path(run) / "config.yaml"
-    if not Path(run).exists():
-        raise ConfigError(f"{run} is not a flowvae run directory (it does not exist)")
-    if not Path(run).is_dir():
-        raise ConfigError(f"{run} is not a flowvae run directory (it is not a directory)")
-    if not path.is_file():
-        raise ConfigError(f"{run} is not a flowvae run directory (no config.yaml)")
-    return TrainConfig.from_dict(load_yaml(path), source=str(path))
+    from flowvae.runs import run_config
+
+    return run_config(run)
 
 
 def check_seed(seed: int) -> None:
@@ -68,19 +70,11 @@ def check_seed(seed: int) -> None:
 
 
 def _load_run(args: argparse.Namespace):
-    """The trained model of a run directory, its config and data."""
-    from flowvae.training import load_checkpoint, load_weights, model_from_config, prepare_data, resolve_device
+    """The run directory ``args.run`` loaded for inference (a :class:`flowvae.runs.TrainedRun`):
+    its model, config and recorded data shape and kind; no data files are read."""
+    from flowvae.runs import load_run
 
-    config = _run_config(args.run)
-    if args.data_dir:
-        config.data_dir = args.data_dir
-    device = resolve_device(args.device or config.device)
-    path = Path(args.run) / f"{args.checkpoint}.pt"
-    checkpoint = load_checkpoint(path, config)
-    data = prepare_data(config)
-    model = model_from_config(config, data.splits.image_shape, data.splits.kind)
-    load_weights(model, checkpoint["model"], path)
-    return config, data, model.to(device).eval(), device
+    return load_run(args.run, args.checkpoint, args.device, data_dir=args.data_dir)
 
 
 def check_output_file(path: str | Path, flag: str, suffix: str | None = None) -> None:
@@ -135,14 +129,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     if args.output is not None:
         check_output_file(args.output, "--output")
-    config, data, model, device = _load_run(args)
-    split = {"train": data.train_eval, "valid": data.valid, "test": data.test}[args.split]
+    run = _load_run(args)
+    config = run.config
+    split = run.images(args.split, args.data)
     if args.limit:
         split = split[:args.limit]
-    results = evaluate(model, split, batch_size=config.eval_batch_size, samples=args.samples, device=device,
-                       progress=True, desc=f"{args.split} -log p(x), K={args.samples}", seed=args.seed,
+    results = evaluate(run.model, split, batch_size=config.eval_batch_size, samples=args.samples, device=run.device,
+                       progress=sys.stderr.isatty(), desc=f"{args.split} -log p(x), K={args.samples}", seed=args.seed,
                        precision=config.precision, compile=config.compile if args.compile is None else args.compile)
     results.update(split=args.split, checkpoint=args.checkpoint, points=len(split))
+    if args.data is not None:
+        results["data"] = str(args.data)
     print(json.dumps(results, indent=2))
     if args.output is not None:
         from flowvae.io import atomic_write_text
@@ -161,9 +158,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n must be between 1 and {MAX_SAMPLES_PER_GRID}, got {args.n}")
     check_seed(args.seed)
     check_output_file(args.out, "--out", suffix=".png")
-    _, _, model, device = _load_run(args)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    images = model.sample(args.n, generator)
+    run = _load_run(args)
+    generator = torch.Generator(device=run.device).manual_seed(args.seed)
+    images = run.model.sample(args.n, generator)
     save_image_grid(images, args.out)
     print(f"wrote {args.n} samples to {args.out}")
     return 0
@@ -175,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a VAE and evaluate it", description=TrainConfig.__doc__)
+    p = sub.add_parser("train", help="train a VAE and evaluate it", description=TRAIN_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.set_defaults(func=cmd_train)
@@ -184,21 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("sample", cmd_sample, "draw samples from a trained run")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--run", required=True, help="run directory written by flowvae train")
-        p.add_argument("--checkpoint", choices=("best", "checkpoint"), default="best")
+        p.add_argument("--checkpoint", choices=("best", "last", "checkpoint"), default="best",
+                       help="best.pt (best validation -ELBO) or the last epoch's checkpoint.pt (last or checkpoint)")
         p.add_argument("--device", default=None, help="default: the run's device")
-        p.add_argument("--data-dir", default=None)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--data-dir", default=None, help="where the run's registered data set is (evaluate only)")
+        p.add_argument("--seed", type=int, default=0, help="seeds the posterior or prior draws (default 0)")
         p.set_defaults(func=func)
         if name == "evaluate":
-            p.add_argument("--split", choices=("train", "valid", "test"), default="test")
+            p.add_argument("--split", choices=("train", "valid", "test"), default="test",
+                           help="which split of the run's data, or of --data when it has splits (default test)")
+            p.add_argument("--data", default=None, metavar="PATH",
+                           help="score these images (folder, .npy, .npz, or a registered data set's name) instead "
+                                "of the run's data set; they must have the run's image shape and data kind")
             p.add_argument("--samples", type=int, default=5000, help="K importance samples (default 5000)")
             p.add_argument("--output", default=None, help="also write the results as JSON here")
             p.add_argument("--limit", type=int, default=0, help="evaluate only the first N points of the split")
             p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                            help="torch.compile the importance sampling (default: as the run was trained)")
         else:
-            p.add_argument("--n", type=int, default=64)
-            p.add_argument("--out", default="samples.png")
+            p.add_argument("--n", type=int, default=64, help="how many samples, drawn as one grid (default 64)")
+            p.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
 
     from flowvae.toy import cli as toy_cli
 
@@ -209,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flowvae import cli_report
 
     cli_report.add_subcommands(sub)  # curves, compare, posterior, manifold
+    for subparser in sub.choices.values():  # -v after the subcommand too (flowvae train -v ...)
+        subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                               help="log every epoch (and more) to stderr")
     return parser
 
 

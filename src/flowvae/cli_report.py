@@ -10,9 +10,10 @@ from flowvae import report
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory written by flowvae train")
-    p.add_argument("--checkpoint", choices=("best", "checkpoint"), default="best")
+    p.add_argument("--checkpoint", choices=("best", "last", "checkpoint"), default="best",
+                   help="best.pt (best validation -ELBO) or the last epoch's checkpoint.pt (last or checkpoint)")
     p.add_argument("--device", default=None, help="default: the run's device")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help="where the run's registered data set is")
 
 
 MAX_IMAGES = 64        # posterior: images drawn
@@ -83,8 +84,9 @@ def cmd_posterior(args: argparse.Namespace) -> int:
                          "latent only (flowvae manifold draws latent traversals)")
     out = args.out if args.out is not None else Path(args.run) / "posterior.png"
     check_output_file(out, "--out", suffix=".png")
-    config, data, model, _ = _load_run(args)
-    split = {"valid": data.valid, "test": data.test}[args.split]
+    run = _load_run(args)
+    config, model = run.config, run.model
+    split = run.images(args.split, args.data)
     m = config.model
     flow = f"{m.flow}×{m.flow_steps}" if m.flow != "none" and m.flow_steps else "diagonal Gaussian"
     grids = report.plot_posteriors(model, split[:args.n], out, grid=args.grid, samples=args.samples, seed=args.seed,
@@ -105,7 +107,7 @@ def cmd_manifold(args: argparse.Namespace) -> int:
     _check_figure_arch(args.run, _run_config(args.run).model.arch, "manifold")  # before the output check
     out = args.out if args.out is not None else Path(args.run) / "manifold.png"
     check_output_file(out, "--out", suffix=".png")
-    _, _, model, _ = _load_run(args)
+    model = _load_run(args).model
     report.plot_manifold(model, out, n=args.n, dims=args.dims, title=f"{args.run}: " + (
         "decoded z grid" if model.latent_dim == 2 else "latent traversals"))
     print(f"wrote {out}")
@@ -129,6 +131,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     _add_run_arguments(p)
     p.add_argument("--n", type=int, default=6, help="how many images (default 6)")
     p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="draw images from this folder, .npy or .npz instead of the run's data set")
     p.add_argument("--grid", type=int, default=200, help="grid points per axis (default 200)")
     p.add_argument("--samples", type=int, default=2000, help="q samples for the Monte Carlo KL (default 2000)")
     p.add_argument("--seed", type=int, default=0)

@@ -44,10 +44,19 @@ MAX_CONFIG_BYTES = 1 << 20          # a config file is a few hundred bytes
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run.  ``flowvae train --help`` lists each field as a flag."""
+    """Everything that defines a training run.  ``flowvae train --help`` lists each field as a flag
+    (``flowvae.config_help`` says what each does).
+
+    >>> config = TrainConfig.from_dict({"dataset": "digits", "flow": "iaf", "epochs": 5}).validate()
+    >>> config.model.flow, config.epochs, config.flat()["latent_dim"]
+    ('iaf', 5, 32)
+    """
 
     dataset: str = "digits"            # see flowvae.data.available_datasets()
     data_dir: str | None = None        # default: $FLOWVAE_DATA or ~/.cache/flowvae
+    data_kind: str | None = None       # binary | grayscale | 8bit for a --dataset PATH (default: from its values)
+    valid_fraction: float = 0.1        # of a --dataset PATH without a valid split, held out for validation
+    test_fraction: float = 0.1         # of a --dataset PATH without a test split, held out for testing
     model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 100
     batch_size: int = 100
@@ -97,13 +106,23 @@ class TrainConfig:
         from flowvae.data import available_datasets
 
         m = self.model
-        if isinstance(self.dataset, str):  # names are case-insensitive, '-' and '_' alike
+        from flowvae.data.files import ARRAYS, is_data_path
+
+        path = isinstance(self.dataset, str) and is_data_path(self.dataset)
+        if path:  # recorded absolute, so that a resume from another directory finds the same data
+            self.dataset = str(Path(self.dataset).expanduser().absolute())
+        elif isinstance(self.dataset, str):  # names are case-insensitive, '-' and '_' alike
             self.dataset = self.dataset.strip().lower().replace("-", "_")
         # Non-finite numbers first: NaN fails every comparison, so "lr must be > 0" would be misleading.
         checks = [(math.isfinite(_get(self, f.name)), f.name, "must be finite")
                   for f in _all_fields() if _field_type(f) is float and _get(self, f.name) is not None]
         checks += [
-            (self.dataset in available_datasets(), "dataset", f"must be one of {', '.join(available_datasets())}"),
+            (path or self.dataset in (*available_datasets(), ARRAYS), "dataset",
+             f"must be one of {', '.join(available_datasets())}, or a folder of images, a .npy or a .npz file"),
+            (self.data_kind in (None, "binary", "grayscale", "8bit"), "data_kind", "must be binary, grayscale or 8bit"),
+            (0 < self.valid_fraction < 1, "valid_fraction", "must be in (0, 1)"),
+            (0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)"),
+            (self.valid_fraction + self.test_fraction < 1, "test_fraction", "plus valid_fraction must be below 1"),
             (m.arch in MODELS, "arch", f"must be one of {', '.join(MODELS.names())}"),
             (m.flow in ARCHITECTURE_FLOWS.get(m.arch, FLOW_NAMES), "flow",
              f"must be one of {', '.join(ARCHITECTURE_FLOWS.get(m.arch, FLOW_NAMES))} for arch {m.arch}"),
@@ -206,7 +225,8 @@ class TrainConfig:
 
 
 # Options that define what is trained: a resumed run must keep them (the model fields too).
-MUST_MATCH_ON_RESUME = ("dataset", "seed", "batch_size", "optimizer", "precision") + MODEL_FIELDS
+MUST_MATCH_ON_RESUME = ("dataset", "data_kind", "valid_fraction", "test_fraction", "seed", "batch_size", "optimizer",
+                        "precision") + MODEL_FIELDS
 
 
 def resume_differences(saved: dict[str, Any], config: TrainConfig) -> tuple[list[str], dict[str, tuple]]:
@@ -365,6 +385,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, model fields included (``--latent-dim``); unset flags keep the
     YAML or default value."""
+    from flowvae.config_help import option_help
+
     parser.add_argument("--config", help="YAML file of config values (flags override it)")
     defaults = TrainConfig().flat()
     for f in _all_fields():
@@ -373,10 +395,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{f.metadata['help']} (default: {defaults[f.name]})" if "help" in f.metadata \
             else f"default: {defaults[f.name]}"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=option_help(f, defaults[f.name]))
         else:
             parser.add_argument(flag, type=str, default=argparse.SUPPRESS, dest=f.name, metavar=kind.__name__.upper(),
-                                help=help_text)
+                                help=option_help(f, defaults[f.name]))
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:

@@ -383,6 +383,15 @@ def build_prior(name: str, event_shape: int | Sequence[int], *, flow: str | None
     'standard': N(0, I).  'flow': :func:`build_flow_prior` with ``flow``, ``steps``, ``hidden``.
     'vamp': :class:`VampPrior` with ``n_pseudo`` pseudo-inputs of ``image_shape`` scored by
     ``encode``; it needs vector latents (D,).
+
+    Returns:
+        A :class:`Prior`: ``log_prob(z)`` (…, D) -> (…) and ``sample(n, generator)``.
+
+    Examples:
+        >>> import torch
+        >>> prior = build_prior("flow", (4,), flow="maf", steps=2, hidden=16)
+        >>> prior.log_prob(torch.randn(10, 4)).shape, prior.sample(3).shape
+        (torch.Size([10]), torch.Size([3, 4]))
     """
     if name not in PRIOR_NAMES:
         raise ValueError(f"unknown prior {name!r}; choose one of {', '.join(PRIOR_NAMES)}")

@@ -201,7 +201,7 @@ RESULT_COLUMNS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("test_nll", "test −log p(x)", ("test", "nll"), ".2f"),
     ("nll_samples", "K", ("test", "nll_samples"), "d"),
     ("bits_per_dim", "bits/dim", ("test", "bits_per_dim"), ".3f"),
-    ("epochs_trained", "epochs", ("epochs_trained",), "d"),
+    ("epochs_trained", "epochs trained", ("epochs_trained",), "d"),  # the config has an "epochs" column too
     ("train_minutes", "train min", ("train_minutes",), ".2f"),
     ("parameters", "parameters", ("parameters",), ",d"),
 )

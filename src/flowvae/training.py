@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from flowvae import distributed, objectives, schedules
 from flowvae.config import ConfigError, TrainConfig, resume_differences
 from flowvae.data import DataError, DatasetSplits, load_dataset
+from flowvae.data.files import ARRAYS, is_data_path, load_path
 from flowvae.evaluation import autocast, evaluate, posterior_diagnostics
 from flowvae.gradient_guard import MAX_CONSECUTIVE_SKIPS, GradientGuard
 from flowvae.interrupts import raise_pending
@@ -60,6 +61,7 @@ from flowvae.models.base import select_noise
 from flowvae.optimizers import build_optimizer, set_weight_decay
 from flowvae.parallelism import warn_if_oversubscribed
 from flowvae.plots import save_image_grid
+from flowvae.progress import Throughput, is_terminal, plain_line
 from flowvae.report import plot_curves
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,8 @@ class RunDirError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """``'auto'`` (CUDA if available, else the CPU), ``'cpu'``, ``'cuda'`` or ``'cuda:N'`` as a
+    device; a one-line ``ValueError`` for a name that is wrong or unavailable here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -108,8 +112,11 @@ class PreparedData:
     dynamic: bool              # binarize training batches afresh
 
 
-def prepare_data(config: TrainConfig) -> PreparedData:
-    splits = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+def prepare_data(config: TrainConfig, splits: DatasetSplits | None = None) -> PreparedData:
+    """The run's data: ``splits`` when given (``flowvae.fit``), else ``config.dataset``'s, a
+    registered name or a folder/.npy/.npz path (:mod:`flowvae.data.files`)."""
+    if splits is None:
+        splits = load_splits(config)
     for name, t in (("train", splits.train), ("valid", splits.valid), ("test", splits.test)):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise DataError(f"{splits.name}: the {name} split contains NaN or infinite values")
@@ -123,7 +130,25 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     return PreparedData(splits, splits.train, splits.valid, splits.test, splits.train, False)
 
 
+def load_splits(config: TrainConfig) -> DatasetSplits:
+    """``config.dataset``'s splits: a registered name or a folder/.npy/.npz path."""
+    if config.dataset == ARRAYS:
+        raise DataError("this run was trained on arrays given to flowvae.fit, which it does not keep: give the "
+                        "images as a file (flowvae evaluate --data PATH; TrainedRun.evaluate(path=...)), "
+                        "or the arrays to flowvae.fit again to resume")
+    if is_data_path(config.dataset):
+        return load_path(config.dataset, kind=config.data_kind, valid_fraction=config.valid_fraction,
+                         test_fraction=config.test_fraction, seed=config.seed)
+    return load_dataset(config.dataset, config.data_dir, seed=config.seed)
+
+
+def model_class(model: torch.nn.Module) -> str:
+    """``module.QualifiedName`` of the model's class, recorded with its weights."""
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
 def model_from_config(config: TrainConfig, image_shape, data_kind: str) -> LatentVariableModel:
+    """The model that ``config.model`` describes, for images (C, H, W) of ``data_kind``."""
     return build_model(config.model, image_shape, data_kind)
 
 
@@ -421,15 +446,19 @@ def require_shared_out(out: Path, context: distributed.Context, device: torch.de
                           "a filesystem that all of them share")
 
 
-def start_run(config: TrainConfig, resume: bool, context: distributed.Context, device: torch.device) -> Run:
-    """Build the data, model and optimizer; on ``resume`` restore them from ``checkpoint.pt``."""
+def start_run(config: TrainConfig, resume: bool, context: distributed.Context, device: torch.device,
+              splits: DatasetSplits | None = None, model: LatentVariableModel | None = None) -> Run:
+    """Build the data, model and optimizer (or take ``splits`` and ``model`` given to :func:`train`);
+    on ``resume`` restore them from ``checkpoint.pt``."""
     out = Path(config.out)
     configure_backends(config, device)
     torch.manual_seed(config.seed)
-    data = prepare_data(config)
+    data = prepare_data(config, splits)
     if device.type == "cuda":  # the training set lives on the GPU: no host gather or copy per step
         data = dataclasses.replace(data, train=data.train.to(device))
-    model = model_from_config(config, data.splits.image_shape, data.splits.kind).to(device)
+    if model is None:
+        model = model_from_config(config, data.splits.image_shape, data.splits.kind)
+    model = model.to(device)
     if config.gradient != "reparam" and model.path_gradient_problem():
         raise ConfigError(f"--gradient {config.gradient} is not implemented for {model.path_gradient_problem()} "
                           "(only for a diagonal Gaussian posterior without a flow); use --gradient reparam")
@@ -602,9 +631,9 @@ def train_epoch(run: Run) -> dict[str, float]:
     binarize = run.generators.get("binarize", run.generators["shuffle"])
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     beta = 1.0
-    started = time.perf_counter()
+    throughput = Throughput()
     bar = tqdm(range(0, n_train, config.batch_size), desc=f"epoch {state.epoch + 1}", leave=False, unit="step",
-               disable=not (config.progress and context.is_main))
+               disable=not _bars(run))
     for start in bar:
         x = data.train[order[start:start + config.batch_size]]  # the global batch
         global_batch = len(x)
@@ -635,13 +664,20 @@ def train_epoch(run: Run) -> dict[str, float]:
                 "train/loss": loss.item(), "train/reconstruction": -ld.log_likelihood.detach().mean().item(),
                 "train/kl": ld.kl.detach().mean().item(), "train/beta": beta,
                 "train/lr": run.optimizer.param_groups[0]["lr"], "train/skipped_updates": run.guard.skipped.item()})
-        if bar.n % 20 == 0 and not bar.disable:
-            images_per_s = (bar.n + 1) * config.batch_size / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{loss.item():.2f}", img_s=f"{images_per_s:.0f}")
+        throughput.add(global_batch)
+        if not bar.disable and throughput.due():  # a windowed rate, refreshed every second
+            bar.set_postfix(loss=f"{loss.item():.2f}", img_s=f"{throughput.images_per_second():.0f}")
     bar.close()
     _sync_guard(run)
     loss_sum = context.all_reduce_sum(loss_sum)  # the one collective of the epoch outside DDP's own
-    return {"train_loss": loss_sum.item() / n_train, "beta": beta}
+    seconds = throughput.seconds()
+    return {"train_loss": loss_sum.item() / n_train, "beta": beta, "seconds": seconds,
+            "images_per_s": n_train / max(seconds, 1e-9)}
+
+
+def _bars(run: Run) -> bool:
+    """Progress bars: asked for, worker 0, and a terminal to draw them on (else plain lines per epoch)."""
+    return run.config.progress and run.context.is_main and is_terminal()
 
 
 # ------------------------------------------------------------------------------------ end of epoch
@@ -677,8 +713,13 @@ def end_epoch(run: Run, stats: dict[str, float]) -> None:
         state.stopped_early = True
     if run.context.is_main:
         write_epoch(run, improved)
-    logger.info("epoch %d  train loss %.3f  valid -ELBO %.3f  (β=%.2f)", state.epoch, row["train_loss"],
-                valid["neg_elbo"], stats["beta"])
+    line = (f"epoch {state.epoch}/{config.epochs}  train loss {row['train_loss']:.3f}  valid -ELBO "
+            f"{valid['neg_elbo']:.3f}  (β={stats['beta']:.2f})  {stats['seconds']:.1f} s  "
+            f"{stats['images_per_s']:.0f} images/s")
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(line)
+    elif config.progress and run.context.is_main and not is_terminal():  # a log file: plain lines, no bars
+        plain_line(line)
     _check_divergence(run, valid["neg_elbo"])
 
 
@@ -710,9 +751,12 @@ def write_epoch(run: Run, improved: bool) -> None:
     """Worker 0: checkpoint.pt, then best.pt (if improved), metrics.jsonl/.csv — each written atomically.
 
     checkpoint.pt comes first, so best.pt is never ahead of it: should best.pt's write fail (a full
-    disk), the checkpoint holds the same weights and :func:`_repair_best` rewrites it on resume."""
+    disk), the checkpoint holds the same weights and :func:`_repair_best` rewrites it on resume.
+    Both record the data's description, so that inference needs no data files."""
+    data = run_data_description(run)
     atomic_torch_save({
         "format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "data": data,
         "ema": run.ema.state_dict() if run.ema is not None else None,
         "config": run.config.to_dict(), "state": {k: v for k, v in dataclasses.asdict(run.state).items()
                                                   if k != "history"},
@@ -728,9 +772,16 @@ def write_epoch(run: Run, improved: bool) -> None:
         _log_epoch_to_tensorboard(run)
 
 
+def run_data_description(run: Run) -> dict[str, Any]:
+    """The data's name, kind, image shape and split sizes, and the model's class: what a checkpoint
+    records so that inference needs no data files."""
+    return run.data.splits.describe() | {"model_class": model_class(run.model)}
+
+
 def _write_best(run: Run) -> None:
     atomic_torch_save({"format": CHECKPOINT_FORMAT, "model": run.eval_model.state_dict(),
-                       "config": run.config.to_dict(), "epoch": run.state.epoch}, run.out / "best.pt")
+                       "config": run.config.to_dict(), "epoch": run.state.epoch, "data": run_data_description(run)},
+                      run.out / "best.pt")
 
 
 def _repair_best(run: Run) -> None:
@@ -782,8 +833,12 @@ def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
 
 # ------------------------------------------------------------------------------------------- train
 
-def train(config: TrainConfig, *, resume: bool = False, notices: Sequence[str] = ()) -> dict[str, Any]:
+def train(config: TrainConfig, *, resume: bool = False, splits: DatasetSplits | None = None,
+          model: LatentVariableModel | None = None, notices: Sequence[str] = ()) -> dict[str, Any]:
     """Train, early-stop on validation -ELBO, evaluate the best model; returns results.json's content.
+
+    ``splits`` replaces ``config.dataset``'s data and ``model`` the model that ``config.model``
+    describes (``flowvae.fit`` passes a user's arrays and model this way).
 
     Under ``torchrun`` the model is wrapped in DistributedDataParallel: every worker draws the same
     global batch, noise and binarization from shared generators and takes its shard, and the loss is
@@ -791,7 +846,32 @@ def train(config: TrainConfig, *, resume: bool = False, notices: Sequence[str] =
     So a run gives the same parameters on any number of workers (up to float summation order) and
     a checkpoint resumes on any number of workers.  Only worker 0 writes files.
 
-    ``notices`` (e.g. options that have no effect) are logged as warnings once the run has started.
+    Args:
+        config: the run's options; ``config.out`` is the run directory (new, or ``resume``).
+        resume: continue the run in ``config.out`` from its ``checkpoint.pt``.
+        splits: data to train on instead of ``config.dataset``'s.
+        model: a model to train instead of the one ``config.model`` describes.
+        notices: warnings (e.g. options that have no effect), logged once the run has started.
+
+    Returns:
+        The content of ``results.json``: -ELBO on every split, the test -log p(x) with K =
+        ``config.eval_samples``, the data's description, diagnostics.
+
+    Raises:
+        ConfigError: a bad option (DataError, CheckpointError and RunDirError likewise name bad data,
+            checkpoints and run directories, in one line; a new run that fails before its first
+            checkpoint leaves nothing behind).
+
+    Examples:
+        >>> import tempfile
+        >>> from flowvae.config import TrainConfig
+        >>> out = tempfile.mkdtemp() + "/run"
+        >>> config = TrainConfig.from_dict({"dataset": "digits", "epochs": 1, "hidden": 16, "latent_dim": 2,
+        ...                                 "eval_samples": 5, "progress": False, "out": out})
+        >>> results = train(config)
+        >>> test, data = results["test"], results["data"]
+        >>> results["epochs_trained"], test["nll_samples"], data["image_shape"]
+        (1, 5, [1, 8, 8])
     """
     config.validate()
     context, device_name = distributed.setup(config.device)
@@ -828,7 +908,7 @@ def train(config: TrainConfig, *, resume: bool = False, notices: Sequence[str] =
                 _remove_failed_start(out, created, ours=True)  # a new run that failed leaves nothing
 
         with run_lock(out, on_error=undo_failed_start) if context.is_main else contextlib.nullcontext():
-            run = start_run(config, resume, context, device)
+            run = start_run(config, resume, context, device, splits, model)
             tf32 = [f"--tf32 has no effect on {device.type}; it acts only on CUDA devices"] \
                 if config.tf32 and device.type != "cuda" else []
             for message in [*notices, *tf32] if context.is_main else []:
@@ -849,8 +929,8 @@ def train(config: TrainConfig, *, resume: bool = False, notices: Sequence[str] =
                         count_parameters(run.model), device, context.world_size, len(run.data.train))
             started = time.perf_counter() - run.state.train_seconds
             run.clock = lambda: time.perf_counter() - started
-            epochs = tqdm(total=config.epochs, initial=min(run.state.epoch, config.epochs), desc="epochs",
-                          disable=not (config.progress and context.is_main))
+            epochs = tqdm(total=config.epochs, initial=min(run.state.epoch, config.epochs),
+                          desc=f"epochs (then the test -log p(x) with K={config.eval_samples})", disable=not _bars(run))
             while not run_is_over(run):
                 stats = train_epoch(run)
                 end_epoch(run, stats)
@@ -889,6 +969,7 @@ def _remove_failed_start(out: Path, created: Path | None, *, ours: bool) -> None
 
 
 def run_is_over(run: Run) -> bool:
+    """All epochs done, stopped early, or the time budget spent."""
     state = run.state
     return state.epoch >= run.config.epochs or state.stopped_early or _out_of_time(run)
 
@@ -911,11 +992,12 @@ def finish(run: Run) -> dict[str, Any]:
     require_visible(out / "best.pt", context, device)
     load_weights(model, load_checkpoint(out / "best.pt", config)["model"], out / "best.pt")
     model.eval()
-    kwargs = run.eval_kwargs() | {"progress": config.progress}
+    kwargs = run.eval_kwargs() | {"progress": _bars(run)}
     state = run.state
     results: dict[str, Any] = {
         "dataset": config.dataset, "model": config.model.to_dict(), "parameters": count_parameters(model),
         "epochs_trained": state.epoch, "best_epoch": state.best_epoch, "stopped_early": state.stopped_early,
+        "data": data.splits.describe(),
         "train_minutes": round(state.train_seconds / 60, 3), "workers": context.world_size,
         "skipped_updates": state.skipped_updates, "ema": config.ema,
         "objective": {"warmup_epochs": config.warmup_epochs, "free_bits": config.free_bits},

@@ -4,7 +4,7 @@ Files are looked for in ``data_dir`` (default ``$FLOWVAE_DATA`` or ``~/.cache/fl
 downloaded there, checksummed and atomically, when missing and allowed. Every problem with a
 data file surfaces as one :class:`DataError` naming the file and what is wrong.
 
-Example:
+Examples:
     >>> from flowvae.data import load_dataset
     >>> splits = load_dataset("digits")
     >>> splits.kind, splits.image_shape, len(splits.train), len(splits.valid), len(splits.test)

@@ -6,12 +6,13 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .cache import default_data_dir
+from .values import KINDS, to_tensor
 
 __all__ = [
     "DatasetSplits",
@@ -23,7 +24,6 @@ __all__ = [
     "KINDS",
 ]
 
-KINDS = ("binary", "grayscale", "8bit")
 _KIND_DTYPE = {"binary": torch.float32, "grayscale": torch.float32, "8bit": torch.uint8}
 
 # Modules whose import registers the built-in datasets; imported on first use of the registry.
@@ -73,6 +73,12 @@ class DatasetSplits:
         c, h, w = self.image_shape
         return c * h * w
 
+    def describe(self) -> dict[str, Any]:
+        """What a trained model needs to know about its data, without the data: name, kind,
+        ``image_shape`` (C, H, W), channels and the split sizes (recorded in every checkpoint)."""
+        return {"name": self.name, "kind": self.kind, "image_shape": list(self.image_shape),
+                "channels": self.image_shape[0], "sizes": {split: len(t) for split, t in self._items()}}
+
     def __repr__(self) -> str:
         sizes = "/".join(str(len(t)) for _, t in self._items())
         return (
@@ -90,21 +96,19 @@ class DatasetSplits:
         test: np.ndarray,
         image_shape: tuple[int, int, int],
     ) -> DatasetSplits:
-        """Build splits from uint8 arrays ``(N, ...)`` holding ``prod(image_shape)`` values each.
+        """Build splits from arrays ``(N, ...)`` holding ``prod(image_shape)`` values each.
 
-        ``'binary'`` arrays hold 0/1 and ``'grayscale'`` ones 0..255 (scaled to [0, 1] here);
-        ``'8bit'`` arrays are kept as uint8.
+        ``'binary'`` arrays hold 0/1; ``'grayscale'`` ones integers 0..255 (scaled to [0, 1] here)
+        or floats in [0, 1] (kept); ``'8bit'`` ones integers 0..255 (kept as uint8).  Values that do
+        not fit the kind, NaN and infinities raise :class:`~flowvae.data.DataError` naming the split.
         """
-
-        def convert(x: np.ndarray) -> torch.Tensor:
+        def convert(x: np.ndarray, split: str) -> torch.Tensor:
             x = np.ascontiguousarray(x).reshape((len(x), *image_shape))
-            if kind == "binary":
-                return torch.from_numpy(x.astype(np.float32))
-            if kind == "grayscale":
-                return torch.from_numpy(x.astype(np.float32)).div_(255.0)
-            return torch.from_numpy(x.copy() if not x.flags.writeable else x)
+            if kind == "8bit" and x.dtype == np.uint8:
+                return torch.from_numpy(x.copy() if not x.flags.writeable else x)
+            return to_tensor(x, kind, where=f"{name} [{split}]")
 
-        return cls(name, convert(train), convert(valid), convert(test), kind)
+        return cls(name, convert(train, "train"), convert(valid, "valid"), convert(test, "test"), kind)
 
 
 def shuffled_split(

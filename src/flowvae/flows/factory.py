@@ -55,6 +55,26 @@ def build_flow(name: str, dim: int, steps: int, context_dim: int | None = None, 
     Planar, radial, Householder and Sylvester steps are amortized (their parameters come from h);
     IAF, MAF and coupling steps have global weights and read h as an extra input.  Autoregressive
     orderings and coupling halves alternate between steps.
+
+    Args:
+        name: a family of :data:`FLOW_NAMES` (``'planar'``, ``'iaf'``, ...) or ``'none'``.
+        dim: latent size D.
+        steps: flow steps T, 1 to ``MAX_FLOW_STEPS``.
+        context_dim: size of the context h the flow is conditioned on (None: global parameters).
+        hidden: width of the MADE / coupling networks.
+        reflections: Householder reflections (Householder-Sylvester).
+        rank: orthogonal Sylvester's rank M (default D).
+        **options: further options of the family's builder.
+
+    Returns:
+        A :class:`~flowvae.flows.Flow`, ``flow(z, context) -> (z_K, log|det|)``, or None.
+
+    Examples:
+        >>> import torch
+        >>> flow = build_flow("iaf", dim=4, steps=2, context_dim=8, hidden=16)
+        >>> z, log_abs_det = flow(torch.randn(10, 4), context=torch.randn(10, 8))
+        >>> tuple(z.shape), tuple(log_abs_det.shape)
+        ((10, 4), (10,))
     """
     if name == "none":
         return None

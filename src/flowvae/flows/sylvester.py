@@ -51,6 +51,13 @@ class OrthogonalSylvester(_Sylvester):
 
     (van den Berg et al. orthogonalize iteratively; QR gives the same family of Q, exactly orthonormal
     whatever the matrix's conditioning.  It runs in float32 even under 16-bit autocast.)
+
+    Examples:
+        >>> import torch
+        >>> flow = OrthogonalSylvester(dim=4, rank=2, context_dim=6)
+        >>> z, log_abs_det = flow(torch.randn(3, 4), context=torch.randn(3, 6))
+        >>> tuple(z.shape), tuple(log_abs_det.shape)
+        ((3, 4), (3,))
     """
 
     def __init__(self, dim: int, rank: int | None = None, context_dim: int | None = None) -> None:

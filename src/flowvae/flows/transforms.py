@@ -146,7 +146,7 @@ class FlowTransform(Transform):
 def as_transform(flow: Flow, context: torch.Tensor | None = None, cache_size: int = 1) -> FlowTransform:
     """``flow`` (conditioned on ``context`` h, shaped (*batch, H)) as a torch ``Transform``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import distributions as D
         >>> from flowvae import flows
@@ -265,7 +265,7 @@ def from_transform(transform: Source, context_dim: int | None = None, event_dim:
         event_dim: 1 for vectors (…, D).
         features: D, if given z's last axis is checked against it.
 
-    Example:
+    Examples:
         >>> import torch, zuko
         >>> nsf = zuko.flows.NSF(4, context=6, transforms=2, hidden_features=(16, 16))
         >>> flow = from_transform(nsf.transform, context_dim=6, features=4)

@@ -94,7 +94,8 @@ class LadderVAE(LatentVariableModel):
         layers: L ≥ 1 stochastic layers (L = 1 is a single-latent VAE whose decoder reads z only).
         hidden: width of every deterministic layer.
         flow: posterior flow family per layer (as in :func:`flowvae.flows.build_flow`), or 'none'.
-        flow_steps, flow_hidden, reflections, rank: that flow's options.
+        flow_steps: that flow's steps (``flow_hidden``, ``reflections``, ``rank``: its other options, as
+            in :func:`flowvae.flows.build_flow`).
         flow_context: condition each layer's flow on its context c_l (else global flow parameters).
         prior: the top layer's prior (``log_prob``/``sample`` module), None for N(0, I).
         activation, dropout: every MLP's hidden layers ('elu' or 'gated'; dropout probability).

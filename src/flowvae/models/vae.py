@@ -157,7 +157,7 @@ class VAE(LatentVariableModel):
 
 
 def build_vae(arch: str, image_shape: Sequence[int], latent_dim: int, likelihood: str | Likelihood = "bernoulli",
-              hidden: int = 300, feature_dim: int = 256, flow: str = "none", flow_steps: int = 0,
+              hidden: int = 300, feature_dim: int = 256, flow: str = "none", flow_steps: int = 4,
               flow_hidden: int = 320, reflections: int = 8, rank: int | None = None, data_kind: str = "binary",
               flow_context: bool = True, prior: nn.Module | None = None, activation: str = "elu",
               dropout: float = 0.0, log_var_bounds: tuple[float, float] | None = None) -> VAE:

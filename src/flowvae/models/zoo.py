@@ -74,5 +74,11 @@ ARCHITECTURE_FLOWS = {name: FLOW_NAMES for name in ARCHITECTURES} | {"resnet": (
 
 
 def build_model(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> LatentVariableModel:
-    """The model that ``config`` describes, for images of ``image_shape`` (C, H, W) of ``data_kind``."""
+    """The model that ``config`` describes, for images of ``image_shape`` (C, H, W) of ``data_kind``.
+
+    >>> from flowvae.models import ModelConfig
+    >>> model = build_model(ModelConfig(arch="ladder", layers=2, latent_dim=4, hidden=32, flow="iaf"), (1, 8, 8), "binary")
+    >>> type(model).__name__, sorted(model.noise_shapes())
+    ('LadderVAE', ['z1', 'z2'])
+    """
     return MODELS[config.arch](config, tuple(image_shape), data_kind)
