@@ -392,8 +392,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in _all_fields():
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {defaults[f.name]})" if "help" in f.metadata \
-            else f"default: {defaults[f.name]}"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=option_help(f, defaults[f.name]))

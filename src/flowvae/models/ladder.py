@@ -98,7 +98,8 @@ class LadderVAE(LatentVariableModel):
             in :func:`flowvae.flows.build_flow`).
         flow_context: condition each layer's flow on its context c_l (else global flow parameters).
         prior: the top layer's prior (``log_prob``/``sample`` module), None for N(0, I).
-        activation, dropout: every MLP's hidden layers ('elu' or 'gated'; dropout probability).
+        activation: every MLP's hidden layers, 'elu' or 'gated'.
+        dropout: the dropout probability of every MLP's hidden layers.
         log_var_bounds: (low, high) soft bounds on the posterior's log-variance (None: log σ within ±8).
     """
 
