@@ -10,8 +10,9 @@ and 2 competing busy processes, in interleaved rounds, and reports the median st
     python benchmarks/threads.py --models readme --policies default flowvae passive --busy 0
 
 Policies: ``default`` (libgomp's own: spin 300,000 iterations before sleeping), ``flowvae`` (what
-``import flowvae`` sets when the user has set nothing), ``passive`` (OMP_WAIT_POLICY=PASSIVE: sleep
-at once), ``spinN`` (GOMP_SPINCOUNT=N), ``threads1`` (one thread, no waits at all).
+``import flowvae`` does when the user has set nothing: passive when other processes keep the CPUs
+busy at import, libgomp's default otherwise), ``passive`` (OMP_WAIT_POLICY=PASSIVE: sleep at once),
+``spinN`` (GOMP_SPINCOUNT=N, e.g. spin10k), ``threads1`` (one thread, no waits at all).
 """
 
 from __future__ import annotations

@@ -33,13 +33,17 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (file, the block's first line, up to 
     ("README.md", "flowvae train --device cuda --precision "): "needs GPUs and torchrun; tests/test_distributed.py "
                                                                "runs 2 gloo workers",
     ("README.md", "src/flowvae/"): "a directory listing, not code",
-    ("README.md", 'pip install -e ".[docs]" && mkdocs build'): "builds the site; .ci/run and tests/test_site.py do",
     ("docs/benchmarks.md", "pip install torch==2.13.0 && pip install"): "installs the benchmarks' peer libraries",
     ("docs/benchmarks.md", "benchmarks/.venv-peers/bin/python benchm"): "timing benchmarks (minutes, a quiet "
                                                                         "machine); tests/test_benchmarks.py smokes them",
     ("docs/benchmarks.md", "python benchmarks/mnist_table.py --budge"): "timing benchmarks; tests/test_benchmarks.py",
     ("docs/results.md", "flowvae train --dataset binarized_mnist "): "MNIST runs of 15 to 60 minutes; " + TINY_CLI,
     ("docs/results.md", 'common="--dataset binarized_mnist --data'): "MNIST runs of 15 minutes each; " + TINY_CLI,
+    ("docs/results.md", "MIN=60   # minutes of training per row,"): "the ablation: an hour of MNIST training per "
+                                                                      "row; tests/test_objectives_regularisation.py "
+                                                                      "runs every option on tiny data",
+    ("docs/results.md", 'single="flowvae train --dataset binarize'): "MNIST runs of an hour; "
+                                                                      "tests/test_objectives_regularisation.py",
     ("docs/results.md", "flowvae train --config configs/mnist_lad"): "a 49-minute MNIST run; "
                                                                      "tests/test_hierarchical.py trains tiny ladders",
     ("docs/index.md", 'pip install -e ".[docs]" && mkdocs build'): "builds this site; .ci/run does it (and "

@@ -1,4 +1,4 @@
-"""flowvae's CPU thread defaults: applied when the user has set nothing, left alone otherwise."""
+"""flowvae's CPU thread defaults: chosen from the machine when the user has set nothing, left alone otherwise."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from flowvae import parallelism
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PROBE = ("import json, os, sys; {first}; import torch; "
-         "print(json.dumps({{'spin': os.environ.get('GOMP_SPINCOUNT'), 'policy': os.environ.get('OMP_WAIT_POLICY'),"
+         "print(json.dumps({{'policy': os.environ.get('OMP_WAIT_POLICY'), 'spin': os.environ.get('GOMP_SPINCOUNT'),"
          " 'threads': torch.get_num_threads()}}))")
+HOG = "while True: pass"
 
 
 def probe(first: str, **env: str) -> dict:
@@ -26,25 +27,44 @@ def probe(first: str, **env: str) -> dict:
     return json.loads(done.stdout)
 
 
-def test_import_flowvae_sets_the_spin_count_when_the_user_set_nothing():
-    assert probe("import flowvae")["spin"] == str(parallelism.SPIN_COUNT)
+@pytest.fixture
+def busy_machine():
+    """As many busy processes as this process may use CPUs: any thread of torch's would wait for a core."""
+    hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(int(parallelism.available_cpus()))]
+    yield
+    for hog in hogs:
+        hog.kill()
+        hog.wait()
 
 
-@pytest.mark.parametrize("variable, value", [("OMP_WAIT_POLICY", "ACTIVE"), ("OMP_WAIT_POLICY", "PASSIVE"),
-                                             ("GOMP_SPINCOUNT", "12345")])
-def test_a_policy_the_user_chose_is_left_alone(variable, value):
+def test_import_flowvae_on_a_busy_machine_makes_the_threads_sleep_instead_of_spin(busy_machine):
+    assert probe("import flowvae")["policy"] == "PASSIVE"
+
+
+@pytest.mark.parametrize("variable, value", [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "12345")])
+def test_a_policy_the_user_chose_is_left_alone(busy_machine, variable, value):
     seen = probe("import flowvae", **{variable: value})
-    assert seen["spin"] == (value if variable == "GOMP_SPINCOUNT" else None)
     assert seen["policy"] == (value if variable == "OMP_WAIT_POLICY" else None)
+    assert seen["spin"] == (value if variable == "GOMP_SPINCOUNT" else None)
 
 
-def test_nothing_is_set_once_torch_is_loaded():
+def test_nothing_is_set_once_torch_is_loaded(busy_machine):
     """libgomp has read its environment by then: setting it would only mislead."""
-    assert probe("import torch; import flowvae")["spin"] is None
+    assert probe("import torch; import flowvae")["policy"] is None
 
 
 def test_the_thread_count_is_left_to_torch_or_the_user():
     assert probe("import flowvae", OMP_NUM_THREADS="1")["threads"] == 1
+
+
+@pytest.mark.parametrize("others, expected", [(0.0, {}), (1.0, {"OMP_WAIT_POLICY": "PASSIVE"})])
+def test_the_policy_follows_the_other_runnable_threads(monkeypatch, tmp_path, others, expected):
+    """On 2 CPUs with 2 torch threads: libgomp's spinning on a quiet machine, sleeping beside a busy process."""
+    monkeypatch.delitem(sys.modules, "torch")  # as if torch were not loaded yet
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    environ: dict[str, str] = {}
+    assert parallelism.apply_thread_defaults(environ, tmp_path, runnable=lambda: others) == expected
+    assert environ == expected
 
 
 @pytest.mark.parametrize("files, expected", [({"cpu.max": "150000 100000\n"}, 1.5), ({"cpu.max": "max 100000\n"}, None),
@@ -60,26 +80,27 @@ def test_cgroup_cpu_quota(tmp_path, files, expected):
 
 def test_a_cgroup_quota_below_the_visible_cpus_sets_the_thread_count(tmp_path, monkeypatch):
     (tmp_path / "cpu.max").write_text("100000 100000\n")
-    monkeypatch.delitem(sys.modules, "torch")  # as if torch were not loaded yet
+    monkeypatch.delitem(sys.modules, "torch")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     environ: dict[str, str] = {}
-    assert parallelism.apply_thread_defaults(environ, tmp_path) == {"GOMP_SPINCOUNT": str(parallelism.SPIN_COUNT),
-                                                                   "OMP_NUM_THREADS": "1"}
-    environ = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}
-    assert parallelism.apply_thread_defaults(environ, tmp_path) == {}
-    assert environ == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert parallelism.apply_thread_defaults(environ, tmp_path, runnable=lambda: 5.0) == {"OMP_NUM_THREADS": "1"}
+    environ = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert parallelism.apply_thread_defaults(environ, tmp_path, runnable=lambda: 5.0) == {}
+    assert environ == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
 
 
-def test_a_long_spin_on_a_busy_machine_is_warned_about(monkeypatch, caplog):
+def test_spinning_threads_on_a_busy_machine_are_warned_about(monkeypatch, caplog):
     monkeypatch.setattr(parallelism, "available_cpus", lambda: 2.0)
     caplog.set_level(logging.WARNING, logger="flowvae.parallelism")
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert parallelism.warn_if_oversubscribed(2, load=1.5)
-    assert "busy" in caplog.text and "GOMP_SPINCOUNT" in caplog.text
-    assert not parallelism.warn_if_oversubscribed(2, load=0.1), "a quiet machine"
-    assert not parallelism.warn_if_oversubscribed(1, load=1.5), "one thread waits for nobody"
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    monkeypatch.setenv("GOMP_SPINCOUNT", str(parallelism.SPIN_COUNT))
-    assert not parallelism.warn_if_oversubscribed(2, load=1.5), "flowvae's own short spin"
-    monkeypatch.setenv("GOMP_SPINCOUNT", "300k")
-    assert parallelism.warn_if_oversubscribed(2, load=1.5)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert parallelism.warn_if_oversubscribed(2, runnable=lambda: 1.0)
+    assert "busy" in caplog.text and "OMP_WAIT_POLICY=PASSIVE" in caplog.text
+    assert not parallelism.warn_if_oversubscribed(2, runnable=lambda: 0.0), "a quiet machine"
+    assert not parallelism.warn_if_oversubscribed(1, runnable=lambda: 1.0), "one thread waits for nobody"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert not parallelism.warn_if_oversubscribed(2, runnable=lambda: 1.0), "sleeping threads do not stall"
+
+
+def test_other_runnable_counts_a_busy_process(busy_machine):
+    assert parallelism.other_runnable() >= 1
