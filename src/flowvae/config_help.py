@@ -66,7 +66,7 @@ HELP: dict[str, str] = {
     "prior": "p(z): standard N(0, I), a flow prior or the VampPrior (the top layer's for hierarchical models)",
     "prior_flow": "the flow of --prior flow (default: maf for vectors, glow for the resnet's spatial top layer)",
     "prior_flow_steps": "steps of the prior's flow",
-    "pseudo_inputs": "components of the VampPrior",
+    "pseudo_inputs": "learned pseudo-inputs (mixture components) of --prior vamp; for the ladder, on its top layer",
 }
 
 
