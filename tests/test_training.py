@@ -183,7 +183,7 @@ def test_cli_train_evaluate_sample_and_yaml_config(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--config", str(config), "--epochs", "2", "--out", str(out), "--threads", "1"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["nll_samples"] == 10 and printed["test_nll"] > 0
+    assert printed["nll_samples"] == 10 and printed["test_nll"] > 0 and printed["test_nll_mc_se"] >= 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["epochs"] == 2 and saved["model"]["flow"] == "planar"   # flag overrides the file
     assert main(["evaluate", "--run", str(out), "--samples", "7", "--split", "valid", "--limit", "30",

@@ -114,7 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     test = results["test"]
     print(json.dumps({"out": config.out, "train_neg_elbo": results["train"]["neg_elbo"],
                       "valid_neg_elbo": results["valid"]["neg_elbo"], "test_neg_elbo": test["neg_elbo"],
-                      "test_nll": test["nll"], "nll_samples": test["nll_samples"]}, indent=2))
+                      "test_nll": test["nll"], "test_nll_mc_se": test["nll_mc_se"],
+                      "nll_samples": test["nll_samples"]}, indent=2))
     return 0
 
 
