@@ -111,7 +111,8 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
 
     Returns:
         A dict of means over the data in nats: ``neg_elbo``, ``reconstruction``, ``kl``,
-        ``kl_groups``; with K > 0 also ``nll`` and ``nll_samples``; for 8-bit data the bits/dim.
+        ``kl_groups``, and ``neg_elbo_data_se``; with K > 0 also ``nll``, ``nll_samples``,
+        ``nll_mc_se``, ``nll_ess`` and ``nll_data_se``; for 8-bit data the bits/dim.
 
     Examples:
         >>> import torch
@@ -126,8 +127,9 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
     device = torch.device(device)
     group_names = model(data[:1].to(device)).group_names  # a one-point probe: every worker knows the groups
     names = ["neg_elbo", "reconstruction", "kl"] + (["nll"] if samples else [])
-    squares = ["neg_elbo_squares"] + (["nll_squares", "nll_mc_variance", "nll_ess"] if samples else [])
-    totals = torch.zeros(len(names) + len(squares) + len(group_names), dtype=torch.float64, device=device)
+    # Sums behind the standard errors and the ESS, all-reduced with the means and then dropped.
+    auxiliary = ["neg_elbo_squares"] + (["nll_squares", "nll_mc_variance", "nll_ess"] if samples else [])
+    totals = torch.zeros(len(names) + len(auxiliary) + len(group_names), dtype=torch.float64, device=device)
     points = batch_size
     if samples:
         points, auto_chunk = auto_chunk_size(model, batch_size, samples, decode_budget(device))
@@ -155,9 +157,9 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
     n = len(data)
     values = (totals / n).tolist()
     results: dict[str, Any] = dict(zip(names, values))
-    moments = dict(zip(squares, values[len(names):len(names) + len(squares)]))
+    moments = dict(zip(auxiliary, values[len(names):len(names) + len(auxiliary)]))
     results["neg_elbo_data_se"] = _standard_error(results["neg_elbo"], moments["neg_elbo_squares"], n)
-    results["kl_groups"] = dict(zip(group_names, values[len(names) + len(squares):]))
+    results["kl_groups"] = dict(zip(group_names, values[len(names) + len(auxiliary):]))
     if samples:
         results["nll_samples"] = samples
         results["nll_mc_se"] = math.sqrt(moments["nll_mc_variance"] / n)

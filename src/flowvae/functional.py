@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flowvae.numerics import radial_parameters, safe_log, tanh_derivative
+from flowvae.numerics import at_least_float32, radial_parameters, safe_log, tanh_derivative
 
 
 def planar(z: torch.Tensor, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +130,7 @@ def orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
     Computed in at least float32 with autocast off, then returned in a's dtype: CUDA's QR has no
     16-bit kernel, and a 16-bit orthogonalisation would miss QᵀQ = I, which the log-det assumes.
     """
-    work = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+    work = at_least_float32(a)
     with torch.autocast(device_type=a.device.type, enabled=False):
         q = torch.linalg.qr(work, mode="reduced").Q
     return q.to(a.dtype)

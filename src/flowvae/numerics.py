@@ -49,3 +49,8 @@ def soft_bound(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Smoothly squash x into (low, high): centre + soft_clamp(x − centre, half-width); identity near the centre."""
     centre, half = (low + high) / 2, (high - low) / 2
     return centre + soft_clamp(x - centre, half)
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Densities are summed in at least float32, also when autocast ran the networks in 16 bits."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

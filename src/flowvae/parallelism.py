@@ -93,12 +93,13 @@ def apply_thread_defaults(environ: MutableMapping[str, str] = os.environ, cgroup
     if "torch" in sys.modules:
         return {}
     applied = {}
-    quota = _cgroup_quota(cgroup_root)
-    if "OMP_NUM_THREADS" not in environ and quota and quota < _affinity():
-        applied["OMP_NUM_THREADS"] = str(max(1, math.floor(quota)))
-    threads = _int(environ.get("OMP_NUM_THREADS", applied.get("OMP_NUM_THREADS"))) or _affinity()
+    quota, affinity = _cgroup_quota(cgroup_root), _affinity()
+    cpus = min(affinity, quota) if quota else affinity
+    if "OMP_NUM_THREADS" not in environ and cpus < affinity:
+        applied["OMP_NUM_THREADS"] = str(max(1, math.floor(cpus)))
+    threads = _int(environ.get("OMP_NUM_THREADS", applied.get("OMP_NUM_THREADS"))) or affinity
     if not any(name in environ for name in POLICY_VARIABLES) and threads > 1:
-        if runnable() + threads > available_cpus(cgroup_root) + 0.5:
+        if runnable() + threads > cpus + 0.5:
             applied["OMP_WAIT_POLICY"] = "PASSIVE"
     environ.update(applied)
     return applied
@@ -124,10 +125,10 @@ def warn_if_oversubscribed(threads: int, runnable: Callable[[], float] = other_r
     imported first).  Returns whether it warned."""
     if threads <= 1 or not spins_long():
         return False
-    others = runnable()
-    if others + threads <= available_cpus() + 0.5:
+    others, cpus = runnable(), available_cpus()
+    if others + threads <= cpus + 0.5:
         return False
     logger.warning("warning: the machine is busy (%g other runnable threads on %g CPUs) and torch's %d threads "
                    "spin-wait for each other: training can run many times slower; set OMP_WAIT_POLICY=PASSIVE "
-                   "(import flowvae before torch does it) or --threads 1", others, available_cpus(), threads)
+                   "(import flowvae before torch does it) or --threads 1", others, cpus, threads)
     return True

@@ -32,15 +32,12 @@ from flowvae.distributions import LOG_2PI, standard_normal_log_prob
 from flowvae.flows.autoregressive import MAF
 from flowvae.flows.base import Compose, Flow, Inverse
 from flowvae.flows.glow import ActNorm, AffineCoupling, InvertibleConv1x1
+from flowvae.numerics import at_least_float32
 
 PRIOR_NAMES = ("standard", "flow", "vamp")
 FLOW_PRIOR_NAMES = ("maf", "coupling", "glow")
 
 Encode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _event_shape(event_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -85,7 +82,7 @@ class Prior(nn.Module):
         """
         self._check(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return self._log_prob(_at_least_float32(z))
+            return self._log_prob(at_least_float32(z))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.log_prob(z)
@@ -267,7 +264,7 @@ def gaussian_mixture_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torc
     if mean.dim() != 2 or mean.shape != log_std.shape or z.shape[-1] != mean.shape[-1]:
         raise ValueError(f"gaussian_mixture_log_prob needs z (..., D) with mean and log_std (K, D), got "
                          f"{tuple(z.shape)}, {tuple(mean.shape)} and {tuple(log_std.shape)}")
-    out_dtype = _at_least_float32(z).dtype
+    out_dtype = at_least_float32(z).dtype
     k, d = mean.shape
     mean, log_std = mean.double(), log_std.double()
     centre = mean.mean(0)

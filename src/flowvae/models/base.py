@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from flowvae.models.likelihoods import Likelihood
+from flowvae.numerics import at_least_float32  # noqa: F401 - the models import it from here
 
 Noise = dict[str, torch.Tensor]
 
@@ -151,11 +152,6 @@ class LatentVariableModel(nn.Module):
     def dtype(self) -> torch.dtype:
         """The dtype of the model's parameters (noise is drawn in it, never in 16 bits)."""
         return next(self.parameters()).dtype
-
-
-def at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """Densities are summed in at least float32, also when autocast ran the networks in 16 bits."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def draw_noise(model: LatentVariableModel, samples: int, batch: int, *, generator: torch.Generator | None = None,

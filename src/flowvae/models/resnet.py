@@ -42,17 +42,13 @@ from flowvae.flows.glow import ActNorm, AffineCoupling, InvertibleConv1x1
 from flowvae.flows.masked_conv import ConvIAF, add_context, check_spatial
 from flowvae.models.base import LatentVariableModel, LogDensities, Noise, draw_noise
 from flowvae.models.likelihoods import Likelihood, build_likelihood
-from flowvae.numerics import soft_clamp
+from flowvae.numerics import at_least_float32, soft_clamp
 
 LOG_2PI = math.log(2.0 * math.pi)
 FLOW_KINDS = ("iaf", "glow", "coupling", "none")
 RESIDUAL_SCALE = 0.1   # residual branches are scaled by 0.1 (openai/iaf)
 HEAD_INIT_SCALE = 0.1  # data-dependent init: std of the channels that give means and log-scales
 V_INIT_STD = 0.05      # initial std of the weight-norm directions v (openai/iaf)
-
-
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def gaussian_log_prob_per_channel(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
@@ -430,7 +426,7 @@ class ResNetVAE(LatentVariableModel):
             raise ValueError(f"samples must be >= 1, got {samples}")
         noise = draw_noise(self, samples, batch) if noise is None else self._check_noise(noise, samples, batch)
         h, latents, log_q, log_p = self._top_down(encoded, noise, samples)
-        params = _at_least_float32(self._decode(h, samples))
+        params = at_least_float32(self._decode(h, samples))
         log_likelihood = self.likelihood.log_prob(params, self.likelihood.prepare(x))
         log_q, log_p = torch.stack(log_q, dim=2), torch.stack(log_p, dim=2)   # (K, B, L, Cz)
         names = tuple(f"z{layer + 1}/c{c}" for layer in range(self.num_layers) for c in range(self.latent_channels))
@@ -450,14 +446,14 @@ class ResNetVAE(LatentVariableModel):
             else:
                 eps = torch.randn(n, *self.latent_shape, generator=generator, device=h.device, dtype=h.dtype)
                 h = layer.generate(h, eps=eps)
-        return self.likelihood.mean(_at_least_float32(self._decode(h, 1)[0]))
+        return self.likelihood.mean(at_least_float32(self._decode(h, 1)[0]))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The likelihood's mean at one posterior sample, (B, C, H, W)."""
         encoded = self.encode(x)
         h, *_ = self._top_down(encoded, draw_noise(self, 1, x.shape[0]), 1)
-        return self.likelihood.mean(_at_least_float32(self._decode(h, 1)[0]))
+        return self.likelihood.mean(at_least_float32(self._decode(h, 1)[0]))
 
     def initialise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Data-dependent initialisation on a batch x (see :func:`initialise`); call once, before training."""
