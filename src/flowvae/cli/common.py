@@ -38,7 +38,8 @@ def check_output_file(path: str | Path, flag: str, suffix: str | None = None) ->
         raise ConfigError(f"{flag} {path}: cannot write in {ancestor} ({err.strerror})") from None
 
 
-def add_run_arguments(p: argparse.ArgumentParser, data_dir_help: str = "where the run's registered data set is") -> None:
+def add_run_arguments(p: argparse.ArgumentParser,
+                      data_dir_help: str = "where the run's registered data set is") -> None:
     """``--run``, ``--checkpoint``, ``--device`` and ``--data-dir``: a trained run to load."""
     p.add_argument("--run", required=True, help="run directory written by flowvae train")
     p.add_argument("--checkpoint", choices=("best", "last", "checkpoint"), default="best",

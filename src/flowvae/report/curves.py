@@ -56,7 +56,7 @@ def read_metrics(source: str | Path) -> list[dict[str, Any]]:
 
 
 def column(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray | None:
-    """rows[i][key] as floats (NaN where missing), or None if no row has the key."""
+    """``rows[i][key]`` as floats (NaN where missing), or None if no row has the key."""
     if not any(row.get(key) is not None for row in rows):
         return None
     values = [row.get(key) for row in rows]
