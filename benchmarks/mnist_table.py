@@ -55,7 +55,8 @@ import torch
 from common import OtherLoad, machine, machine_line, markdown_table, save, set_threads, warn_if_busy
 from flowvae.config import TrainConfig, load_yaml
 from flowvae.evaluation import evaluate
-from flowvae.training import load_checkpoint, model_from_config, prepare_data, resolve_device, train
+from flowvae.runs import load_run
+from flowvae.training import resolve_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = next((d / "data" for d in (ROOT / "shared", ROOT.parent / "shared") if (d / "data").is_dir()),
@@ -222,13 +223,12 @@ def subset_nll(cfg: TrainConfig, n: int, samples: int, device: torch.device) -> 
     path = Path(cfg.out) / f"test_first{n}_K{samples}.json"
     if path.exists():
         return json.loads(path.read_text())
-    data = prepare_data(cfg)
-    model = model_from_config(cfg, data.splits.image_shape, data.splits.kind)
-    model.load_state_dict(load_checkpoint(Path(cfg.out) / "best.pt", cfg)["model"])
+    run = load_run(cfg.out, "best", device, data_dir=cfg.data_dir)
+    test = run.images("test")
     start = time.perf_counter()
-    result = evaluate(model.to(device), data.test[:n], batch_size=cfg.eval_batch_size, samples=samples,
+    result = evaluate(run.model, test[:n], batch_size=cfg.eval_batch_size, samples=samples,
                       device=device, seed=cfg.seed)  # bits/dim for 8-bit data as everywhere else
-    result |= {"images": min(n, len(data.test)), "eval_minutes": round((time.perf_counter() - start) / 60, 3)}
+    result |= {"images": min(n, len(test)), "eval_minutes": round((time.perf_counter() - start) / 60, 3)}
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -82,7 +82,7 @@ def flowvae(argv: list[str], cwd: Path, **kwargs: Any) -> subprocess.CompletedPr
 
 FORK_SERVER = r"""
 import json, os, runpy, sys, traceback
-import flowvae.cli, flowvae.cli_report, flowvae.training, flowvae.toy.cli  # torch and the CLI, once
+import flowvae.cli, flowvae.cli.report_commands, flowvae.training, flowvae.toy.cli  # torch and the CLI, once
 
 for line in iter(sys.stdin.readline, ""):
     request = json.loads(line)

@@ -9,8 +9,8 @@ import logging
 import pytest
 
 from flowvae.cli import build_parser, main
-from flowvae.config import _all_fields
-from flowvae.config_help import HELP, choices
+from flowvae.cli.option_help import HELP, choices
+from flowvae.config import config_fields
 from flowvae.progress import Throughput
 
 QUICK = ["--dataset", "digits", "--hidden", "8", "--latent-dim", "2", "--eval-samples", "2", "--epochs", "2",
@@ -24,11 +24,11 @@ def _subparser(name: str) -> argparse.ArgumentParser:
 
 
 def test_every_train_option_has_a_description_and_its_choices() -> None:
-    assert set(HELP) <= {f.name for f in _all_fields()}, "config_help.HELP names fields that do not exist"
+    assert set(HELP) <= {f.name for f in config_fields()}, "cli.option_help.HELP names fields that do not exist"
     actions = {a.dest: a for a in _subparser("train")._actions}
-    for f in _all_fields():
+    for f in config_fields():
         text, described = actions[f.name].help, HELP.get(f.name) or f.metadata.get("help", "")
-        assert len(described) > 10, f"--{f.name.replace('_', '-')} has no description (config_help.HELP)"
+        assert len(described) > 10, f"--{f.name.replace('_', '-')} has no description (cli.option_help.HELP)"
         assert text.startswith(described) and "(default: " in text
         if choices(f.name):
             assert "one of " + ", ".join(choices(f.name)) in text

@@ -293,7 +293,7 @@ def test_tensorboard_logger_writes_scalars_images_and_figures(tmp_path):
         for step in (1, 2, 3):
             logger.scalars(step, {"train/loss": 10.0 / step, "train/lr": torch.tensor(1e-3)})
         logger.images("samples", torch.rand(4, 1, 8, 8), 3)
-        fig = report._figure(2, 2)
+        fig = report.new_figure(2, 2)
         fig.subplots().plot([0, 1])
         logger.figure("valid/curves", fig, 3)
         with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):

@@ -25,7 +25,8 @@ import torch
 import yaml
 
 from flowvae import cli, io
-from flowvae.config import ConfigError, TrainConfig, config_from_args, given_options, no_effect, resume_differences
+from flowvae.cli.options import config_from_args, given_options, no_effect
+from flowvae.config import ConfigError, TrainConfig, resume_differences
 from flowvae.data import DataError
 from flowvae.data.cache import download
 from flowvae.training import model_from_config, prepare_data

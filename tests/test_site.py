@@ -54,7 +54,7 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
 
 def test_cli_reference_is_current() -> None:
     """Every option of every subcommand is in docs/cli.md with its help text (regenerate with
-    ``python -m flowvae.cli_docs > docs/cli.md``)."""
+    ``python -m flowvae.cli.docs > docs/cli.md``)."""
     page = " ".join((ROOT / "docs" / "cli.md").read_text().split())
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -7,7 +7,6 @@ nested under ``model:``), the checks on resume and ``results.json`` are derived 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import stat
@@ -382,69 +381,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field, model fields included (``--latent-dim``); unset flags keep the
-    YAML or default value."""
-    from flowvae.config_help import option_help
-
-    parser.add_argument("--config", help="YAML file of config values (flags override it)")
-    defaults = TrainConfig().flat()
-    for f in _all_fields():
-        kind = _field_type(f)
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=option_help(f, defaults[f.name]))
-        else:
-            parser.add_argument(flag, type=str, default=argparse.SUPPRESS, dest=f.name, metavar=kind.__name__.upper(),
-                                help=option_help(f, defaults[f.name]))
+# ----------------------------------------------------------------------------------------------
+# The fields, for readers outside this module (the command line's flags: flowvae.cli.options)
 
 
-def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """``base`` (default: the defaults), then the YAML file of ``--config``, then the flags given on
-    the command line."""
-    path = getattr(args, "config", None)
-    values = (base or TrainConfig()).flat()
-    if path:
-        raw = load_yaml(path)
-        TrainConfig.from_dict(raw, source=str(path))  # unknown keys and bad values fail here, naming the file
-        values |= {k: _coerce(k, v, str(path)) for k, v in _explicit(raw).items()}
-    names = {f.name for f in _all_fields()}
-    flags = {k: _coerce(k, v, "command line") for k, v in vars(args).items() if k in names}
-    return TrainConfig.from_dict(values | flags).validate()
+def config_fields() -> list[dataclasses.Field]:
+    """Every option's field in declaration order: the run's, then the model's (``TrainConfig.flat()``'s keys)."""
+    return _all_fields()
 
 
-def given_options(args: argparse.Namespace) -> set[str]:
-    """The fields that the command line or the ``--config`` file set (not those left at their defaults)."""
-    path = getattr(args, "config", None)
-    names = {f.name for f in _all_fields()}
-    return {k for k in vars(args) if k in names} | (set(_explicit(load_yaml(path))) if path else set())
+def field_type(f: dataclasses.Field) -> type:
+    """The type of value a field holds (``int`` for an ``int | None`` field)."""
+    return _field_type(f)
 
 
-def no_effect(config: TrainConfig, given: set[str]) -> list[str]:
-    """Why each option in ``given`` (set by the user) does nothing with the rest of ``config``
-    (the trainer warns once the run has started, so that an error stays the only line)."""
-    m = config.model
-    applies = {  # option -> (does it act here?, where it acts)
-        "layers": (m.arch in ("ladder", "resnet"), "--arch ladder or resnet"),
-        "hidden": (m.arch in ("mlp", "ladder"), "--arch mlp or ladder"),
-        "feature_dim": (m.arch in ("conv", "gated"), "--arch conv or gated"),
-        "channels": (m.arch == "resnet", "--arch resnet"),
-        "flow_steps": (m.flow != "none", "a posterior --flow"),
-        "flow_hidden": (m.flow != "none" or m.prior == "flow", "a posterior --flow or --prior flow"),
-        "flow_context": (m.flow != "none" and m.arch != "resnet", "a posterior --flow of a non-resnet model"),
-        "reflections": ("householder" in m.flow, "--flow householder or sylvester-householder"),
-        "rank": (m.flow == "sylvester-orthogonal", "--flow sylvester-orthogonal"),
-        "prior_flow": (m.prior == "flow", "--prior flow"),
-        "prior_flow_steps": (m.prior == "flow", "--prior flow"),
-        "pseudo_inputs": (m.prior == "vamp", "--prior vamp"),
-        "lr_patience": (config.lr_decay < 1, "--lr-decay below 1"),
-    }
-    return [f"--{name.replace('_', '-')} has no effect here; it acts only with {where}"
-            for name, (acts, where) in applies.items() if name in given and not acts]
-
-
-def _explicit(values: dict[str, Any]) -> dict[str, Any]:
-    """The keys a YAML file sets, flattened (so a file overrides ``base`` only where it speaks)."""
-    nested = values.get("model") or {}
-    return {k: v for k, v in values.items() if k != "model"} | dict(nested)
+def coerce(name: str, value: Any, source: str) -> Any:
+    """A YAML or command-line ``value`` as field ``name``'s type, or a one-line :class:`ConfigError`
+    that names ``source``."""
+    return _coerce(name, value, source)

@@ -22,6 +22,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import torch
 from flowvae.config import ConfigError, TrainConfig, load_yaml
 from flowvae.data import DataError, DatasetSplits
 from flowvae.data.files import ARRAYS, is_data_path, load_images_for, splits_from_arrays
+from flowvae.evaluation import evaluate
 from flowvae.models import LatentVariableModel
 from flowvae.training import (CheckpointError, load_checkpoint, load_weights, model_class, model_from_config,
                               prepare_data, resolve_device)
@@ -98,8 +100,6 @@ class TrainedRun:
         """:func:`flowvae.evaluation.evaluate` with the run's settings: ``samples`` K defaults to
         the run's ``eval_samples`` for the test split and 0 (no -log p(x)) for the others, so the
         numbers equal ``results.json``'s for the run's own data."""
-        from flowvae.evaluation import evaluate
-
         config = self.config
         if samples is None:
             samples = config.eval_samples if split == "test" else 0
@@ -140,12 +140,14 @@ def load_run(path: str | Path, checkpoint: str = "best", device: str | torch.dev
     loads the weights into it.  Runs written before flowvae recorded the image shape in its
     checkpoints read their data set once to learn it.
 
+    Returns:
+        A :class:`TrainedRun`: the model (in eval mode, on ``device``), the config, and what the run
+        recorded (``results``, ``data``: the image shape and kind, ``device``, ``checkpoint``).
+
     Raises:
         ConfigError: not a run directory.
         CheckpointError: a missing, corrupt or foreign checkpoint, or weights of another model.
     """
-    import json
-
     if checkpoint not in CHECKPOINTS:
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     run = Path(path)

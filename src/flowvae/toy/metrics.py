@@ -20,23 +20,11 @@ import math
 import torch
 
 from flowvae.flows.base import Flow
+from flowvae.grids import grid_points
 from flowvae.toy.energies import Box, Target
 from flowvae.toy.fit import sample
 
 logger = logging.getLogger(__name__)
-
-
-def grid_points(box: Box, size: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, float]:
-    """Cell centres of a ``size`` × ``size`` grid over ``box`` and the cell area.
-
-    z has shape (size, size, 2) and is indexed [z2, z1] (row 0 at the lowest z2), as images are.
-    """
-    x0, x1, y0, y1 = box
-    hx, hy = (x1 - x0) / size, (y1 - y0) / size
-    xs = x0 + hx * (torch.arange(size, dtype=dtype) + 0.5)
-    ys = y0 + hy * (torch.arange(size, dtype=dtype) + 0.5)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
-    return grid, hx * hy
 
 
 def quadrature_log_z(target: Target, size: int = 1000, box: Box | None = None) -> float:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from flowvae.flows.base import Flow
+from flowvae.grids import grid_points
 from flowvae.toy.energies import Box, Target
 from flowvae.toy.fit import sample
-from flowvae.toy.metrics import grid_points
 
 CMAP = "viridis"
 

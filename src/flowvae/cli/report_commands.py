@@ -6,15 +6,9 @@ import argparse
 from pathlib import Path
 
 from flowvae import report
-
-
-def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run directory written by flowvae train")
-    p.add_argument("--checkpoint", choices=("best", "last", "checkpoint"), default="best",
-                   help="best.pt (best validation -ELBO) or the last epoch's checkpoint.pt (last or checkpoint)")
-    p.add_argument("--device", default=None, help="default: the run's device")
-    p.add_argument("--data-dir", default=None, help="where the run's registered data set is")
-
+from flowvae.cli.common import add_run_arguments, check_output_file, check_seed, load_run_from_args
+from flowvae.io import atomic_write_text
+from flowvae.runs import run_config
 
 MAX_IMAGES = 64        # posterior: images drawn
 MAX_GRID = 1000        # posterior: grid points per axis
@@ -35,8 +29,6 @@ def _check_figure_arch(run: str, arch: str, command: str) -> None:
 
 
 def cmd_curves(args: argparse.Namespace) -> int:
-    from flowvae.cli import check_output_file
-
     run = Path(args.run)
     if not run.exists():
         raise ValueError(f"run directory {args.run} does not exist")
@@ -50,8 +42,6 @@ def cmd_curves(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from flowvae.cli import check_output_file
-
     if args.plot is not None:
         check_output_file(args.plot, "--plot", suffix=".png")
     if args.csv is not None:
@@ -61,8 +51,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         report.plot_comparison(comparison, args.plot)
     print(comparison.markdown())
     if args.csv is not None:
-        from flowvae.io import atomic_write_text
-
         atomic_write_text(args.csv, comparison.csv())
         print(f"wrote {args.csv}")
     if args.plot is not None:
@@ -71,20 +59,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_posterior(args: argparse.Namespace) -> int:
-    from flowvae.cli import _load_run, _run_config, check_output_file, check_seed
-
     if not (1 <= args.n <= MAX_IMAGES and 8 <= args.grid <= MAX_GRID and 2 <= args.samples <= MAX_SAMPLES):
         raise ValueError(f"--n must be in [1, {MAX_IMAGES}], --grid in [8, {MAX_GRID}] and --samples in "
                          f"[2, {MAX_SAMPLES}]; got {args.n}, {args.grid} and {args.samples}")
     check_seed(args.seed)
-    run_model = _run_config(args.run).model
+    run_model = run_config(args.run).model
     _check_figure_arch(args.run, run_model.arch, "posterior")
     if run_model.latent_dim != 2:  # before loading data and weights
         raise ValueError(f"{args.run} has latent_dim={run_model.latent_dim}; the posterior can be drawn for a 2-D "
                          "latent only (flowvae manifold draws latent traversals)")
     out = args.out if args.out is not None else Path(args.run) / "posterior.png"
     check_output_file(out, "--out", suffix=".png")
-    run = _load_run(args)
+    run = load_run_from_args(args)
     config, model = run.config, run.model
     split = run.images(args.split, args.data)
     m = config.model
@@ -102,12 +88,10 @@ def cmd_posterior(args: argparse.Namespace) -> int:
 def cmd_manifold(args: argparse.Namespace) -> int:
     if not (2 <= args.n <= MAX_AXIS and 1 <= args.dims <= MAX_DIMS):
         raise ValueError(f"--n must be in [2, {MAX_AXIS}] and --dims in [1, {MAX_DIMS}]; got {args.n} and {args.dims}")
-    from flowvae.cli import _load_run, _run_config, check_output_file
-
-    _check_figure_arch(args.run, _run_config(args.run).model.arch, "manifold")  # before the output check
+    _check_figure_arch(args.run, run_config(args.run).model.arch, "manifold")  # before the output check
     out = args.out if args.out is not None else Path(args.run) / "manifold.png"
     check_output_file(out, "--out", suffix=".png")
-    model = _load_run(args).model
+    model = load_run_from_args(args).model
     report.plot_manifold(model, out, n=args.n, dims=args.dims, title=f"{args.run}: " + (
         "decoded z grid" if model.latent_dim == 2 else "latent traversals"))
     print(f"wrote {out}")
@@ -128,7 +112,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("posterior", help="2-D latent: the true posterior on a grid next to q(z|x), with the KL")
-    _add_run_arguments(p)
+    add_run_arguments(p)
     p.add_argument("--n", type=int, default=6, help="how many images (default 6)")
     p.add_argument("--split", choices=("valid", "test"), default="test")
     p.add_argument("--data", default=None, metavar="PATH",
@@ -140,7 +124,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_posterior)
 
     p = sub.add_parser("manifold", help="decoded grid of z (2-D latent) or latent traversals")
-    _add_run_arguments(p)
+    add_run_arguments(p)
     p.add_argument("--n", type=int, default=20, help="values per latent axis (default 20)")
     p.add_argument("--dims", type=int, default=8, help="latents to traverse when there are more than 2 (default 8)")
     p.add_argument("--out", default=None, help="PNG to write (default: RUN/manifold.png)")

@@ -10,6 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from flowvae.config import OPTIMIZERS, PRIORS
+from flowvae.data import available_datasets
+from flowvae.flows import FLOW_NAMES
+from flowvae.models import LIKELIHOODS, MODELS
+from flowvae.priors import FLOW_PRIOR_NAMES
+
 HELP: dict[str, str] = {
     # the data
     "dataset": "a registered data set, or a folder of PNG/JPEG images, a .npy or a .npz file of your own",
@@ -72,12 +78,6 @@ HELP: dict[str, str] = {
 
 def choices(name: str) -> tuple[str, ...] | None:
     """The names an option accepts, or None for a free value."""
-    from flowvae.config import OPTIMIZERS, PRIORS
-    from flowvae.data import available_datasets
-    from flowvae.flows import FLOW_NAMES
-    from flowvae.models import LIKELIHOODS, MODELS
-    from flowvae.priors import FLOW_PRIOR_NAMES
-
     table: dict[str, tuple[str, ...]] = {
         "dataset": tuple(available_datasets()), "data_kind": ("binary", "grayscale", "8bit"),
         "optimizer": tuple(OPTIMIZERS), "precision": ("fp32", "bf16", "fp16"), "arch": tuple(MODELS.names()),
