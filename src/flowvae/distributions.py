@@ -37,7 +37,8 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 def gaussian_log_density(eps: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """Elementwise log N(z; μ, σ²) at z = μ + σ · eps: −½ eps² − log σ − ½ log 2π (no sum).
 
-    >>> float(gaussian_log_density(torch.zeros(1), torch.zeros(1))[0]) == -0.5 * LOG_2PI
+    >>> zero = torch.zeros(1, dtype=torch.float64)
+    >>> float(gaussian_log_density(zero, zero)[0]) == -0.5 * LOG_2PI
     True
     """
     return -0.5 * eps * eps - log_std - 0.5 * LOG_2PI

@@ -131,8 +131,9 @@ def build_image_flow(name: str, channels: int, steps: int, hidden: int, context_
     context of ``context_channels``: ``steps`` × the flows of family ``name`` (a name of
     :data:`IMAGE_FLOW_NAMES`); 'none' (or steps = 0): no flow.
 
-    >>> [type(f).__name__ for f in build_image_flow("glow", channels=4, steps=1, hidden=8, context_channels=3)]
-    ['ActNorm', 'InvertibleConv1x1', 'SpatialContextCoupling']
+    >>> steps = build_image_flow("glow", channels=4, steps=1, hidden=8, context_channels=3)
+    >>> print(", ".join(type(f).__name__ for f in steps))
+    ActNorm, InvertibleConv1x1, SpatialContextCoupling
     """
     if name not in IMAGE_FLOW_NAMES:
         choices = ", ".join((*IMAGE_FLOWS.names(), "none"))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 
-def read_per_step_layout(module: nn.Module, state_dict: dict, prefix: str, *args,
+def read_per_step_layout(module: nn.Module, state_dict: dict, prefix: str, *args: object,
                          concatenated: Iterable[str] = ()) -> None:
     """A load_state_dict pre-hook for a flow that keeps a stack's T steps in one module (``steps``):
     it reads the layout of T one-step modules in a ``Compose`` (``{prefix}flows.{t}.<name>``)

@@ -96,11 +96,11 @@ class Bernoulli(Likelihood):
 
     name, params_per_pixel, data_kinds = "bernoulli", 1, ("binary", "grayscale")
 
-    def _log_prob(self, params, x):
+    def _log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         logits = params.flatten(-3)
         return _dot_last(logits, x.flatten(-3).to(logits.dtype)) - F.softplus(logits).sum(-1)
 
-    def mean(self, params):
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params)
 
     def params_for_mean(self, mean_image: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ class Categorical256(Likelihood):
                 generator: torch.Generator | None = None) -> torch.Tensor:
         return x.long()
 
-    def _log_prob(self, params, x):
+    def _log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         log_probs = F.log_softmax(_split(params, 256), dim=-3)              # (..., C, 256, H, W)
         index = x.unsqueeze(-3)                                              # (..., C, 1, H, W)
         batch = torch.broadcast_shapes(log_probs.shape[:-3], index.shape[:-3])
@@ -126,7 +126,7 @@ class Categorical256(Likelihood):
         index = index.expand(*batch, *index.shape[-3:])
         return log_probs.gather(-3, index).flatten(-4).sum(-1)
 
-    def mean(self, params):
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(_split(params, 256), dim=-3)
         levels = torch.arange(256, dtype=probs.dtype, device=probs.device).view(256, 1, 1) / 255.0
         return (probs * levels).sum(-3)
@@ -163,16 +163,16 @@ class Gaussian(Likelihood):
         u = torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)
         return (x.to(dtype) + u) / 256.0
 
-    def _log_prob(self, params, x):
+    def _log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         mean, raw = _split(params, 2).unbind(-3)
         log_std = soft_clamp(raw, 7.0)
         eps = (x - mean) * torch.exp(-log_std)
         return (-0.5 * eps * eps - log_std - 0.5 * math.log(2 * math.pi)).flatten(-3).sum(-1)
 
-    def mean(self, params):
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
         return _split(params, 2)[..., 0, :, :].clamp(0.0, 1.0)
 
-    def discrete_nats_offset(self, dim):
+    def discrete_nats_offset(self, dim: int) -> float:
         return dim * math.log(256.0) if self.eight_bit else 0.0
 
 

@@ -14,8 +14,8 @@ from flowvae.flows import FLOW_NAMES, IMAGE_FLOW_NAMES
 from flowvae.models.base import LatentVariableModel
 from flowvae.models.config import ModelConfig
 from flowvae.models.ladder import LadderVAE
-from flowvae.models.resnet import build_resnet_vae
 from flowvae.models.likelihoods import Likelihood, build_likelihood, default_likelihood
+from flowvae.models.resnet import build_resnet_vae
 from flowvae.models.vae import build_vae
 from flowvae.priors import build_prior
 from flowvae.registry import Registry
