@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flowvae.flows.glow import SpatialContextCoupling
 from flowvae.flows.masked_conv import ConvIAF
 from flowvae.models.base import draw_noise
 from flowvae.models.likelihoods import Bernoulli, DiscretizedLogistic
-from flowvae.models.resnet import ResNetVAE, SpatialContextCoupling, build_resnet_vae, initialise
+from flowvae.models.resnet import ResNetVAE, build_resnet_vae
+from flowvae.models.weight_norm import initialise
 from flowvae.numerics import soft_clamp
 
 C, HW, CTX = 4, 3, 3  # latent channels, spatial size, context channels of the flow tests
@@ -322,9 +324,10 @@ def test_log_posterior_is_the_base_density_at_the_inverted_flow_plus_its_log_det
     ld = model.log_densities(x, encoded, 3, noise)
     layer = model.layers[0]
     parts = layer._down_parts(model._top_state(6), 3)
-    mean = encoded.q_mean[0] + parts["r_mean"]
-    std = torch.exp(soft_clamp(encoded.q_log_std[0] + parts["r_log_std"], 8.0))
-    context = encoded.context[0] + parts["context"]
+    q_mean, q_log_std, up_context = encoded.layers[0]  # layer z1: μ_q, log σ_q, up-context
+    mean = q_mean + parts["r_mean"]
+    std = torch.exp(soft_clamp(q_log_std + parts["r_log_std"], 8.0))
+    context = up_context + parts["context"]
     z, log_det_inverse = ld.latents["z1"], 0.0
     for step in reversed(layer.flow):
         z, ladj = step.inverse(z, context)

@@ -18,19 +18,20 @@ from typing import Any
 
 import yaml
 
-from flowvae.flows import FLOW_NAMES
+from flowvae.flows import FLOW_NAMES, IMAGE_FLOW_NAMES
 from flowvae.flows.factory import MAX_FLOW_STEPS
 from flowvae.models import ARCHITECTURE_FLOWS, LIKELIHOODS, MODEL_FIELDS, MODELS, ModelConfig
 from flowvae.objectives import GRADIENTS, OBJECTIVES, gradient_problem
-from flowvae.priors import FLOW_PRIOR_NAMES
+from flowvae.optimizers import OPTIMIZERS
+from flowvae.priors import FLOW_PRIORS, PRIORS
 
 
 class ConfigError(ValueError):
     """A bad configuration value, as one line naming the field."""
 
 
-PRIORS = ("standard", "flow", "vamp")
-OPTIMIZERS = ("adam", "adamax")
+# The names of architectures, flows, likelihoods, priors and optimizers are read from their registries
+# (MODELS, FLOWS / IMAGE_FLOWS, LIKELIHOODS, PRIORS, FLOW_PRIORS, OPTIMIZERS); only these are fixed here.
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "exponential")
 MLP_ARCHS = ("mlp", "ladder")        # the options of the MLP networks (activation, dropout, output bias) apply here
@@ -246,9 +247,9 @@ def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
 def _known_name(field: str, value: str) -> str:
     """A choice in its one spelling (``Resnet``, ``LADDER`` -> the registered name); any other value
     as given, so that its error shows what was typed."""
-    flows = {name for names in ARCHITECTURE_FLOWS.values() for name in names}
-    choices = {"arch": MODELS.names(), "flow": flows, "likelihood": LIKELIHOODS, "prior": PRIORS,
-               "prior_flow": FLOW_PRIOR_NAMES, "optimizer": OPTIMIZERS, "precision": PRECISIONS,
+    flows = {*FLOW_NAMES, *IMAGE_FLOW_NAMES, *(name for names in ARCHITECTURE_FLOWS.values() for name in names)}
+    choices = {"arch": MODELS, "flow": flows, "likelihood": LIKELIHOODS, "prior": PRIORS,
+               "prior_flow": FLOW_PRIORS, "optimizer": OPTIMIZERS, "precision": PRECISIONS,
                "objective": OBJECTIVES, "gradient": GRADIENTS, "lr_schedule": LR_SCHEDULES}.get(field, ())
     name = value.strip().lower()
     return name if name in choices else value

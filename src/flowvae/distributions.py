@@ -1,5 +1,5 @@
 """Base distributions and the distribution of a flow-transformed sample, as ``torch.distributions.Distribution``
-subclasses that code written against torch.distributions can use; :mod:`flowvae.flows.transforms` has the Transforms."""
+subclasses that code written against torch.distributions can use; :mod:`flowvae.flows.interop` has the Transforms."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.distributions import constraints
 from torch.distributions.utils import _sum_rightmost
 
 from flowvae.flows.base import Flow
-from flowvae.flows.transforms import IdentityCache
+from flowvae.flows.interop import IdentityCache
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -32,6 +32,28 @@ def diagonal_gaussian(mean: torch.Tensor, log_std: torch.Tensor) -> D.Independen
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I) summed over the last axis: (..., D) -> (...)."""
     return -0.5 * (z * z + LOG_2PI).sum(-1)
+
+
+def gaussian_log_density(eps: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """Elementwise log N(z; μ, σ²) at z = μ + σ · eps: −½ eps² − log σ − ½ log 2π (no sum).
+
+    >>> zero = torch.zeros(1, dtype=torch.float64)
+    >>> float(gaussian_log_density(zero, zero)[0]) == -0.5 * LOG_2PI
+    True
+    """
+    return -0.5 * eps * eps - log_std - 0.5 * LOG_2PI
+
+
+def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor,
+                      dims: int | tuple[int, ...] = -1) -> torch.Tensor:
+    """log N(z; μ, diag exp(log σ)²) summed over ``dims``: the last axis (vectors, (…, D) -> (…)) by default,
+    or ``(-2, -1)`` for the per-channel density of spatial latents ((…, C, H, W) -> (…, C)).
+
+    >>> gaussian_log_prob(torch.zeros(5, 2, 3, 3), torch.zeros(2, 3, 3), torch.zeros(2, 3, 3), (-2, -1)).shape
+    torch.Size([5, 2])
+    """
+    eps = (z - mean) * torch.exp(-log_std)
+    return gaussian_log_density(eps, log_std).sum(dims)
 
 
 def validate_value(dist: D.Distribution, value: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""One registry pattern for everything chosen by name: flows, models, likelihoods, priors.
+"""One registry pattern for everything chosen by name: flows (vector and image), models,
+likelihoods, priors, flow-prior families, optimizers and datasets.
 
     FLOWS = Registry("flow")
 
@@ -24,9 +25,10 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        """Decorator (or call on an object): add the object under ``name``."""
         def add(item: T) -> T:
             key = name.lower()
-            if key in self._items:
+            if key in self._items and self._items[key] is not item:  # the same object again is harmless
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[key] = item
             return item

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..registry import Registry
 from .cache import default_data_dir
 from .values import KINDS, to_tensor
 
@@ -130,20 +131,13 @@ class Loader(Protocol):
     def __call__(self, data_dir: Path, *, download: bool, seed: int) -> DatasetSplits: ...
 
 
-_REGISTRY: dict[str, Loader] = {}
+_REGISTRY: Registry[Loader] = Registry("dataset")
 _builtins_imported = False
 
 
 def register(name: str) -> Callable[[Loader], Loader]:
-    """Decorator registering a loader under ``name``."""
-
-    def decorator(loader: Loader) -> Loader:
-        if name in _REGISTRY and _REGISTRY[name] is not loader:
-            raise ValueError(f"dataset {name!r} is already registered")
-        _REGISTRY[name] = loader
-        return loader
-
-    return decorator
+    """Decorator registering a loader under ``name`` (lower case; registering the same loader again is harmless)."""
+    return _REGISTRY.register(name)
 
 
 def _import_builtins() -> None:
@@ -157,7 +151,7 @@ def _import_builtins() -> None:
 def available_datasets() -> list[str]:
     """Sorted names accepted by :func:`load_dataset`."""
     _import_builtins()
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY.names())
 
 
 def load_dataset(

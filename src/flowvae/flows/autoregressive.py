@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from flowvae.flows.base import Flow, read_per_step_layout
+from flowvae.flows.base import Flow
+from flowvae.flows.legacy import read_per_step_layout
 from flowvae.flows.made import MADE, Network
 from flowvae.numerics import soft_clamp
 

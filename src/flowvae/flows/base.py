@@ -29,9 +29,20 @@ class Flow(nn.Module):
 
     event_dim: int = 1
     context_dim: int | None = None
+    conditioned_on_output: bool | None = None
+    """Autoregressive flows: True when the conditioner reads the output (MAF: one-pass inverse, forward
+    sequential), False when it reads the input (IAF: one-pass forward, inverse sequential); None otherwise."""
 
     def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def forward_per_channel(self, z: torch.Tensor, context: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` with log|det| split over the feature axis (``-event_dim``, the channels C of an
+        image flow): (z', (*batch, C)) summing to ``forward``'s log-det.  By default each channel gets
+        an equal share; a flow whose log-det is a sum over elements (ConvIAF) splits it exactly."""
+        z, log_abs_det = self(z, context)
+        return z, log_abs_det.unsqueeze(-1) / z.shape[-self.event_dim]
 
     def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no inverse in closed form")
@@ -77,29 +88,6 @@ def check_broadcast(name: str, context_batch: torch.Size, batch_shape: torch.Siz
     if broadcast != batch_shape:
         raise ValueError(f"{name}: context batch shape {tuple(context_batch)} does not broadcast to "
                          f"z's batch shape {tuple(batch_shape)}")
-
-
-def read_per_step_layout(module: nn.Module, state_dict: dict, prefix: str, *args,
-                         concatenated: Iterable[str] = ()) -> None:
-    """A load_state_dict pre-hook for a flow that keeps a stack's T steps in one module (``steps``):
-    it reads the layout of T one-step modules in a ``Compose`` (``{prefix}flows.{t}.<name>``)
-    saved before, so that such weights load unchanged.  Each name's T tensors are stacked along a
-    new first dimension, or concatenated along the first where the name starts with one of
-    ``concatenated`` (linear maps whose output rows hold the T steps' outputs one after another).
-    """
-    old = f"{prefix}flows."
-    names = sorted({key[len(old):].split(".", 1)[1] for key in state_dict
-                    if key.startswith(old) and key[len(old):].split(".", 1)[0].isdigit() and "." in key[len(old):]})
-    for name in names:
-        parts, t = [], 0
-        while f"{old}{t}.{name}" in state_dict:
-            parts.append(state_dict.pop(f"{old}{t}.{name}"))
-            t += 1
-        if module.steps == 1:
-            state_dict[prefix + name] = parts[0]
-        else:
-            join = torch.cat if name.startswith(tuple(concatenated)) else torch.stack
-            state_dict[prefix + name] = join(parts)
 
 
 class Compose(Flow):

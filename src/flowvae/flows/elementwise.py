@@ -6,8 +6,9 @@ import functools
 
 import torch
 
-from flowvae import functional as Fn
-from flowvae.flows.base import Flow, FlowParameters, constant_init, normal_init, read_per_step_layout
+from flowvae.flows import functional as Fn
+from flowvae.flows.base import Flow, FlowParameters, constant_init, normal_init
+from flowvae.flows.legacy import read_per_step_layout
 
 
 class Planar(Flow):

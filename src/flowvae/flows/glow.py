@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowvae.flows.base import Flow
+from flowvae.flows.masked_conv import add_context, check_spatial
 
 
 def _pixels(z: torch.Tensor, event_dim: int) -> int:
@@ -213,3 +214,36 @@ class AffineCoupling(Flow):
         x = y * torch.exp(-log_scale) - shift
         ladj = -log_scale.flatten(z.dim() - self.event_dim).sum(-1)
         return self._join(cond, x, z.dim() - self.event_dim), ladj
+
+
+class SpatialContextCoupling(AffineCoupling):
+    """Glow's affine coupling on (…, C, H, W) whose conditioner also reads a spatial context
+    (…, Cc, H, W), through an unmasked 1x1 convolution added to its first hidden layer.
+
+    :class:`AffineCoupling` takes a context vector; the ResNet VAE's context is a feature map.
+    Everything else (the 3x3-1x1-3x3 conditioner, sigmoid(s + 2) scale, halves, inverse) is
+    AffineCoupling's.
+
+    >>> step = SpatialContextCoupling(4, hidden=8, context_channels=3)
+    >>> z_new, log_abs_det = step(torch.randn(2, 4, 5, 5), torch.randn(2, 3, 5, 5))
+    >>> z_new.shape, log_abs_det.shape
+    (torch.Size([2, 4, 5, 5]), torch.Size([2]))
+    """
+
+    def __init__(self, channels: int, hidden: int, context_channels: int | None = None, swap: bool = False) -> None:
+        super().__init__(channels, hidden, None, event_dim=3, swap=swap)
+        self.context_dim = context_channels
+        self.context_layer = nn.Conv2d(context_channels, hidden, 1, bias=False) if context_channels else None
+
+    def _check(self, z: torch.Tensor, features: int, context: torch.Tensor | None) -> None:
+        check_spatial(type(self).__name__, z, features, context, self.context_dim)
+
+    def _conditioner(self, x_cond: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = x_cond.shape[:-3]
+        h = self.first(x_cond.reshape(-1, *x_cond.shape[-3:]))
+        if self.context_layer is not None:
+            c = self.context_layer(context.reshape(-1, *context.shape[-3:]))
+            h = add_context(h, batch, c.reshape(*context.shape[:-3], *c.shape[1:]))
+        h = self.last(F.relu(self.middle(F.relu(h))))
+        shift, raw = h.reshape(*batch, *h.shape[1:]).to(x_cond.dtype).split(self.n_out, dim=-3)
+        return shift, F.logsigmoid(raw + 2.0)

@@ -154,6 +154,12 @@ class ConvIAF(Flow):
         z_new, log_sigma = self.forward_elementwise(z, context)
         return z_new, log_sigma.flatten(-3).sum(-1)
 
+    def forward_per_channel(self, z: torch.Tensor, context: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z' and the exact log|det| per channel, Σ over (H, W) of log σ: (*batch, C)."""
+        z_new, log_sigma = self.forward_elementwise(z, context)
+        return z_new, log_sigma.sum((-2, -1))
+
     def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Solve z' = σ(x) ⊙ x + (1 − σ(x)) ⊙ m(x) for x, one channel degree at a time (C net passes).
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from flowvae import functional as Fn
+from flowvae.flows import functional as Fn
 from flowvae.flows.base import Flow, FlowParameters, constant_init, normal_init
 
 

@@ -17,15 +17,29 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
 
 from flowvae.models.likelihoods import Likelihood
-from flowvae.numerics import at_least_float32  # noqa: F401 - the models import it from here
 
 Noise = dict[str, torch.Tensor]
+Encoded = TypeVar("Encoded")
+"""What a model's :meth:`~LatentVariableModel.encode` returns and its ``log_densities`` reads back."""
+
+
+@dataclass
+class BottomUp:
+    """What the bottom-up pass of a hierarchical model leaves for its top-down pass: per stochastic
+    layer (bottom first), the tensors that layer reads, each (B, …) (e.g. its features d_l, or its
+    posterior's mean, log σ and context)."""
+
+    layers: list[tuple[torch.Tensor, ...]]
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0][0].shape[0]
 
 
 @dataclass
@@ -77,12 +91,13 @@ class LogDensities:
         return next(iter(self.latents.values()))
 
 
-class LatentVariableModel(nn.Module):
+class LatentVariableModel(nn.Module, Generic[Encoded]):
     """What flowvae's trainer, evaluation and command line may ask of a model.
 
     Subclasses set ``image_shape`` (C, H, W) and ``likelihood``, and implement
     :meth:`noise_shapes`, :meth:`encode`, :meth:`log_densities`, :meth:`sample` and
-    :meth:`reconstruct`.  The noise is all the randomness of one draw from q(z|x): given the same
+    :meth:`reconstruct`; ``Encoded`` is the type ``encode`` returns (``LatentVariableModel[BottomUp]``).
+    :meth:`initialise` and :meth:`init_output_bias` are optional hooks with defaults.  The noise is all the randomness of one draw from q(z|x): given the same
     noise, ``log_densities`` is deterministic, which is what makes DDP shards, bit-identical resume
     and reproducible evaluation work for every model.
     """
@@ -94,18 +109,18 @@ class LatentVariableModel(nn.Module):
         """Per data point, the shape of each standard-normal noise tensor of one posterior draw."""
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor) -> Any:
+    def encode(self, x: torch.Tensor) -> Encoded:
         """The part of inference that does not depend on the sample (e.g. the bottom-up pass).
 
         Computed once per batch and reused for every chunk of importance samples."""
         raise NotImplementedError
 
-    def log_densities(self, x: torch.Tensor, encoded: Any, samples: int = 1,
+    def log_densities(self, x: torch.Tensor, encoded: Encoded, samples: int = 1,
                       noise: Noise | None = None) -> LogDensities:
         """Draw ``samples`` z ~ q(z|x) (from ``noise`` (samples, B, ...) if given) and score them."""
         raise NotImplementedError
 
-    def path_log_densities(self, x: torch.Tensor, encoded: Any, samples: int = 1,
+    def path_log_densities(self, x: torch.Tensor, encoded: Encoded, samples: int = 1,
                            noise: Noise | None = None) -> LogDensities:
         """As :meth:`log_densities`, but log q(z|x) is scored with the posterior's parameters held
         constant, so its gradient flows along the path of the samples only (STL, DReG); every use
@@ -117,6 +132,11 @@ class LatentVariableModel(nn.Module):
         """None where :meth:`path_log_densities` is implemented and exact; otherwise the posterior
         it is not implemented for, e.g. "the iaf flow posterior"."""
         return f"the posterior of {type(self).__name__}"
+
+    def initialise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Data-dependent initialisation on a batch x (B, C, H, W), called once at the start of a fresh
+        run (never on resume).  The default does nothing; the ResNet VAE initialises its
+        weight-normalised layers (:func:`flowvae.models.weight_norm.initialise`)."""
 
     def init_output_bias(self, mean_image: torch.Tensor) -> None:
         """Set the decoder's output bias so that the likelihood's mean is ``mean_image`` (C, H, W)

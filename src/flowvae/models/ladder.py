@@ -22,26 +22,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from flowvae.distributions import LOG_2PI
+from flowvae.distributions import gaussian_log_prob, standard_normal_log_prob
 from flowvae.flows import Flow, build_flow
-from flowvae.models.base import LatentVariableModel, LogDensities, Noise, as_noise, at_least_float32, sample_prior
+from flowvae.models.base import BottomUp, LatentVariableModel, LogDensities, Noise, as_noise, sample_prior
 from flowvae.models.likelihoods import Likelihood
 from flowvae.models.networks import hidden_layer
-from flowvae.models.vae import bounded_log_std
-from flowvae.numerics import soft_clamp
+from flowvae.models.vae import as_unit_interval, bounded_log_std
+from flowvae.numerics import at_least_float32, soft_clamp
 
 LOG_STD_BOUND = 8.0
-
-
-def _gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """log N(z; mean, exp(log_std)²) summed over the last axis."""
-    eps = (z - mean) * torch.exp(-log_std)
-    return -(0.5 * eps * eps + log_std + 0.5 * LOG_2PI).sum(-1)
 
 
 def _dense(sizes: Sequence[int], last_activation: bool = True, activation: str = "elu",
@@ -77,14 +70,7 @@ def _drop_unused_contexts(module: LadderVAE, state_dict: dict, prefix: str, *arg
             del state_dict[key]
 
 
-@dataclass
-class BottomUp:
-    """The sample-independent part of inference: features d_l (B, hidden), bottom layer first."""
-
-    features: list[torch.Tensor]
-
-
-class LadderVAE(LatentVariableModel):
+class LadderVAE(LatentVariableModel[BottomUp]):
     """An MLP ladder VAE with ``layers`` stochastic layers of ``latent_dim`` units each.
 
     Args:
@@ -141,17 +127,16 @@ class LadderVAE(LatentVariableModel):
 
     def encode(self, x: torch.Tensor) -> BottomUp:
         self.check_input(x)
-        h = x.to(self.dtype) if x.is_floating_point() else x.to(self.dtype) / 255.0
-        h = h.flatten(1)
+        h = as_unit_interval(x, self.dtype).flatten(1)
         features = []
         for f in self.bottom_up:
             h = f(h)
             features.append(h)
-        return BottomUp(features)
+        return BottomUp([(d,) for d in features])
 
     def top_gaussian_parameters(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z_L|x)'s base Gaussian: (mean, log_std), each (B, D) (the VampPrior's components)."""
-        mean, log_std = self.top_posterior(self.encode(x).features[-1])
+        mean, log_std = self.top_posterior(self.encode(x).layers[-1][0])
         return mean, bounded_log_std(log_std, self.log_var_bounds)
 
     def _flow(self, l: int, z0: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +147,7 @@ class LadderVAE(LatentVariableModel):
 
     def _log_prior_top(self, z: torch.Tensor) -> torch.Tensor:
         if self.prior is None:
-            return -0.5 * (z * z + LOG_2PI).sum(-1)
+            return standard_normal_log_prob(z)
         return self.prior.log_prob(z)
 
     def _prior_step(self, l: int, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,7 +165,7 @@ class LadderVAE(LatentVariableModel):
         log_std = bounded_log_std(log_std, self.log_var_bounds)
         z0 = mean + torch.exp(log_std) * eps(L - 1)
         z, ladj = self._flow(L - 1, z0, d[L - 1])
-        log_q = [at_least_float32(_gaussian_log_prob(z0, mean, log_std) - ladj)]
+        log_q = [at_least_float32(gaussian_log_prob(z0, mean, log_std) - ladj)]
         log_p = [at_least_float32(self._log_prior_top(z))]
         latents = {f"z{L}": z}
         t = None
@@ -191,8 +176,8 @@ class LadderVAE(LatentVariableModel):
             q_mean, q_log_std = p_mean + d_mean, bounded_log_std(p_log_std + d_log_std, self.log_var_bounds)
             z0 = q_mean + torch.exp(q_log_std) * eps(l)
             z, ladj = self._flow(l, z0, self.contexts[l](both) if len(self.contexts) else None)
-            log_q.append(at_least_float32(_gaussian_log_prob(z0, q_mean, q_log_std) - ladj))
-            log_p.append(at_least_float32(_gaussian_log_prob(z, p_mean, p_log_std)))
+            log_q.append(at_least_float32(gaussian_log_prob(z0, q_mean, q_log_std) - ladj))
+            log_p.append(at_least_float32(gaussian_log_prob(z, p_mean, p_log_std)))
             latents[f"z{l + 1}"] = z
         return z, t, log_q, log_p, dict(sorted(latents.items()))
 
@@ -208,7 +193,7 @@ class LadderVAE(LatentVariableModel):
     def log_densities(self, x: torch.Tensor, encoded: BottomUp, samples: int = 1,
                       noise: Noise | None = None) -> LogDensities:
         noise = as_noise(self, noise)
-        d = [f.expand(samples, *f.shape) for f in encoded.features]  # (K, B, H) views
+        d = [f.expand(samples, *f.shape) for (f,) in encoded.layers]  # (K, B, H) views
 
         def eps(l: int) -> torch.Tensor:  # in the model's dtype: d[l] is 16-bit under autocast
             if noise is not None:
@@ -236,6 +221,6 @@ class LadderVAE(LatentVariableModel):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        d = self.encode(x).features
+        d = [f for (f,) in self.encode(x).layers]
         z, t, *_ = self._top_down(d, lambda l: d[l].new_empty(*d[l].shape[:-1], self.latent_dim).normal_())
         return self.likelihood.mean(self._decode(z, t))

@@ -14,6 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from flowvae.numerics import at_least_float32, soft_clamp
+from flowvae.registry import Registry
+
+LIKELIHOODS: Registry[type[Likelihood]] = Registry("likelihood")
+"""Name -> likelihood class; a new likelihood is a :class:`Likelihood` subclass decorated with
+:func:`register_likelihood`."""
+
+
+def register_likelihood(cls: type[Likelihood]) -> type[Likelihood]:
+    """Class decorator: add ``cls`` to :data:`LIKELIHOODS` under its ``name``."""
+    return LIKELIHOODS.register(cls.name)(cls)
 
 
 class Likelihood:
@@ -28,6 +38,14 @@ class Likelihood:
         """A data batch as ``log_prob`` reads it, in the model's floating ``dtype``; ``generator``
         draws any noise the likelihood adds (default: torch's global RNG)."""
         return x.to(dtype)
+
+    @classmethod
+    def for_data(cls, data_kind: str) -> Likelihood:
+        """This likelihood for data of ``data_kind``; a one-line error if it cannot model them."""
+        if data_kind not in cls.data_kinds:
+            raise ValueError(f"likelihood {cls.name!r} cannot model {data_kind!r} data; "
+                             f"it needs {' or '.join(cls.data_kinds)}")
+        return cls()
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x | params) summed over (C, H, W), in at least float32 whatever the autocast
@@ -72,16 +90,17 @@ def _dot_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.reshape(a.shape[:-1])
 
 
+@register_likelihood
 class Bernoulli(Likelihood):
     """log p(x|z) = Σ x·l - softplus(l) with logits l; for binary images."""
 
     name, params_per_pixel, data_kinds = "bernoulli", 1, ("binary", "grayscale")
 
-    def _log_prob(self, params, x):
+    def _log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         logits = params.flatten(-3)
         return _dot_last(logits, x.flatten(-3).to(logits.dtype)) - F.softplus(logits).sum(-1)
 
-    def mean(self, params):
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params)
 
     def params_for_mean(self, mean_image: torch.Tensor) -> torch.Tensor:
@@ -89,6 +108,7 @@ class Bernoulli(Likelihood):
         return torch.logit(mean_image.clamp(1e-3, 1 - 1e-3))
 
 
+@register_likelihood
 class Categorical256(Likelihood):
     """A 256-way softmax per pixel and channel (van den Berg et al. 2018's Frey Faces likelihood)."""
 
@@ -98,7 +118,7 @@ class Categorical256(Likelihood):
                 generator: torch.Generator | None = None) -> torch.Tensor:
         return x.long()
 
-    def _log_prob(self, params, x):
+    def _log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         log_probs = F.log_softmax(_split(params, 256), dim=-3)              # (..., C, 256, H, W)
         index = x.unsqueeze(-3)                                              # (..., C, 1, H, W)
         batch = torch.broadcast_shapes(log_probs.shape[:-3], index.shape[:-3])
@@ -106,12 +126,13 @@ class Categorical256(Likelihood):
         index = index.expand(*batch, *index.shape[-3:])
         return log_probs.gather(-3, index).flatten(-4).sum(-1)
 
-    def mean(self, params):
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(_split(params, 256), dim=-3)
         levels = torch.arange(256, dtype=probs.dtype, device=probs.device).view(256, 1, 1) / 255.0
         return (probs * levels).sum(-3)
 
 
+@register_likelihood
 class Gaussian(Likelihood):
     """N(y; μ, σ²) per pixel with learned log σ (soft-clamped to ±7), for 8-bit or real-valued data.
 
@@ -122,6 +143,10 @@ class Gaussian(Likelihood):
     """
 
     name, params_per_pixel, data_kinds = "gaussian", 2, ("8bit",)
+
+    @classmethod
+    def for_data(cls, data_kind: str) -> Likelihood:
+        return cls(data_kind)  # says why binary data are refused
 
     def __init__(self, data_kind: str = "8bit") -> None:
         if data_kind in ("binary", "grayscale"):
@@ -138,19 +163,20 @@ class Gaussian(Likelihood):
         u = torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)
         return (x.to(dtype) + u) / 256.0
 
-    def _log_prob(self, params, x):
+    def _log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         mean, raw = _split(params, 2).unbind(-3)
         log_std = soft_clamp(raw, 7.0)
         eps = (x - mean) * torch.exp(-log_std)
         return (-0.5 * eps * eps - log_std - 0.5 * math.log(2 * math.pi)).flatten(-3).sum(-1)
 
-    def mean(self, params):
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
         return _split(params, 2)[..., 0, :, :].clamp(0.0, 1.0)
 
-    def discrete_nats_offset(self, dim):
+    def discrete_nats_offset(self, dim: int) -> float:
         return dim * math.log(256.0) if self.eight_bit else 0.0
 
 
+@register_likelihood
 class DiscretizedLogistic(Likelihood):
     """Logistic per pixel integrated over its 8-bit bin (Salimans et al. 2017, without the mixture);
     edge bins take the tails.  Data are scaled to [-1, 1] with bin half-width 1/255.
@@ -184,19 +210,9 @@ class DiscretizedLogistic(Likelihood):
         return ((_split(params, 2)[..., 0, :, :] + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-LIKELIHOODS = {cls.name: cls for cls in (Bernoulli, Categorical256, Gaussian, DiscretizedLogistic)}
-
-
 def build_likelihood(name: str, data_kind: str) -> Likelihood:
     """The likelihood called ``name``, checked against the data kind it will model."""
-    if name not in LIKELIHOODS:
-        raise ValueError(f"unknown likelihood {name!r}; choose one of {', '.join(LIKELIHOODS)}")
-    cls = LIKELIHOODS[name]
-    if cls is Gaussian:
-        return Gaussian(data_kind)  # says why binary data are refused
-    if data_kind not in cls.data_kinds:
-        raise ValueError(f"likelihood {name!r} cannot model {data_kind!r} data; it needs {' or '.join(cls.data_kinds)}")
-    return cls()
+    return LIKELIHOODS[name].for_data(data_kind)
 
 
 def default_likelihood(data_kind: str) -> str:

@@ -21,220 +21,30 @@ log p(z) = Σ_l log p(z_l | z_>l); the KL splits into one free-bits group per (l
 summed over space, as in openai/iaf's ``kl_min``.
 
 Every convolution of the ResNet is weight-normalised (``torch.nn.utils.parametrizations.weight_norm``)
-and gets a data-dependent initialisation from :func:`initialise`: the trainer calls
+and gets a data-dependent initialisation from :func:`~flowvae.models.weight_norm.initialise`: the trainer calls
 ``model.initialise(x_batch)`` once at the start of a fresh run (never on resume).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import weight_norm
 
+from flowvae.distributions import gaussian_log_density, gaussian_log_prob
 from flowvae.flows.base import Flow
-from flowvae.flows.glow import ActNorm, AffineCoupling, InvertibleConv1x1
-from flowvae.flows.masked_conv import ConvIAF, add_context, check_spatial
-from flowvae.models.base import LatentVariableModel, LogDensities, Noise, draw_noise
+from flowvae.flows.factory import build_image_flow
+from flowvae.models.base import BottomUp, LatentVariableModel, LogDensities, Noise, draw_noise
 from flowvae.models.likelihoods import Likelihood, build_likelihood
+from flowvae.models.vae import as_unit_interval
+from flowvae.models.weight_norm import initialise, weight_normed
 from flowvae.numerics import at_least_float32, soft_clamp
+from flowvae.priors import DiagonalGaussianPrior, Prior, split_equally
 
-LOG_2PI = math.log(2.0 * math.pi)
-FLOW_KINDS = ("iaf", "glow", "coupling", "none")
 RESIDUAL_SCALE = 0.1   # residual branches are scaled by 0.1 (openai/iaf)
 HEAD_INIT_SCALE = 0.1  # data-dependent init: std of the channels that give means and log-scales
-V_INIT_STD = 0.05      # initial std of the weight-norm directions v (openai/iaf)
-
-
-def gaussian_log_prob_per_channel(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """Σ over (H, W) of log N(z; μ, exp(log σ)²): (…, C, H, W) -> (…, C)."""
-    eps = (z - mean) * torch.exp(-log_std)
-    return (-0.5 * eps * eps - log_std - 0.5 * LOG_2PI).sum((-2, -1))
-
-
-# --------------------------------------------------------------------------------------------
-# Weight normalisation with data-dependent initialisation (Salimans & Kingma 2016)
-# --------------------------------------------------------------------------------------------
-
-def weight_normed(module: nn.Conv2d | nn.ConvTranspose2d, init_scale: float | Sequence[float] = 1.0) -> nn.Module:
-    """``module`` with w = g · v / ‖v‖ per output channel, and the standard deviation
-    (one number, or one per output channel) that :func:`initialise` gives its outputs.
-
-    v starts N(0, 0.05²) as in openai/iaf, not at PyTorch's ±1/√fan_in: Adam(ax) moves every
-    entry of v by about the learning rate, so the direction turns by ~lr/|v| per step, which at
-    160 channels (|v| ≈ 0.015) made the first steps diverge.  g starts at √(1/3), the norm of
-    PyTorch's default init, so an uninitialised layer keeps the usual scale.
-    """
-    with torch.no_grad():
-        nn.init.normal_(module.weight, 0.0, V_INIT_STD)
-    dim = 1 if isinstance(module, nn.ConvTranspose2d) else 0
-    module = weight_norm(module, dim=dim)
-    with torch.no_grad():
-        module.parametrizations.weight.original0.fill_(math.sqrt(1.0 / 3.0))
-    module.init_scale = float(init_scale) if isinstance(init_scale, (int, float)) else tuple(init_scale)
-    return module
-
-
-def _data_init_hook(done: set[nn.Module]):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if module in done:  # only the first call of each layer is initialised
-            return None
-        done.add(module)
-        y = output.detach().float()
-        mean, std = y.mean((0, 2, 3)), y.std((0, 2, 3), unbiased=False)
-        target = torch.as_tensor(module.init_scale, dtype=y.dtype, device=y.device).expand_as(std)
-        # A channel that does not vary on the batch (a constant input, e.g. the top state) keeps its scale.
-        factor = torch.where(std > 1e-5, target / std.clamp_min(1e-5), torch.ones_like(std))
-        g = module.parametrizations.weight.original0
-        g.mul_(factor.to(g.dtype).view(g.shape))
-        module.bias.copy_(((module.bias.float() - mean) * factor).to(module.bias.dtype))
-        shape = (1, -1, 1, 1)
-        return ((output.float() - mean.view(shape)) * factor.view(shape)).to(output.dtype)
-    return hook
-
-
-@torch.no_grad()
-def initialise(model: LatentVariableModel, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
-    """Data-dependent initialisation of every weight-normalised layer that declares an ``init_scale``.
-
-    One forward pass (one posterior sample, in training mode) over the batch x; each layer, the
-    first time it runs, rescales g and sets its bias so that its outputs on the batch have zero
-    mean and standard deviation ``init_scale`` per channel (1: the pre-activation of a hidden
-    layer; 0.1: the channels that give means and log-scales, and the decoder's output), then
-    passes the normalised output on, so later layers are initialised on what they will see.
-    The noise comes from ``generator`` (default: a fresh one seeded 0), not from torch's global
-    generator.  Flows with their own data-dependent init (ActNorm) initialise in the same pass.
-    """
-    done: set[nn.Module] = set()
-    layers = [m for m in model.modules() if hasattr(m, "init_scale") and parametrize.is_parametrized(m, "weight")]
-    handles = [m.register_forward_hook(_data_init_hook(done)) for m in layers]
-    was_training = model.training
-    model.train()
-    try:
-        if generator is None:
-            generator = torch.Generator(device=x.device).manual_seed(0)
-        model(x, 1, draw_noise(model, 1, x.shape[0], generator=generator))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-
-
-# --------------------------------------------------------------------------------------------
-# The top prior and the Glow-style posterior steps on spatial latents
-# --------------------------------------------------------------------------------------------
-
-class DiagonalGaussianPrior(nn.Module):
-    """p(z_L) = N(μ, diag σ²) over (C, H, W) with learned μ and log σ (soft-clamped to ±``log_std_bound``).
-
-    openai/iaf computes the top prior by a convolution of the learned constant h_top, so it is a
-    learned constant; here it is parameterised directly.  Any module with ``log_prob(z)``
-    (…, C, H, W) -> (…) and ``sample(n, generator)`` -> (n, C, H, W) may replace it as
-    ``ResNetVAE.prior``; ``log_prob_per_channel`` (…, C) is optional (without it the top layer's
-    log-prior is shared equally among its channels' KL groups).
-    """
-
-    def __init__(self, shape: Sequence[int], log_std_bound: float = 8.0) -> None:
-        super().__init__()
-        if len(shape) != 3:
-            raise ValueError(f"DiagonalGaussianPrior needs a (C, H, W) shape, got {tuple(shape)}")
-        self.shape, self.log_std_bound = tuple(shape), log_std_bound
-        self.mean = nn.Parameter(torch.zeros(self.shape))
-        self.raw_log_std = nn.Parameter(torch.zeros(self.shape))
-
-    def log_std(self) -> torch.Tensor:
-        return soft_clamp(self.raw_log_std, self.log_std_bound)
-
-    def log_prob_per_channel(self, z: torch.Tensor) -> torch.Tensor:
-        """(…, C, H, W) -> (…, C)."""
-        if tuple(z.shape[-3:]) != self.shape:
-            raise ValueError(f"DiagonalGaussianPrior expects z of shape (..., {', '.join(map(str, self.shape))}), "
-                             f"got {tuple(z.shape)}")
-        return gaussian_log_prob_per_channel(z, self.mean, self.log_std())
-
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """(…, C, H, W) -> (…)."""
-        return self.log_prob_per_channel(z).sum(-1)
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(n, C, H, W)."""
-        eps = torch.randn(n, *self.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + torch.exp(self.log_std()) * eps
-
-
-class SpatialContextCoupling(AffineCoupling):
-    """Glow's affine coupling on (…, C, H, W) whose conditioner also reads a spatial context
-    (…, Cc, H, W), through an unmasked 1x1 convolution added to its first hidden layer.
-
-    :class:`~flowvae.flows.AffineCoupling` takes a context vector; the ResNet VAE's context is
-    a feature map.  Everything else (the 3x3-1x1-3x3 conditioner, sigmoid(s + 2) scale, halves,
-    inverse) is AffineCoupling's.
-    """
-
-    def __init__(self, channels: int, hidden: int, context_channels: int | None = None, swap: bool = False) -> None:
-        super().__init__(channels, hidden, None, event_dim=3, swap=swap)
-        self.context_dim = context_channels
-        self.context_layer = nn.Conv2d(context_channels, hidden, 1, bias=False) if context_channels else None
-
-    def _check(self, z: torch.Tensor, features: int, context: torch.Tensor | None) -> None:
-        check_spatial(type(self).__name__, z, features, context, self.context_dim)
-
-    def _conditioner(self, x_cond: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = x_cond.shape[:-3]
-        h = self.first(x_cond.reshape(-1, *x_cond.shape[-3:]))
-        if self.context_layer is not None:
-            c = self.context_layer(context.reshape(-1, *context.shape[-3:]))
-            h = add_context(h, batch, c.reshape(*context.shape[:-3], *c.shape[1:]))
-        h = self.last(F.relu(self.middle(F.relu(h))))
-        shift, raw = h.reshape(*batch, *h.shape[1:]).to(x_cond.dtype).split(self.n_out, dim=-3)
-        return shift, F.logsigmoid(raw + 2.0)
-
-
-def posterior_flow_steps(kind: str, latent_channels: int, steps: int, hidden: int, context_channels: int) -> list[Flow]:
-    """The posterior flow of one layer as a list of steps, each conditioned on the spatial context.
-
-    'iaf': ``steps`` ConvIAF steps, channel order reversed between steps; 'glow': ``steps`` ×
-    (ActNorm, invertible 1x1 conv, coupling); 'coupling': ``steps`` couplings, halves swapped
-    between steps; 'none' (or steps = 0): no flow.
-    """
-    if kind not in FLOW_KINDS:
-        raise ValueError(f"unknown flow {kind!r} for the ResNet VAE; choose one of {', '.join(FLOW_KINDS)}")
-    if steps < 0:
-        raise ValueError(f"flow_steps must be >= 0, got {steps}")
-    if kind in ("glow", "coupling") and steps > 0 and latent_channels < 2:
-        raise ValueError(f"flow {kind!r} needs latent_channels >= 2, got {latent_channels}")
-    out: list[Flow] = []
-    for k in range(steps if kind != "none" else 0):
-        if kind == "iaf":
-            order = "natural" if k % 2 == 0 else "reversed"
-            out.append(ConvIAF(latent_channels, hidden, context_channels, order=order))
-            continue
-        if kind == "glow":
-            out += [ActNorm(latent_channels), InvertibleConv1x1(latent_channels)]
-        out.append(SpatialContextCoupling(latent_channels, hidden, context_channels, swap=k % 2 == 1))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# One stochastic layer: a ResNet block with a bottom-up and a top-down path
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class BottomUp:
-    """What the bottom-up pass leaves for the top-down pass, per layer (bottom first), each (B, ·, h, w)."""
-
-    q_mean: list[torch.Tensor]
-    q_log_std: list[torch.Tensor]
-    context: list[torch.Tensor]
-
-    @property
-    def batch_size(self) -> int:
-        return self.q_mean[0].shape[0]
 
 
 class ResNetLayer(nn.Module):
@@ -282,16 +92,12 @@ class ResNetLayer(nn.Module):
         return h + RESIDUAL_SCALE * self.down_out(F.elu(torch.cat([z.to(h_det.dtype), h_det], dim=1)))
 
     def _flow(self, z: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z (K, B, Cz, h, w) -> (z_K, log|det| per channel (K, B, Cz)); a step without a per-element
-        log-det shares its total equally among the channels."""
+        """z (K, B, Cz, h, w) -> (z_K, log|det| per channel (K, B, Cz)); see :meth:`Flow.forward_per_channel`."""
         per_channel = z.new_zeros(z.shape[:-2])
+        step: Flow
         for step in self.flow:
-            if hasattr(step, "forward_elementwise"):
-                z, log_det = step.forward_elementwise(z, context)
-                per_channel = per_channel + log_det.sum((-2, -1))
-            else:
-                z, log_det = step(z, context)
-                per_channel = per_channel + log_det.unsqueeze(-1) / z.shape[-3]
+            z, log_det = step.forward_per_channel(z, context)
+            per_channel = per_channel + log_det
         return z, per_channel
 
     def down(self, h: torch.Tensor, up: tuple[torch.Tensor, torch.Tensor, torch.Tensor], eps: torch.Tensor
@@ -309,13 +115,13 @@ class ResNetLayer(nn.Module):
         log_std = soft_clamp(q_log_std.to(dtype) + parts["r_log_std"].to(dtype), self.log_std_bound)
         eps = eps.to(dtype)
         z = mean + torch.exp(log_std) * eps
-        log_q = (-0.5 * eps * eps - log_std - 0.5 * LOG_2PI).sum((-2, -1))
+        log_q = gaussian_log_density(eps, log_std).sum((-2, -1))
         z, log_det = self._flow(z, up_context + parts["context"])
         log_q = log_q - log_det
         log_p = None
         if not self.top:
             p_log_std = soft_clamp(parts["p_log_std"].to(dtype), self.log_std_bound)
-            log_p = gaussian_log_prob_per_channel(z, parts["p_mean"].to(dtype), p_log_std)
+            log_p = gaussian_log_prob(z, parts["p_mean"].to(dtype), p_log_std, (-2, -1))
         return self._residual(h, z, parts["h_det"]), z, log_q, log_p
 
     def generate(self, h: torch.Tensor, z: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
@@ -331,12 +137,7 @@ class ResNetLayer(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------
 
-def _input_to_unit_interval(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """8-bit (integer) pixels / 255; float data in [0, 1] as they are."""
-    return x.to(dtype) if x.is_floating_point() else x.to(dtype) / 255.0
-
-
-class ResNetVAE(LatentVariableModel):
+class ResNetVAE(LatentVariableModel[BottomUp]):
     """Kingma et al. (2016)'s ResNet VAE with bidirectional inference and a posterior flow per layer.
 
     Args:
@@ -355,8 +156,9 @@ class ResNetVAE(LatentVariableModel):
     ``noise_shapes()`` is {"z1": (Cz, h, w), …, "zL": …}, z1 the bottom layer.  KL groups are
     (layer, channel), named "z3/c7", one free-bits unit each, log q − log p summed over space.
     ConvIAF's log-det is per element, so it splits by channel exactly; a Glow or coupling step's
-    log-det (and a replacement prior without ``log_prob_per_channel``) is shared equally among
-    the layer's channels, so the groups still sum to log q − log p.
+    log-det (and the log-density of a replacement prior that does not factorise over channels, see
+    :meth:`~flowvae.priors.Prior.log_prob_per_channel`) is shared equally among the layer's channels,
+    so the groups still sum to log q − log p.
     """
 
     def __init__(self, image_shape: Sequence[int], likelihood: Likelihood, layers: int = 4, channels: int = 64,
@@ -392,11 +194,11 @@ class ResNetVAE(LatentVariableModel):
             self.output_conv = weight_normed(nn.Conv2d(channels, out_channels, 3, padding=1), HEAD_INIT_SCALE)
         self.layers = nn.ModuleList(
             ResNetLayer(channels, latent_channels, top=(index == layers - 1),
-                        flow=posterior_flow_steps(flow, latent_channels, flow_steps, flow_hidden, channels),
+                        flow=build_image_flow(flow, latent_channels, flow_steps, flow_hidden, channels),
                         log_std_bound=log_std_bound)
             for index in range(layers))
         self.h_top = nn.Parameter(torch.zeros(channels))
-        self.prior = DiagonalGaussianPrior(self.latent_shape, log_std_bound)
+        self.prior: nn.Module = DiagonalGaussianPrior(self.latent_shape, log_std_bound)
 
     # -- the protocol ----------------------------------------------------------------------
 
@@ -406,12 +208,12 @@ class ResNetVAE(LatentVariableModel):
     def encode(self, x: torch.Tensor) -> BottomUp:
         """The bottom-up pass: per layer μ_q, log σ_q and the up-context, each (B, ·, h, w)."""
         self.check_input(x)
-        h = self.input_conv(_input_to_unit_interval(x, self.h_top.dtype) - 0.5)
+        h = self.input_conv(as_unit_interval(x, self.h_top.dtype) - 0.5)
         ups = []
         for layer in self.layers:
             h, up = layer.up(h)
             ups.append(up)
-        return BottomUp(*(list(t) for t in zip(*ups)))
+        return BottomUp(ups)
 
     def log_densities(self, x: torch.Tensor, encoded: BottomUp, samples: int = 1,
                       noise: Noise | None = None) -> LogDensities:
@@ -456,7 +258,8 @@ class ResNetVAE(LatentVariableModel):
         return self.likelihood.mean(at_least_float32(self._decode(h, 1)[0]))
 
     def initialise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Data-dependent initialisation on a batch x (see :func:`initialise`); call once, before training."""
+        """Data-dependent initialisation on a batch x (see :func:`~flowvae.models.weight_norm.initialise`);
+        call once, before training."""
         initialise(self, x, generator)
 
     # -- internals -------------------------------------------------------------------------
@@ -483,18 +286,18 @@ class ResNetVAE(LatentVariableModel):
         latents, log_q, log_p = {}, [None] * self.num_layers, [None] * self.num_layers
         for index in reversed(range(self.num_layers)):
             layer, name = self.layers[index], f"z{index + 1}"
-            up = (encoded.q_mean[index], encoded.q_log_std[index], encoded.context[index])
-            h, z, log_q[index], log_p[index] = layer.down(h, up, noise[name])
+            h, z, log_q[index], log_p[index] = layer.down(h, encoded.layers[index], noise[name])
             if log_p[index] is None:
                 log_p[index] = self._top_log_prob_per_channel(z)
             latents[name] = z
         return h, dict(sorted(latents.items(), key=lambda item: int(item[0][1:]))), log_q, log_p
 
     def _top_log_prob_per_channel(self, z: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.prior, "log_prob_per_channel"):
+        """The top prior's log-density per channel (K, B, Cz); a module that is not a :class:`Prior`
+        (only ``log_prob`` and ``sample``) shares its total equally among the channels."""
+        if isinstance(self.prior, Prior):
             return self.prior.log_prob_per_channel(z)
-        total = self.prior.log_prob(z)
-        return (total / z.shape[-3]).unsqueeze(-1).expand(*total.shape, z.shape[-3])
+        return split_equally(self.prior.log_prob(z), z.shape[-3])
 
     def _decode(self, h: torch.Tensor, samples: int) -> torch.Tensor:
         """h (K·B, C, h, w) -> likelihood parameters (K, B, P·C_img, H, W)."""
@@ -512,5 +315,5 @@ def build_resnet_vae(image_shape: Sequence[int], likelihood: Likelihood | str, l
     """
     if isinstance(likelihood, str):
         likelihood = build_likelihood(likelihood, data_kind)
-    return ResNetVAE(image_shape, likelihood, layers, channels, latent_channels, flow, flow_steps, flow_hidden,
-                     downsample)
+    return ResNetVAE(image_shape, likelihood, layers=layers, channels=channels, latent_channels=latent_channels,
+                     flow=flow, flow_steps=flow_steps, flow_hidden=flow_hidden, downsample=downsample)

@@ -17,9 +17,9 @@ from torch import nn
 from flowvae.distributions import FlowDistribution, diagonal_gaussian, standard_normal_log_prob
 from flowvae.flows import Flow, build_flow
 from flowvae.models import networks
-from flowvae.models.base import LatentVariableModel, LogDensities, Noise, as_noise, at_least_float32, sample_prior
+from flowvae.models.base import LatentVariableModel, LogDensities, Noise, as_noise, sample_prior
 from flowvae.models.likelihoods import Likelihood, build_likelihood
-from flowvae.numerics import soft_bound, soft_clamp
+from flowvae.numerics import at_least_float32, soft_bound, soft_clamp
 
 
 def as_unit_interval(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -54,7 +54,7 @@ def bounded_log_std(raw: torch.Tensor, log_var_bounds: tuple[float, float] | Non
     return 0.5 * soft_bound(2 * raw, *log_var_bounds)
 
 
-class VAE(LatentVariableModel):
+class VAE(LatentVariableModel[FlowDistribution]):
     """Encoder, optional posterior flow, a prior (N(0, I) by default) and a decoder with its likelihood.
 
     Args:

@@ -1,24 +1,39 @@
 """The model registry: architecture name -> builder ``(ModelConfig, image_shape, data_kind) -> model``.
 
 ``flowvae train --arch NAME`` builds ``MODELS[NAME](config.model, image_shape, data_kind)``; a new
-architecture is added here, in one place.
+architecture is added here, in one place: a builder decorated with :func:`register_model`, which
+also records the posterior flows it takes (vector flows by default, ``IMAGE_FLOW_NAMES`` for
+spatial latents).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from flowvae.flows import FLOW_NAMES, IMAGE_FLOW_NAMES
 from flowvae.models.base import LatentVariableModel
 from flowvae.models.config import ModelConfig
-from flowvae.flows import FLOW_NAMES
 from flowvae.models.ladder import LadderVAE
-from flowvae.models.resnet import build_resnet_vae
 from flowvae.models.likelihoods import Likelihood, build_likelihood, default_likelihood
+from flowvae.models.resnet import build_resnet_vae
 from flowvae.models.vae import build_vae
 from flowvae.priors import build_prior
 from flowvae.registry import Registry
 
-MODELS: Registry = Registry("architecture")
+ModelBuilder = Callable[[ModelConfig, Sequence[int], str], LatentVariableModel]
+MODELS: Registry[ModelBuilder] = Registry("architecture")
+ARCHITECTURE_FLOWS: dict[str, tuple[str, ...]] = {}
+"""The posterior flows each architecture takes; an architecture registered on :data:`MODELS` directly
+takes the vector flows (``FLOW_NAMES``)."""
+
+
+def register_model(name: str, flows: tuple[str, ...] = FLOW_NAMES) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator: register a model builder under ``name`` in :data:`MODELS`, taking the posterior ``flows``."""
+    def add(builder: ModelBuilder) -> ModelBuilder:
+        MODELS.register(name)(builder)
+        ARCHITECTURE_FLOWS[name.lower()] = flows
+        return builder
+    return add
 
 
 def model_likelihood(config: ModelConfig, data_kind: str) -> Likelihood:
@@ -38,39 +53,41 @@ def with_prior(model: LatentVariableModel, config: ModelConfig, event_shape: Seq
     return model
 
 
-def _single_latent(arch: str):
+def _single_latent(arch: str) -> ModelBuilder:
     def build(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> LatentVariableModel:
-        model = build_vae(arch, image_shape, config.latent_dim, model_likelihood(config, data_kind), config.hidden,
-                          config.feature_dim, config.flow, config.flow_steps, config.flow_hidden, config.reflections,
-                          config.rank, data_kind=data_kind, flow_context=config.flow_context,
-                          activation=config.activation, dropout=config.dropout, log_var_bounds=config.log_var_bounds)
+        model = build_vae(arch, image_shape, config.latent_dim, model_likelihood(config, data_kind),
+                          hidden=config.hidden, feature_dim=config.feature_dim, flow=config.flow,
+                          flow_steps=config.flow_steps, flow_hidden=config.flow_hidden,
+                          reflections=config.reflections, rank=config.rank, data_kind=data_kind,
+                          flow_context=config.flow_context, activation=config.activation, dropout=config.dropout,
+                          log_var_bounds=config.log_var_bounds)
         return with_prior(model, config, (config.latent_dim,), model.gaussian_parameters)
     return build
 
 
 for _arch in ("mlp", "conv", "gated"):
-    MODELS.register(_arch)(_single_latent(_arch))
+    register_model(_arch)(_single_latent(_arch))
 
 
-@MODELS.register("ladder")
+@register_model("ladder")
 def _ladder(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> LatentVariableModel:
-    model = LadderVAE(image_shape, model_likelihood(config, data_kind), config.latent_dim, config.layers,
-                      config.hidden, config.flow, config.flow_steps, config.flow_hidden, config.reflections,
-                      config.rank, config.flow_context, activation=config.activation, dropout=config.dropout,
+    model = LadderVAE(image_shape, model_likelihood(config, data_kind), latent_dim=config.latent_dim,
+                      layers=config.layers, hidden=config.hidden, flow=config.flow, flow_steps=config.flow_steps,
+                      flow_hidden=config.flow_hidden, reflections=config.reflections, rank=config.rank,
+                      flow_context=config.flow_context, activation=config.activation, dropout=config.dropout,
                       log_var_bounds=config.log_var_bounds)
     return with_prior(model, config, (config.latent_dim,), model.top_gaussian_parameters)
 
 
-@MODELS.register("resnet")
+@register_model("resnet", flows=IMAGE_FLOW_NAMES)
 def _resnet(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> LatentVariableModel:
-    model = build_resnet_vae(image_shape, model_likelihood(config, data_kind), config.layers, config.channels,
-                             config.latent_dim, config.flow, config.flow_steps, config.flow_hidden)
+    model = build_resnet_vae(image_shape, model_likelihood(config, data_kind), layers=config.layers,
+                             channels=config.channels, latent_channels=config.latent_dim, flow=config.flow,
+                             flow_steps=config.flow_steps, flow_hidden=config.flow_hidden)
     return with_prior(model, config, model.latent_shape)
 
 
 ARCHITECTURES = MODELS.names()
-# The posterior flows each architecture takes (vector flows for the MLP/conv models, image flows for resnet).
-ARCHITECTURE_FLOWS = {name: FLOW_NAMES for name in ARCHITECTURES} | {"resnet": ("none", "iaf", "glow", "coupling")}
 
 
 def build_model(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> LatentVariableModel:
