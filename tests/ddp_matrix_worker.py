@@ -17,9 +17,8 @@ STEPS, BATCH = 3, 6
 def train(model: torch.nn.Module, step_model: torch.nn.Module, shard: slice, workers: int) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     data = torch.Generator().manual_seed(1)
-    if hasattr(model, "initialise"):  # the ResNet's data-dependent initialisation, as the trainer does
-        with torch.no_grad():
-            model.initialise(torch.bernoulli(torch.full((BATCH, 1, 8, 8), 0.5), generator=data))
+    with torch.no_grad():  # the ResNet's data-dependent initialisation (a no-op elsewhere), as the trainer does
+        model.initialise(torch.bernoulli(torch.full((BATCH, 1, 8, 8), 0.5), generator=data))
     for _ in range(STEPS):
         x = torch.bernoulli(torch.full((BATCH, 1, 8, 8), 0.5), generator=data)
         noise = draw_noise(model, 1, BATCH, generator=data)

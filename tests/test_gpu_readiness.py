@@ -304,9 +304,8 @@ def test_the_pieces_of_a_training_step_and_of_the_iw_evaluation_stay_on_cuda(tmp
                                pseudo_inputs=5, prior_flow_steps=1)
     torch.manual_seed(0)
     model = training.model_from_config(config, (1, 8, 8), "binary")
-    if hasattr(model, "initialise"):  # as the trainer does; ActNorm then knows it is initialised
-        with torch.no_grad():
-            model.initialise(torch.bernoulli(torch.full((6, 1, 8, 8), 0.5)))
+    with torch.no_grad():  # as the trainer does; ActNorm then knows it is initialised
+        model.initialise(torch.bernoulli(torch.full((6, 1, 8, 8), 0.5)))
     with fake_cuda_mode():
         to_fake_cuda(model)
         cuda = torch.device("cuda", 0)

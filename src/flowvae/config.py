@@ -42,10 +42,15 @@ MAX_FREE_BITS = 10.0                # nats per unit: far above any KL a unit car
 MAX_CONFIG_BYTES = 1 << 20          # a config file is a few hundred bytes
 
 
+def valid_seed(seed: int) -> bool:
+    """A seed the trainer and the samplers accept: 0 <= seed <= MAX_SEED."""
+    return 0 <= seed <= MAX_SEED
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run.  ``flowvae train --help`` lists each field as a flag
-    (``flowvae.config_help`` says what each does).
+    (``flowvae.cli.option_help`` says what each does).
 
     >>> config = TrainConfig.from_dict({"dataset": "digits", "flow": "iaf", "epochs": 5}).validate()
     >>> config.model.flow, config.epochs, config.flat()["latent_dim"]
@@ -135,7 +140,7 @@ class TrainConfig:
             (m.flow == "none" or 1 <= m.flow_steps <= MAX_FLOW_STEPS, "flow_steps",
              f"must be between 1 and {MAX_FLOW_STEPS} for a flow"),
             (m.rank is None or 1 <= m.rank <= m.latent_dim, "rank", "must be between 1 and latent_dim"),
-            (0 <= self.seed <= MAX_SEED, "seed", f"must be between 0 and {MAX_SEED}"),
+            (valid_seed(self.seed), "seed", f"must be between 0 and {MAX_SEED}"),
             (bool(self.out and self.out.strip()), "out", "must name a directory"),
             (self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0"),
             (0 < self.lr_decay <= 1, "lr_decay", "must be in (0, 1]"),

@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flowvae.config import MAX_SEED, ConfigError
+from flowvae.config import MAX_SEED, ConfigError, valid_seed
 from flowvae.io import existing_ancestor, probe_writable
 from flowvae.runs import TrainedRun, load_run
 
 
 def check_seed(seed: int) -> None:
     """A ``--seed`` the trainer and the samplers accept, or a one-line :class:`ConfigError`."""
-    if not 0 <= seed <= MAX_SEED:
+    if not valid_seed(seed):
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
 
 

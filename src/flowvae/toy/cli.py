@@ -32,7 +32,7 @@ from flowvae.flows import FLOW_NAMES, IAF, Compose, Flow, build_flow
 from flowvae.io import atomic_write_text, existing_ancestor, probe_writable
 from flowvae.plots import save_figure
 from flowvae.toy.energies import TARGETS, get_target
-from flowvae.toy.fit import OPTIMIZERS, fit
+from flowvae.toy.fit import TOY_OPTIMIZERS, fit
 from flowvae.toy.metrics import evaluate
 from flowvae.toy.plots import flow_samples, plot_fit, plot_grid, sample_image
 
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"base samples per update (default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate (default {DEFAULT_LR})")
-    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="optimizer (default adam)")
+    parser.add_argument("--optimizer", default="adam", choices=TOY_OPTIMIZERS, help="optimizer (default adam)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the flow's initial weights and the samples")
     parser.add_argument("--no-anneal", action="store_true",
                         help="fit at β = 1 throughout instead of β_t = min(1, 0.01 + t/T)")

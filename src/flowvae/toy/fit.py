@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 PAPER_ANNEAL_STEPS = 10_000
 BETA_START = 0.01
-OPTIMIZERS = ("adam", "rmsprop")
+TOY_OPTIMIZERS = ("adam", "rmsprop")  # the toy fitter's own; the trainer's are flowvae.optimizers.OPTIMIZERS
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -98,7 +98,7 @@ def _make_optimizer(name: str, params: list[torch.Tensor], lr: float, momentum: 
         return torch.optim.Adam(params, lr=lr, fused=fused)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, momentum=momentum, foreach=fused)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(TOY_OPTIMIZERS)}")
 
 
 def fit(target: Target, flow: Flow, steps: int = 1500, batch_size: int = 256, lr: float = 1e-2,
