@@ -55,7 +55,8 @@ import torch
 from common import OtherLoad, machine, machine_line, markdown_table, save, set_threads, warn_if_busy
 from flowvae.config import TrainConfig, load_yaml
 from flowvae.evaluation import evaluate
-from flowvae.training import load_checkpoint, model_from_config, prepare_data, resolve_device, train
+from flowvae.models import build_model
+from flowvae.training import load_checkpoint, prepare_data, resolve_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = next((d / "data" for d in (ROOT / "shared", ROOT.parent / "shared") if (d / "data").is_dir()),
@@ -223,7 +224,7 @@ def subset_nll(cfg: TrainConfig, n: int, samples: int, device: torch.device) -> 
     if path.exists():
         return json.loads(path.read_text())
     data = prepare_data(cfg)
-    model = model_from_config(cfg, data.splits.image_shape, data.splits.kind)
+    model = build_model(cfg.model, data.splits.image_shape, data.splits.kind)
     model.load_state_dict(load_checkpoint(Path(cfg.out) / "best.pt", cfg)["model"])
     start = time.perf_counter()
     result = evaluate(model.to(device), data.test[:n], batch_size=cfg.eval_batch_size, samples=samples,
