@@ -48,13 +48,14 @@ import torch
 from flowvae import objectives
 from flowvae.config import TrainConfig
 from flowvae.evaluation import evaluate
-from flowvae.training import model_from_config, prepare_data
+from flowvae.models import build_model
+from flowvae.training import prepare_data
 
 spec, mode, seconds, data_dir = json.loads(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
 config = TrainConfig.from_dict(spec | {"data_dir": data_dir})
 data = prepare_data(config)
 torch.manual_seed(0)
-model = model_from_config(config, tuple(data.train.shape[1:]), data.splits.kind)
+model = build_model(config.model, tuple(data.train.shape[1:]), data.splits.kind)
 if mode == "train":
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     def step(i):

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from flowvae import training
+from flowvae.training import loop
 
 
 def pytest_addoption(parser):
@@ -30,8 +30,8 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def auto_device_is_cpu(monkeypatch) -> None:
     """'auto' means the CPU in tests: only a test that asks for CUDA (the ``device`` fixture) gets it."""
-    resolve = training.resolve_device
-    monkeypatch.setattr(training, "resolve_device", lambda name: resolve("cpu" if name == "auto" else name))
+    resolve = loop.resolve_device
+    monkeypatch.setattr(loop, "resolve_device", lambda name: resolve("cpu" if name == "auto" else name))
 
 
 @contextmanager

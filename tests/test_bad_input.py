@@ -720,17 +720,18 @@ def test_last_good_names_only_weights_that_exist_and_are_sane(tmp_path):
     from types import SimpleNamespace
 
     from flowvae.models.likelihoods import Bernoulli
-    from flowvae.training import RunState, _last_good
+    from flowvae.training import RunState
+    from flowvae.training.safeguards import last_good
 
     def run(epoch: int, best: float) -> SimpleNamespace:
         return SimpleNamespace(state=RunState(epoch=epoch, best_valid=best), out=tmp_path, model=SimpleNamespace(
             likelihood=Bernoulli()), data=SimpleNamespace(splits=SimpleNamespace(dim=64, kind="binary")))
 
-    assert _last_good(run(0, float("inf"))) == "no checkpoint was written yet"
+    assert last_good(run(0, float("inf"))) == "no checkpoint was written yet"
     (tmp_path / "best.pt").write_bytes(b"")
-    assert _last_good(run(2, 40.0)) == f"the last good weights are in {tmp_path / 'best.pt'}"
-    assert _last_good(run(2, 1e6)) == "no good weights were saved"
-    assert _last_good(run(2, float("nan"))) == "no good weights were saved"
+    assert last_good(run(2, 40.0)) == f"the last good weights are in {tmp_path / 'best.pt'}"
+    assert last_good(run(2, 1e6)) == "no good weights were saved"
+    assert last_good(run(2, float("nan"))) == "no good weights were saved"
 
 
 @pytest.mark.parametrize("epochs", [2, 6])

@@ -92,18 +92,20 @@ def test_bf16_importance_weighted_nll_equals_fp32_on_the_same_noise():
 def test_a_cuda_checkpoint_holds_and_restores_the_device_global_generator(monkeypatch):
     """The Gaussian likelihood's dequantization noise draws from the device's global generator: on CUDA
     its state is saved and set again on resume (torch.cuda stood in for; only a GPU runs the real one)."""
-    from flowvae import training
+    from flowvae.config import TrainConfig
+    from flowvae.training import RunState
+    from flowvae.training.checkpoint import device_rng_state, restore_rng
 
     restored = {}
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.full((16,), 7, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update(state=state, device=device))
     cuda = torch.device("cuda", 0)
     generators = {name: torch.Generator() for name in ("shuffle", "noise", "binarize")}
-    saved = {"torch": torch.get_rng_state(), "noise_device": "cuda", **training._device_rng_state(cuda),
+    saved = {"torch": torch.get_rng_state(), "noise_device": "cuda", **device_rng_state(cuda),
              **{name: g.get_state() for name, g in generators.items()}}
-    training._restore_rng(saved, generators, cuda, training.TrainConfig(), training.RunState())
+    restore_rng(saved, generators, cuda, TrainConfig(), RunState())
     assert torch.equal(restored["state"], torch.full((16,), 7, dtype=torch.uint8)) and restored["device"] == cuda
-    assert training._device_rng_state(torch.device("cpu")) == {}
+    assert device_rng_state(torch.device("cpu")) == {}
 
 
 def _check_shared_out(rank: int, port: int, dirs: list[str], errors) -> None:
@@ -152,7 +154,7 @@ def test_workers_that_do_not_share_out_stop_before_any_work(tmp_path, shared):
 def test_masked_adamax_step_is_adamax_when_made_and_a_no_op_when_skipped(weight_decay):
     """Adamax has no fused kernel taking a found_inf flag: the guard weights its update by the decision
     on the device instead of reading it on the host; with decoupled weight decay it is AdamaxW's step."""
-    from flowvae.gradient_guard import masked_adamax_step
+    from flowvae.training.gradient_guard import masked_adamax_step
     from flowvae.optimizers import AdamaxW, set_weight_decay
 
     torch.manual_seed(0)
@@ -293,8 +295,9 @@ def test_the_pieces_of_a_training_step_and_of_the_iw_evaluation_stay_on_cuda(tmp
     entering (beyond 0-dim ones) or a host read raises.  This torch build's fake CUDA tensors cannot run
     autograd, copy_ or Python indexing: backward and the guard's update are covered on the CPU by the
     host-read count above; CUDA generators, autocast and mem_get_info need a real GPU."""
-    from flowvae import training
-    from flowvae.gradient_guard import GradientGuard
+    from flowvae.models import build_model
+    from flowvae.training.gradient_guard import GradientGuard
+    from flowvae.training.setup import build_ema
     from flowvae.models import draw_noise
     from flowvae.objectives import importance_weighted_nll, training_loss
 
@@ -303,13 +306,13 @@ def test_the_pieces_of_a_training_step_and_of_the_iw_evaluation_stay_on_cuda(tmp
                                layers=2, hidden=16, channels=8, feature_dim=16, flow_steps=1, flow_hidden=8,
                                pseudo_inputs=5, prior_flow_steps=1)
     torch.manual_seed(0)
-    model = training.model_from_config(config, (1, 8, 8), "binary")
+    model = build_model(config.model, (1, 8, 8), "binary")
     with torch.no_grad():  # as the trainer does; ActNorm then knows it is initialised
         model.initialise(torch.bernoulli(torch.full((6, 1, 8, 8), 0.5)))
     with fake_cuda_mode():
         to_fake_cuda(model)
         cuda = torch.device("cuda", 0)
-        ema = training._build_ema(config, model)
+        ema = build_ema(config, model)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
         guard = GradientGuard(model, build_optimizer(config, model, cuda), scaler, max_norm=0,
                               skip_factor=50, device=cuda, ema=ema, ema_decay=config.ema)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from flowvae import gradient_guard
-from flowvae.gradient_guard import GradientGuard
+from flowvae.training import gradient_guard
+from flowvae.training.gradient_guard import GradientGuard
 
 
 def _setup(optimizer: str = "adam", ema_decay: float = 0.0, fp16: bool = False, skip_factor: float = 50.0):

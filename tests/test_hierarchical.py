@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from flowvae import gradient_guard, objectives, training
+from flowvae import objectives, training
+from flowvae.training import epoch, gradient_guard
 from flowvae.config import TrainConfig, load_yaml
 from flowvae.evaluation import evaluate
 from flowvae.models import MODELS, LatentVariableModel, LogDensities, ModelConfig, build_model, draw_noise
@@ -159,7 +160,7 @@ def test_gradient_guard_skips_a_nan_update_counts_it_and_training_goes_on(tmp_pa
         return loss * float("nan") if len(calls) == 5 else loss
 
     snapshots = []
-    real_guard = training._guarded_step
+    real_guard = epoch.guarded_step
 
     def watched(run, loss):
         before = [p.detach().clone() for p in run.model.parameters()]
@@ -167,8 +168,8 @@ def test_gradient_guard_skips_a_nan_update_counts_it_and_training_goes_on(tmp_pa
         snapshots.append((made, all(torch.equal(a, b) for a, b in zip(before, run.model.parameters()))))
         return made
 
-    monkeypatch.setattr(training.objectives, "training_loss", poisoned)
-    monkeypatch.setattr(training, "_guarded_step", watched)
+    monkeypatch.setattr(objectives, "training_loss", poisoned)
+    monkeypatch.setattr(epoch, "guarded_step", watched)
     results = training.train(config(tmp_path, epochs=2))
     assert snapshots[4] == (False, True), "the NaN step was skipped and left the parameters unchanged"
     assert all(made and not unchanged for made, unchanged in snapshots[5:]), "later steps update again"
@@ -185,7 +186,7 @@ def test_gradient_guard_skips_a_spike_but_a_lasting_change_of_scale_never_stalls
         calls.append(1)
         return real_loss(*args, **kwargs) * (1e4 if len(calls) >= 10 else 1.0)
 
-    monkeypatch.setattr(training.objectives, "training_loss", scaled)
+    monkeypatch.setattr(objectives, "training_loss", scaled)
     results = training.train(config(tmp_path, epochs=8, batch_size=50, grad_skip=50.0, lr=1e-4, patience=0))
     skipped = results["skipped_updates"]
     steps = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]["step"]

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from flowvae import objectives, optimizers, schedules, training
+from flowvae import distributed, objectives, optimizers, schedules, training
+from flowvae.training import loop
 from flowvae.cli import main
 from flowvae.config import TrainConfig
 from flowvae.models import VAE, GaussianEncoder, build_model, draw_noise
@@ -300,7 +301,7 @@ def test_output_bias_starts_at_the_logit_of_the_mean_pixel(arch):
 
 def test_training_starts_with_the_output_bias_at_the_data_mean(tmp_path):
     config = tiny(tmp_path, output_bias_init=True, epochs=1)
-    run = training.start_run(config, False, training.distributed.Context(), torch.device("cpu"))
+    run = training.start_run(config, False, distributed.Context(), torch.device("cpu"))
     mean = run.data.train.double().mean(0).clamp(1e-3, 1 - 1e-3)
     decoder = run.model.decoder
     assert isinstance(decoder, MLPDecoder)
@@ -359,7 +360,7 @@ def test_a_time_budget_shortens_the_schedule(tmp_path):
     epoch: a clock that says each epoch took 20 of the 60 budgeted seconds makes the schedule end
     after three epochs of the 100 asked for."""
     config = tiny(tmp_path, lr_schedule="exponential", max_minutes=1.0, epochs=100, patience=0)
-    run = training.start_run(config, False, training.distributed.Context(), torch.device("cpu"))
+    run = training.start_run(config, False, distributed.Context(), torch.device("cpu"))
     run.clock = lambda: 20.0 * run.state.epoch
     training.end_epoch(run, training.train_epoch(run))
     steps = run.state.step
@@ -381,7 +382,7 @@ def test_every_option_resumes_bit_identically(tmp_path, monkeypatch):
     training.train(straight)
     split = tiny(tmp_path / "b", epochs=3, **ALL_ON)
     with monkeypatch.context() as patch:
-        patch.setattr(training, "run_is_over", lambda run: run.state.epoch >= 1)
+        patch.setattr(loop, "run_is_over", lambda run: run.state.epoch >= 1)
         training.train(split)
     training.train(split, resume=True)
     a = torch.load(Path(straight.out) / "checkpoint.pt", weights_only=True)

@@ -287,7 +287,7 @@ def _events(run: Path):
 
 def test_tensorboard_logger_writes_scalars_images_and_figures(tmp_path):
     pytest.importorskip("tensorboard")
-    from flowvae.tensorboard import TensorBoardLogger
+    from flowvae.training.tensorboard import TensorBoardLogger
 
     with TensorBoardLogger(tmp_path) as logger:
         for step in (1, 2, 3):
@@ -308,7 +308,7 @@ def test_tensorboard_logger_writes_scalars_images_and_figures(tmp_path):
 
 def test_tensorboard_resume_continues_the_stream_without_duplicate_steps(tmp_path):
     pytest.importorskip("tensorboard")
-    from flowvae.tensorboard import TensorBoardLogger
+    from flowvae.training.tensorboard import TensorBoardLogger
 
     crashed = TensorBoardLogger(tmp_path)
     for step in range(1, 10):  # checkpoint after step 7, events up to 9 written, then killed
@@ -323,7 +323,7 @@ def test_tensorboard_resume_continues_the_stream_without_duplicate_steps(tmp_pat
 
 
 def test_tensorboard_missing_package_is_a_one_line_install_hint(tmp_path, monkeypatch):
-    from flowvae.tensorboard import TensorBoardLogger, TensorBoardUnavailable
+    from flowvae.training.tensorboard import TensorBoardLogger, TensorBoardUnavailable
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     with pytest.raises(ImportError) as info:

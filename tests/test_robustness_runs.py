@@ -26,10 +26,11 @@ import yaml
 
 from flowvae import cli, io
 from flowvae.cli.options import config_from_args, given_options, no_effect
-from flowvae.config import ConfigError, TrainConfig, resume_differences
+from flowvae.config import ConfigError, TrainConfig
 from flowvae.data import DataError
 from flowvae.data.cache import download
-from flowvae.training import model_from_config, prepare_data
+from flowvae.models import build_model
+from flowvae.training import prepare_data, resume_differences
 
 QUICK = ["--dataset", "digits", "--hidden", "8", "--latent-dim", "2", "--eval-samples", "2", "--epochs", "1",
          "--no-progress", "--threads", "1"]
@@ -258,7 +259,7 @@ def _untrained_run(directory: Path, arch: str, latent_dim: int) -> Path:
     config = TrainConfig.from_dict({"dataset": "digits", "hidden": 8, "latent_dim": latent_dim, "arch": arch,
                                     **ARCH_OPTIONS[arch], "out": str(directory)}).validate()
     data = prepare_data(config)
-    model = model_from_config(config, data.splits.image_shape, data.splits.kind)
+    model = build_model(config.model, data.splits.image_shape, data.splits.kind)
     directory.mkdir(parents=True)
     (directory / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     torch.save({"format": 2, "model": model.state_dict(), "config": config.to_dict(), "epoch": 1},

@@ -15,6 +15,8 @@ import torch
 import yaml
 
 from flowvae import training
+from flowvae.models import build_model
+from flowvae.training import epoch, safeguards, setup
 from flowvae.cli import main
 from flowvae.config import ConfigError, TrainConfig
 from flowvae.data import DataError, DatasetSplits
@@ -136,7 +138,7 @@ def test_a_planar_run_saved_as_one_step_modules_evaluates_and_refuses_to_resume_
     training.train(config)
     ckpt_path = Path(config.out) / "checkpoint.pt"
     saved = torch.load(ckpt_path, weights_only=True)
-    model = training.model_from_config(config, (1, 8, 8), "grayscale")
+    model = build_model(config.model, (1, 8, 8), "grayscale")
     training.load_weights(model, saved["model"], ckpt_path)
     old = {}
     for key, value in saved["model"].items():
@@ -146,7 +148,7 @@ def test_a_planar_run_saved_as_one_step_modules_evaluates_and_refuses_to_resume_
             old |= {f"flow.flows.{t}.{name}": part.clone() for t, part in enumerate(parts)}
         else:
             old[key] = value
-    rebuilt = training.model_from_config(config, (1, 8, 8), "grayscale")
+    rebuilt = build_model(config.model, (1, 8, 8), "grayscale")
     training.load_weights(rebuilt, old, ckpt_path)
     for (name, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values()):
         assert torch.equal(a, b), name
@@ -161,7 +163,7 @@ def test_nan_data_is_refused(tmp_path, monkeypatch):
     images = torch.rand(10, 1, 8, 8)
     images[3, 0, 2, 2] = float("nan")
     splits = DatasetSplits("nanset", images, torch.rand(5, 1, 8, 8), torch.rand(5, 1, 8, 8), "grayscale")
-    monkeypatch.setattr(training, "load_dataset", lambda *a, **k: splits)
+    monkeypatch.setattr(setup, "load_dataset", lambda *a, **k: splits)
     with pytest.raises(DataError, match="train split contains NaN"):
         training.train(tiny(tmp_path))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
@@ -238,15 +240,15 @@ def test_bf16_autocast_trains_and_keeps_densities_in_float32(tmp_path):
 
 
 def test_lr_decays_on_plateau_and_resume_keeps_it(tmp_path, monkeypatch):
-    real_evaluate, calls = training.evaluate, []
+    real_evaluate, calls = epoch.evaluate, []
 
     def worsening_evaluate(*args, **kwargs):  # every validation is worse than the last: a plateau from epoch 2
         result = real_evaluate(*args, **kwargs)
         calls.append(1)
         return result | {"neg_elbo": result["neg_elbo"] + 100.0 * len(calls)}
 
-    monkeypatch.setattr(training, "evaluate", worsening_evaluate)
-    monkeypatch.setattr(training, "DIVERGED_EPOCHS", 10 ** 9)  # the fake plateau is not a divergence
+    monkeypatch.setattr(epoch, "evaluate", worsening_evaluate)
+    monkeypatch.setattr(safeguards, "DIVERGED_EPOCHS", 10 ** 9)  # the fake plateau is not a divergence
     config = tiny(tmp_path, epochs=3, lr=1e-3, lr_decay=0.5, lr_patience=2, patience=0)
     training.train(config)
     config.epochs = 6

@@ -229,26 +229,6 @@ class TrainConfig:
         return cls(model=model, **{k: v for k, v in merged.items() if k not in MODEL_FIELDS})
 
 
-# Options that define what is trained: a resumed run must keep them (the model fields too).
-MUST_MATCH_ON_RESUME = ("dataset", "data_kind", "valid_fraction", "test_fraction", "seed", "batch_size", "optimizer",
-                        "precision") + MODEL_FIELDS
-
-
-def resume_differences(saved: dict[str, Any], config: TrainConfig) -> tuple[list[str], dict[str, tuple]]:
-    """Compare a checkpoint's config with ``config``: (refused fields, allowed changes {name: (old, new)})."""
-    old = TrainConfig.from_dict(_upgrade(saved), source="checkpoint").flat()
-    new = config.flat()
-    changed = {k: (old[k], new[k]) for k in new if old.get(k) != new[k]}
-    refused = [f"{k}={old[k]!r} there, {new[k]!r} here" for k in MUST_MATCH_ON_RESUME if k in changed]
-    allowed = {k: v for k, v in changed.items() if k not in MUST_MATCH_ON_RESUME and k != "out"}
-    return refused, allowed
-
-
-def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
-    """A config written by an older flowvae (flat, fewer keys) as today's: missing keys keep their defaults."""
-    return {k: v for k, v in saved.items() if k in {f.name for f in _all_fields()} | {"model"}}
-
-
 def _known_name(field: str, value: str) -> str:
     """A choice in its one spelling (``Resnet``, ``LADDER`` -> the registered name); any other value
     as given, so that its error shows what was typed."""

@@ -33,9 +33,9 @@ from flowvae.config import ConfigError, TrainConfig, load_yaml
 from flowvae.data import DataError, DatasetSplits
 from flowvae.data.files import ARRAYS, is_data_path, load_images_for, splits_from_arrays
 from flowvae.evaluation import evaluate
-from flowvae.models import LatentVariableModel
-from flowvae.training import (CheckpointError, load_checkpoint, load_weights, model_class, model_from_config,
-                              prepare_data, resolve_device)
+from flowvae.models import LatentVariableModel, build_model
+from flowvae.training import (CheckpointError, load_checkpoint, load_weights, model_class, prepare_data,
+                              resolve_device)
 from flowvae.training import train as train_run
 
 __all__ = ["TrainedRun", "fit", "load_run"]
@@ -161,7 +161,7 @@ def load_run(path: str | Path, checkpoint: str = "best", device: str | torch.dev
         splits = prepare_data(config).splits
         data = splits.describe()
     if model is None:
-        model = model_from_config(config, tuple(data["image_shape"]), data["kind"])
+        model = build_model(config.model, tuple(data["image_shape"]), data["kind"])
         recorded = data.get("model_class")
         if recorded is not None and recorded != model_class(model):
             raise CheckpointError(f"{run} was trained on a model of your own ({recorded}); load it with "

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from flowvae.config import ConfigError
+from flowvae.io import probe_writable
 
 INSTALL_HINT = 'pip install "flowvae[tensorboard]"'
 
@@ -56,8 +57,6 @@ def check_log_dir(out_dir: str | Path) -> None:
     if log_dir.exists() and not log_dir.is_dir():
         raise ConfigError(f"{log_dir} exists and is not a directory; --tensorboard writes its events there")
     if log_dir.is_dir():
-        from flowvae.io import probe_writable
-
         try:
             probe_writable(log_dir)
         except OSError as err:
@@ -103,7 +102,7 @@ class TensorBoardLogger:
     def close(self) -> None:
         self.writer.close()
 
-    def __enter__(self) -> "TensorBoardLogger":
+    def __enter__(self) -> TensorBoardLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -91,7 +91,7 @@ class GradientGuard:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
                  max_norm: float, skip_factor: float, device: torch.device,
-                 ema: torch.optim.swa_utils.AveragedModel | None = None, ema_decay: float = 0.0):
+                 ema: torch.optim.swa_utils.AveragedModel | None = None, ema_decay: float = 0.0) -> None:
         self.parameters, self.optimizer, self.scaler = list(model.parameters()), optimizer, scaler
         self.max_norm = max_norm if max_norm > 0 else math.inf
         self.log_skip_factor = math.log(skip_factor) if skip_factor > 0 else math.inf
