@@ -19,7 +19,7 @@ from flowvae.flows.made import MADE, Network
 from flowvae.numerics import soft_clamp
 
 
-def _read_orders(module: _MaskedAffine, *args) -> None:
+def _read_orders(module: _MaskedAffine, *args: object) -> None:
     """Each step's positions in the order of their degrees, read on the host when the module is built
     or loaded, not in every sequential pass (a sync, and a graph break compiled)."""
     module.orders = torch.argsort(module.made.degrees.view(-1, module.dim), dim=-1).tolist()
@@ -30,6 +30,7 @@ class _MaskedAffine(Flow):
     autoregressive order reversed between steps; ``steps=1`` is one step."""
 
     conditioned_on_output: bool
+    orders: list[list[int]]  # per step, the positions in the order of their degrees (see _read_orders)
 
     def __init__(self, dim: int, hidden: Sequence[int], context_dim: int | None, order: str | Sequence[int],
                  steps: int = 1) -> None:
@@ -86,6 +87,7 @@ class _MaskedAffine(Flow):
             else:
                 z, step_log_det = self._sequential(networks[t], self.orders[t], z, invert)
             log_det = step_log_det if log_det is None else log_det + step_log_det
+        assert log_det is not None  # steps >= 1
         return z, log_det
 
     def forward(self, z, context=None):

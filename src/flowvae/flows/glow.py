@@ -31,6 +31,8 @@ class ActNorm(Flow):
     """Per-channel affine y = (x + bias) · exp(log_scale), initialised from the first training batch
     so that outputs have zero mean and unit variance per channel.  log|det| = pixels · Σ log_scale."""
 
+    initialized: torch.Tensor  # a buffer: whether the data-dependent init has run
+
     def __init__(self, channels: int, event_dim: int = 3) -> None:
         super().__init__()
         self.channels, self.event_dim = channels, _check_event_dim(event_dim)
@@ -84,6 +86,10 @@ class InvertibleConv1x1(Flow):
     log|det| = pixels · Σ log_s.  With ``event_dim=1`` it is an invertible linear map of features.
     """
 
+    permutation: torch.Tensor  # buffers: the fixed factors of the LU parameterisation
+    sign_s: torch.Tensor
+    lower_mask: torch.Tensor
+
     def __init__(self, channels: int, event_dim: int = 3) -> None:
         super().__init__()
         self.channels, self.event_dim = channels, _check_event_dim(event_dim)
@@ -120,6 +126,9 @@ class Permute(Flow):
     ``permutation=None`` draws a random one (seeded by torch's global generator).
     """
 
+    permutation: torch.Tensor  # buffers
+    inverse_permutation: torch.Tensor
+
     def __init__(self, channels: int, permutation: torch.Tensor | None = None, event_dim: int = 1) -> None:
         super().__init__()
         self.channels, self.event_dim = channels, _check_event_dim(event_dim)
@@ -154,6 +163,11 @@ class AffineCoupling(Flow):
     ``swap=True`` transforms the first half with the second as condition.
     """
 
+    first: nn.Linear | nn.Conv2d  # the conditioner: linear for vectors, convolutions for images
+    middle: nn.Linear | nn.Conv2d
+    last: nn.Linear | nn.Conv2d
+    context_layer: nn.Linear | nn.Conv2d | None
+
     def __init__(self, channels: int, hidden: int = 256, context_dim: int | None = None,
                  event_dim: int = 1, swap: bool = False) -> None:
         super().__init__()
@@ -173,6 +187,7 @@ class AffineCoupling(Flow):
             self.middle = nn.Conv2d(hidden, hidden, 1)
             self.last = nn.Conv2d(hidden, 2 * n_out, 3, padding=1)
         nn.init.zeros_(self.last.weight)
+        assert self.last.bias is not None  # built with a bias
         nn.init.zeros_(self.last.bias)
         self.context_layer = nn.Linear(context_dim, hidden, bias=False) if context_dim is not None else None
 
@@ -242,6 +257,7 @@ class SpatialContextCoupling(AffineCoupling):
         batch = x_cond.shape[:-3]
         h = self.first(x_cond.reshape(-1, *x_cond.shape[-3:]))
         if self.context_layer is not None:
+            assert context is not None  # check_spatial requires it when there is a context layer
             c = self.context_layer(context.reshape(-1, *context.shape[-3:]))
             h = add_context(h, batch, c.reshape(*context.shape[:-3], *c.shape[1:]))
         h = self.last(F.relu(self.middle(F.relu(h))))

@@ -38,6 +38,8 @@ class MaskedLinear(nn.Linear):
     ``nn.Linear`` would be, in the order :meth:`reset_step` is called.
     """
 
+    mask: torch.Tensor  # a buffer
+
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor) -> None:
         steps = mask.shape[:-2]
         if not steps:
@@ -79,6 +81,8 @@ class MADE(nn.Module):
     network t has ``order`` for even t and its reverse for odd t; ``degrees`` is then (T, D), and
     :meth:`networks` gives the T forward functions.
     """
+
+    degrees: torch.Tensor  # a buffer, (D,) or (T, D)
 
     def __init__(self, dim: int, hidden: Sequence[int] = (256, 256), n_params: int = 2,
                  context_dim: int | None = None, order: str | Sequence[int] = "natural",

@@ -13,6 +13,9 @@ from flowvae.flows.base import Flow, FlowParameters, constant_init, normal_init
 
 
 class _Sylvester(Flow):
+    unpack: torch.Tensor  # buffers: where the packed triangular entries go, and which are diagonal
+    packed_diagonal: torch.Tensor
+
     def __init__(self, dim: int, rank: int, extra: dict, context_dim: int | None) -> None:
         super().__init__()
         self.dim, self.rank, self.context_dim = dim, rank, context_dim

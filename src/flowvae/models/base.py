@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from flowvae.models.likelihoods import Likelihood
+from flowvae.priors.base import Prior
 
 Noise = dict[str, torch.Tensor]
 Encoded = TypeVar("Encoded")
@@ -116,12 +117,12 @@ class LatentVariableModel(nn.Module, Generic[Encoded]):
         raise NotImplementedError
 
     def log_densities(self, x: torch.Tensor, encoded: Encoded, samples: int = 1,
-                      noise: Noise | None = None) -> LogDensities:
+                      noise: Noise | torch.Tensor | None = None) -> LogDensities:
         """Draw ``samples`` z ~ q(z|x) (from ``noise`` (samples, B, ...) if given) and score them."""
         raise NotImplementedError
 
     def path_log_densities(self, x: torch.Tensor, encoded: Encoded, samples: int = 1,
-                           noise: Noise | None = None) -> LogDensities:
+                           noise: Noise | torch.Tensor | None = None) -> LogDensities:
         """As :meth:`log_densities`, but log q(z|x) is scored with the posterior's parameters held
         constant, so its gradient flows along the path of the samples only (STL, DReG); every use
         of a sample must derive from the tensors in ``latents``.  Exact where
@@ -186,7 +187,7 @@ def draw_noise(model: LatentVariableModel, samples: int, batch: int, *, generato
             for name, shape in model.noise_shapes().items()}
 
 
-def sample_prior(prior: nn.Module | None, n: int, event_shape: tuple[int, ...], like: torch.Tensor,
+def sample_prior(prior: Prior | None, n: int, event_shape: tuple[int, ...], like: torch.Tensor,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """n draws (n, *event_shape) from ``prior`` (None: N(0, I)) in ``like``'s dtype and device."""
     if prior is None:
