@@ -5,11 +5,15 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from flowvae.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
@@ -41,7 +45,7 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> None:
     """Render a matplotlib figure to PNG in memory, then write it atomically."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)

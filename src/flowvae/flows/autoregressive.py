@@ -90,10 +90,10 @@ class _MaskedAffine(Flow):
         assert log_det is not None  # steps >= 1
         return z, log_det
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self._run(z, context, invert=False)
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self._run(z, context, invert=True)
 
     def extra_repr(self) -> str:
@@ -126,16 +126,16 @@ class IAF(_MaskedAffine):
         super().__init__(dim, hidden, context_dim, order, steps)
         self.gate_bias, self.shift_bound = gate_bias, shift_bound
 
-    def _gate_and_shift(self, made_out):
+    def _gate_and_shift(self, made_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m, s = made_out.unbind(-2)
         # hardtanh is clamp with a one-kernel backward (clamp's takes about seven small operations).
         return s + self.gate_bias, F.hardtanh(m, -self.shift_bound, self.shift_bound)
 
-    def _scale_shift(self, made_out):
+    def _scale_shift(self, made_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, m = self._gate_and_shift(made_out)
         return F.logsigmoid(s), torch.sigmoid(-s) * m
 
-    def _one_pass(self, network, z_in):
+    def _one_pass(self, network: Network, z_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, m = self._gate_and_shift(network(z_in))
         if s.dtype != z_in.dtype:  # under autocast the MADE's outputs may be 16-bit
             s, m = s.to(z_in.dtype), m.to(z_in.dtype)
@@ -164,6 +164,6 @@ class MAF(_MaskedAffine):
         super().__init__(dim, hidden, context_dim, order, steps)
         self.log_scale_bound, self.shift_bound = log_scale_bound, shift_bound
 
-    def _scale_shift(self, made_out):
+    def _scale_shift(self, made_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, alpha = made_out.unbind(-2)
         return soft_clamp(alpha, self.log_scale_bound), soft_clamp(mu, self.shift_bound)

@@ -54,7 +54,7 @@ class ActNorm(Flow):
         self.log_scale.copy_(-torch.log(flat.std(0, unbiased=False) + 1e-6))
         self.initialized.fill_(True)
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         if self.training and not self._known_initialized:
             if not self.initialized:
@@ -64,13 +64,13 @@ class ActNorm(Flow):
         ladj = (_pixels(z, self.event_dim) * self.log_scale.sum()).expand(self.batch_shape(z))
         return y, ladj
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         x = z * torch.exp(-self._view(self.log_scale)) - self._view(self.bias)
         return x, (-_pixels(z, self.event_dim) * self.log_scale.sum()).expand(self.batch_shape(z))
 
 
-def _forget_initialized(module: ActNorm, incompatible_keys) -> None:
+def _forget_initialized(module: ActNorm, incompatible_keys: object) -> None:
     module._known_initialized = False
 
 
@@ -109,12 +109,12 @@ class InvertibleConv1x1(Flow):
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
         return self.permutation @ lower @ upper
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         ladj = (_pixels(z, self.event_dim) * self.log_s.sum()).expand(self.batch_shape(z))
         return _mix_channels(z, self.weight(), self.event_dim), ladj
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         ladj = (-_pixels(z, self.event_dim) * self.log_s.sum()).expand(self.batch_shape(z))
         return _mix_channels(z, torch.linalg.inv(self.weight()), self.event_dim), ladj
@@ -138,11 +138,11 @@ class Permute(Flow):
         self.register_buffer("permutation", perm)
         self.register_buffer("inverse_permutation", torch.argsort(perm))
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         return z.index_select(z.dim() - self.event_dim, self.permutation), z.new_zeros(self.batch_shape(z))
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         return z.index_select(z.dim() - self.event_dim, self.inverse_permutation), z.new_zeros(self.batch_shape(z))
 
@@ -206,15 +206,15 @@ class AffineCoupling(Flow):
         shift, raw = h.split(self.n_out, dim=axis)
         return shift, F.logsigmoid(raw + 2.0)
 
-    def _halves(self, z):
+    def _halves(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         axis = z.dim() - self.event_dim
         a, b = z.split([self.split, self.channels - self.split], dim=axis)
         return (b, a) if self.swap else (a, b)
 
-    def _join(self, cond, out, axis):
+    def _join(self, cond: torch.Tensor, out: torch.Tensor, axis: int) -> torch.Tensor:
         return torch.cat((out, cond) if self.swap else (cond, out), dim=axis)
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         cond, x = self._halves(z)
         shift, log_scale = self._conditioner(cond, context)
@@ -222,7 +222,7 @@ class AffineCoupling(Flow):
         ladj = log_scale.flatten(z.dim() - self.event_dim).sum(-1)
         return self._join(cond, y, z.dim() - self.event_dim), ladj
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         cond, y = self._halves(z)
         shift, log_scale = self._conditioner(cond, context)
