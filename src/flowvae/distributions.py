@@ -168,7 +168,8 @@ class FlowDistribution(D.Distribution):
         >>> import torch
         >>> from flowvae import flows
         >>> flow = flows.build_flow("iaf", dim=2, steps=2, context_dim=4, hidden=8)
-        >>> q = FlowDistribution(diagonal_gaussian(torch.zeros(3, 2), torch.zeros(3, 2)), flow, context=torch.randn(3, 4))
+        >>> base = diagonal_gaussian(torch.zeros(3, 2), torch.zeros(3, 2))
+        >>> q = FlowDistribution(base, flow, context=torch.randn(3, 4))
         >>> z, log_q = q.rsample_and_log_prob()
         >>> tuple(z.shape), tuple(log_q.shape), torch.allclose(q.log_prob(z), log_q, atol=1e-4)
         ((3, 2), (3,), True)

@@ -25,7 +25,8 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> n
     grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
     for i in range(n):
         r, col = divmod(i, cols)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top: top + h, left: left + w] = images[i]
     array = grid.permute(1, 2, 0).numpy()
     return array[..., 0] if c == 1 else array
 

@@ -61,7 +61,8 @@ class Flow(nn.Module):
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"{name} expects a floating-point tensor, got {type(z).__name__}")
         if z.dim() < self.event_dim:
-            raise ValueError(f"{name} expects z with at least {self.event_dim} dimension(s), got shape {tuple(z.shape)}")
+            raise ValueError(f"{name} expects z with at least {self.event_dim} dimension(s), "
+                             f"got shape {tuple(z.shape)}")
         axis = z.dim() - self.event_dim
         if z.shape[axis] != features:
             expected = f"(..., {features})" if self.event_dim == 1 else f"(..., {features}, H, W)"

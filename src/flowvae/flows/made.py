@@ -100,11 +100,13 @@ class MADE(nn.Module):
         stack = () if steps is None else (steps,)
         degrees = [self.degrees]
         for width in hidden:
-            hidden_degrees = torch.arange(width) % max(dim - 1, 1) + 1 if dim > 1 else torch.zeros(width, dtype=torch.long)
+            hidden_degrees = (torch.arange(width) % max(dim - 1, 1) + 1 if dim > 1
+                              else torch.zeros(width, dtype=torch.long))
             degrees.append(hidden_degrees.expand(*stack, width))
         layers = []
         for d_in, d_out in zip(degrees[:-1], degrees[1:]):
-            layers.append(MaskedLinear(d_in.shape[-1], d_out.shape[-1], (d_out[..., :, None] >= d_in[..., None, :]).float()))
+            layers.append(MaskedLinear(d_in.shape[-1], d_out.shape[-1],
+                                       (d_out[..., :, None] >= d_in[..., None, :]).float()))
         self.hidden_layers = nn.ModuleList(layers)
         out_degrees = self.degrees.repeat(*(1,) * len(stack), n_params)
         self.output_layer = MaskedLinear(hidden[-1], n_params * dim,
@@ -138,7 +140,8 @@ class MADE(nn.Module):
         h = F.linear(x, weights[0], biases[0])
         if context_term is not None:
             # In place where h already has the broadcast shape (one large temporary less per pass).
-            h = h.add_(context_term) if torch.broadcast_shapes(h.shape, context_term.shape) == h.shape else h + context_term
+            in_place = torch.broadcast_shapes(h.shape, context_term.shape) == h.shape
+            h = h.add_(context_term) if in_place else h + context_term
         h = self.activation(h)
         for weight, bias in zip(weights[1:-1], biases[1:-1]):
             h = self.activation(F.linear(h, weight, bias))

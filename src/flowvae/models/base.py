@@ -98,9 +98,10 @@ class LatentVariableModel(nn.Module, Generic[Encoded]):
     Subclasses set ``image_shape`` (C, H, W) and ``likelihood``, and implement
     :meth:`noise_shapes`, :meth:`encode`, :meth:`log_densities`, :meth:`sample` and
     :meth:`reconstruct`; ``Encoded`` is the type ``encode`` returns (``LatentVariableModel[BottomUp]``).
-    :meth:`initialise` and :meth:`init_output_bias` are optional hooks with defaults.  The noise is all the randomness of one draw from q(z|x): given the same
-    noise, ``log_densities`` is deterministic, which is what makes DDP shards, bit-identical resume
-    and reproducible evaluation work for every model.
+    :meth:`initialise` and :meth:`init_output_bias` are optional hooks with defaults.  The noise is
+    all the randomness of one draw from q(z|x): given the same noise, ``log_densities`` is
+    deterministic, which is what makes DDP shards, bit-identical resume and reproducible evaluation
+    work for every model.
     """
 
     image_shape: tuple[int, int, int]

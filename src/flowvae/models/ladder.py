@@ -96,7 +96,8 @@ class LadderVAE(LatentVariableModel[BottomUp]):
                  log_var_bounds: tuple[float, float] | None = None) -> None:
         super().__init__()
         if layers < 1 or latent_dim < 1 or hidden < 1:
-            raise ValueError(f"LadderVAE needs layers, latent_dim and hidden >= 1, got {layers}, {latent_dim}, {hidden}")
+            raise ValueError(f"LadderVAE needs layers, latent_dim and hidden >= 1, "
+                             f"got {layers}, {latent_dim}, {hidden}")
         self.image_shape, self.likelihood = tuple(image_shape), likelihood
         self.latent_dim, self.layers, self.prior = latent_dim, layers, prior
         self.log_var_bounds = log_var_bounds
