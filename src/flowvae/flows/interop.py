@@ -92,12 +92,13 @@ class FlowTransform(Transform):
         if self.context is not None:
             yield self.context
 
+    # torch declares domain and codomain as class attributes; here they follow the flow's event_dim
     @property
-    def domain(self) -> constraints.Constraint:  # type: ignore[override]  # torch's class attribute; ours follows the flow
+    def domain(self) -> constraints.Constraint:  # type: ignore[override]
         return constraints.independent(constraints.real, self.flow.event_dim)
 
     @property
-    def codomain(self) -> constraints.Constraint:  # type: ignore[override]  # as domain
+    def codomain(self) -> constraints.Constraint:  # type: ignore[override]
         return constraints.independent(constraints.real, self.flow.event_dim)
 
     def with_cache(self, cache_size: int = 1) -> FlowTransform:
