@@ -200,7 +200,7 @@ def _jsonable(value: object) -> object:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def report(default_name: str, args, info: dict, threads: int, results: dict, render, load: "OtherLoad") -> None:
+def report(default_name: str, args, info: dict, threads: int, results: dict, render, load: OtherLoad) -> None:
     """Print a benchmark's table and save it (JSON + Markdown) unless it was a --quick smoke run."""
     info["other_processes_cores"] = load.stop()
     text = render(results, info, args)
@@ -212,7 +212,7 @@ def report(default_name: str, args, info: dict, threads: int, results: dict, ren
     print(f"\nsaved {paths[0]} and {paths[1]}", file=sys.stderr)
 
 
-def start(args) -> tuple[int, dict, "OtherLoad"]:
+def start(args) -> tuple[int, dict, OtherLoad]:
     """Threads, clock, an optional wait for a quiet machine, the machine line; then start watching the load."""
     threads = set_threads(args.threads)
     info = machine()

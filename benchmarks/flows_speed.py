@@ -18,8 +18,8 @@ IAF's inverse and MAF's forward solve the autoregressive equations one degree at
 passes.  A call that takes longer than ``--budget`` seconds is timed once (no repeats), so at
 D=784 those cells are one call each (after one warm-up call).  MAF's training step runs that
 sequential forward under autograd, which keeps D copies of the MADE activations (~27 GB at D=784,
-B=1000), so it is timed only where D·B <= ``--max-sequential-train``.  Amortized Sylvester flows are full rank (M = D), so their
-head emits ~2D² numbers per example; configurations whose amortized parameters exceed
+B=1000), so it is timed only where D·B <= ``--max-sequential-train``.  Amortized Sylvester flows
+are full rank (M = D), so their head emits ~2D² numbers per example; configurations whose amortized parameters exceed
 ``--max-amortized`` floats in a batch are skipped and listed.
 
     python benchmarks/flows_speed.py                                   # full run (~10 min on 2 cores)
@@ -39,9 +39,10 @@ import sys
 import torch
 from torch import nn
 
-from common import report, start, Timing, machine_line, markdown_table, measure, save
 from flowvae import flows
 from flowvae.flows.base import FlowParameters
+
+from common import Timing, machine_line, markdown_table, measure, report, save, start
 
 MADE_HIDDEN = 320
 
@@ -291,7 +292,7 @@ def profile_iaf(args: argparse.Namespace) -> str:
                 params = list(flow.parameters())
                 leaf = z.clone().requires_grad_(True)
                 for mode in ("fwd", "train"):
-                    def step():
+                    def step(mode=mode, flow=flow, z=z, context=context, leaf=leaf, params=params):
                         if mode == "fwd":
                             with torch.no_grad():
                                 flow(z, context)

@@ -30,7 +30,6 @@ eager past the recompile limit while reported as compiled.  Prints a Markdown ta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -175,7 +174,8 @@ def measure(kind: str, arch: str, batch: int, precision: str, compile_model: boo
             "compile": compile_model, "ms_per_step": round(ms, 3), "ms_range": [round(min(times) * 1e3, 3),
                                                                               round(max(times) * 1e3, 3)],
             "images_per_s": round(batch / ms * 1e3, 1), "total_s": round(total_s, 1), "flags": flags,
-            "peak_mem_mib": round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None}
+            "peak_mem_mib": (round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+                             if device.type == "cuda" else None)}
 
 
 def main() -> None:

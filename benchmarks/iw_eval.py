@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import common
-from common import machine_line, markdown_table, measure, report, start
 from flowvae.evaluation import evaluate, reuse_freed_memory
 from flowvae.models import build_vae
+
+import common
+from common import machine_line, markdown_table, measure, report, start
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 
@@ -45,8 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=1000, help="K importance samples per image")
     p.add_argument("--points", type=int, default=100, help="images evaluated")
     p.add_argument("--batch-size", type=int, default=100,
-                   help="images per evaluation batch (flowvae's eval_batch_size; the full test set runs in such batches)")
-    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist.npz"))
+                   help="images per evaluation batch "
+                        "(flowvae's eval_batch_size; the full test set runs in such batches)")
+    p.add_argument("--data",
+                   default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist.npz"))
     p.add_argument("--chunk", type=int, default=None, help="samples per chunk (default: evaluate's automatic choice)")
     p.add_argument("--default-allocator", action="store_true",
                    help="leave glibc's allocator settings alone (the flowvae command applies reuse_freed_memory)")
@@ -57,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to this long for other processes to go quiet")
-    p.add_argument("--quick", action="store_true", help="K = 50, one repeat, no compile (results not saved unless --out)")
+    p.add_argument("--quick", action="store_true",
+                   help="K = 50, one repeat, no compile (results not saved unless --out)")
     p.add_argument("--out", default=None, help="result name under benchmarks/results/ (default iw_eval)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -72,7 +76,8 @@ class MatmulRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in MATMULS:
-            self.calls.append((func, [(tuple(a.shape), tuple(a.stride())) for a in args if isinstance(a, torch.Tensor)]))
+            self.calls.append((func, [(tuple(a.shape), tuple(a.stride()))
+                                      for a in args if isinstance(a, torch.Tensor)]))
         return func(*args, **(kwargs or {}))
 
 
@@ -124,8 +129,8 @@ def run(args: argparse.Namespace) -> dict:
     x, data_note = load_images(args.data, args.points, args.seed)
 
     def evaluation(compiled: bool) -> callable:
-        return lambda: evaluate(model, x, batch_size=min(args.batch_size, args.points), samples=args.samples, seed=args.seed,
-                                chunk_size=args.chunk, compile=compiled)
+        return lambda: evaluate(model, x, batch_size=min(args.batch_size, args.points), samples=args.samples,
+                                seed=args.seed, chunk_size=args.chunk, compile=compiled)
 
     with torch.no_grad():
         recorder = MatmulRecorder()
@@ -154,8 +159,8 @@ def run(args: argparse.Namespace) -> dict:
             print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()),
                   file=sys.stderr)
     medians = {name: float(np.median(t)) for name, t in times.items()}
-    return {"data": data_note, "reuse_freed_memory": tuned, "matmul_products": len(recorder.calls), "matmul_flops": flops,
-            "replayed_flops": product_flops(recorder.calls),
+    return {"data": data_note, "reuse_freed_memory": tuned, "matmul_products": len(recorder.calls),
+            "matmul_flops": flops, "replayed_flops": product_flops(recorder.calls),
             "peak_flops_per_s": peak, "peak_bound_s": flops / peak, "nll": nll,
             "variants": [{"variant": name, "seconds": medians[name], "seconds_all": sorted(times[name]),
                           "of_replay": medians[name] / medians["matmul replay"],

@@ -52,11 +52,12 @@ from typing import Any
 
 import torch
 
-from common import OtherLoad, machine, machine_line, markdown_table, save, set_threads, warn_if_busy
 from flowvae.config import TrainConfig, load_yaml
 from flowvae.evaluation import evaluate
 from flowvae.runs import load_run
 from flowvae.training import resolve_device, train
+
+from common import OtherLoad, machine, machine_line, markdown_table, save, set_threads, warn_if_busy
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = next((d / "data" for d in (ROOT / "shared", ROOT.parent / "shared") if (d / "data").is_dir()),
@@ -244,7 +245,8 @@ def one_run(budget: Budget, family: str, seed: int, args: argparse.Namespace, th
     row = {
         "family": family, "seed": seed, "out": cfg.out, "parameters": results["parameters"],
         "epochs_trained": results["epochs_trained"], "best_epoch": results["best_epoch"],
-        "train_minutes": results["train_minutes"], "minutes_this_invocation": round((time.perf_counter() - start) / 60, 3),
+        "train_minutes": results["train_minutes"],
+        "minutes_this_invocation": round((time.perf_counter() - start) / 60, 3),
         "train_neg_elbo": results["train"]["neg_elbo"], "valid_neg_elbo": results["valid"]["neg_elbo"],
         "test_neg_elbo": results["test"]["neg_elbo"], "test_reconstruction": results["test"]["reconstruction"],
         "test_kl": results["test"]["kl"], "nll": test["nll"], "nll_samples": test["nll_samples"],
@@ -305,8 +307,9 @@ def render(payload: dict[str, Any]) -> str:
                   "† Unverified: the −log p(x) figures could not be checked against the paper. "
                   "An −ELBO is set only beside an −ELBO and a −log p(x) only beside a −log p(x)."]
     if budget.nll_subset is not None:
-        lines += ["", f"−ELBO is over the whole test set, −log p(x) over its first {budget.nll_subset} images, so their "
-                  "difference is not the ELBO gap; the JSON also holds the −ELBO of that subset (`nll_subset_neg_elbo`)."]
+        lines += ["", f"−ELBO is over the whole test set, −log p(x) over its first {budget.nll_subset} images, "
+                  "so their difference is not the ELBO gap; "
+                  "the JSON also holds the −ELBO of that subset (`nll_subset_neg_elbo`)."]
     if has_published and payload["budget_name"] != "full":
         lines += ["", "The published figures come from the `full` protocol, not from this budget's smaller model "
                   "and shorter training: they show where the families should end up, not what this budget can reach."]

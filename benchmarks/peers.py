@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from common import report, start, machine_line, markdown_table, measure
+from common import machine_line, markdown_table, measure, report, start
 
 # Every flowvae-compile row compiles the same VAE methods for another model (and the last, shorter
 # chunk of importance samples once more): more recompilations than dynamo's default limit of 8,
@@ -203,7 +203,8 @@ def build_flowvae(flow: str, conditioned: bool) -> Implementation:
         raise Unavailable(f"flowvae.models / flowvae.objectives not importable: {error}") from error
     kwargs = {"flow_hidden": MADE_HIDDEN} if flow == "iaf" else {}
     model = build_vae(arch="mlp", image_shape=(1, 28, 28), latent_dim=LATENT, hidden=HIDDEN,
-                      likelihood="bernoulli", flow=flow, flow_steps=FLOW_STEPS[flow], flow_context=conditioned, **kwargs)
+                      likelihood="bernoulli", flow=flow, flow_steps=FLOW_STEPS[flow], flow_context=conditioned,
+                      **kwargs)
 
     def loss(x):
         return objectives.negative_elbo(model(x.view(-1, 1, 28, 28), samples=1)).mean()
@@ -221,7 +222,8 @@ def build_flowvae(flow: str, conditioned: bool) -> Implementation:
         notes = "build_vae(arch='mlp', flow='none'): the VAE without a flow, the floor of every flow model"
     elif flow == "planar":
         notes = ("build_vae(arch='mlp'" + ("): u, w, b of each step from a linear head on h (amortized)"
-                                           if conditioned else ", flow_context=False): global u, w, b") + ", û constraint")
+                                           if conditioned else ", flow_context=False): global u, w, b")
+                 + ", û constraint")
     else:
         notes = ("build_vae(arch='mlp'" + ("): h through an extra linear into the MADE's first layer, "
                                            if conditioned else ", flow_context=False): no h, ")
@@ -546,7 +548,8 @@ def run(args: argparse.Namespace) -> dict:
     x_test = torch.from_numpy(test[: args.nll_points]).float()
 
     impls, unavailable = [], []
-    models = [(flow, conditioned) for flow in args.flows for conditioned in ((True,) if flow == "none" else (True, False))]
+    models = [(flow, conditioned) for flow in args.flows
+              for conditioned in ((True,) if flow == "none" else (True, False))]
     for flow, conditioned in models:
         for library in args.libraries:
             # the peers build the flow models, the hand-written torch row only the no-flow floor
@@ -711,7 +714,8 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
         quickest = min(peers, key=lambda r: r["nll_s"])
         iw = ", ".join(f"{lib} {quickest['nll_s'] / reference[lib][model]['nll_s']:.2f}×"
                        for lib in ours if model in reference[lib])
-        summary.append(f"- {model}: fastest peer {fastest['library']} ({fastest['steps_per_s']:.1f} steps/s); {versus}. "
+        summary.append(f"- {model}: fastest peer {fastest['library']} ({fastest['steps_per_s']:.1f} steps/s); "
+                       f"{versus}. "
                        f"−log p(x): fastest peer {quickest['library']} ({quickest['nll_s']:.2f} s); {iw}")
     header = ["library", "model", "steps/s", "ms/step", "flowvae/peer", "flowvae-compile/peer", "floor steps/s",
               "ceiling steps/s", "of ceiling", "MFLOP/step", "FLOP eff.",

@@ -35,10 +35,11 @@ import torch
 import zuko
 from torch import nn
 
-from common import OtherLoad, machine, machine_line, markdown_table, set_threads
 from flowvae import flows, objectives
 from flowvae.data import load_dataset
 from flowvae.models import VAE, GaussianEncoder, build_likelihood, count_parameters
+
+from common import OtherLoad, machine, machine_line, markdown_table, set_threads
 
 
 def build(posterior: str, latent: int, hidden: int, flow_hidden: int, seed: int) -> VAE:

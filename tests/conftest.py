@@ -7,10 +7,9 @@ that leaves ``device`` at 'auto' resolves to the CPU in-process either way.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import os
 
 import pytest
 import torch

@@ -41,8 +41,8 @@ def main() -> None:
         train(reference, reference, slice(0, BATCH), 1)
         train(model, torch.nn.parallel.DistributedDataParallel(model), slice(rank * half, (rank + 1) * half), workers)
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{arch} {flow} {context}: {name}: {m}")
+            where = f"{arch} {flow} {context}: {name}"
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=lambda m, where=where: f"{where}: {m}")
         if rank == 0:
             print(f"{arch} flow={flow} context={context}: same parameters", flush=True)
     dist.destroy_process_group()

@@ -25,10 +25,14 @@ from flowvae.data import (
     DataError,
     DatasetSplits,
     available_datasets,
+    binarized_mnist,
+    cifar10,
     default_data_dir,
+    fashion_mnist,
+    freyfaces,
     load_dataset,
+    mnist,
 )
-from flowvae.data import binarized_mnist, cifar10, fashion_mnist, freyfaces, mnist
 from flowvae.data.cache import download, fetch, sha256_of
 from flowvae.data.formats import read_cifar_batch
 

@@ -310,7 +310,7 @@ def test_from_transform_log_det_matches_the_autograd_jacobian_and_inverts(name):
     y, ladj = flow(z, h)
     assert y.shape == z.shape and ladj.shape == (3, BATCH)
     for k, b in [(0, 0), (2, 3)]:
-        jacobian = torch.autograd.functional.jacobian(lambda v: flow(v, h[b])[0], z[k, b])
+        jacobian = torch.autograd.functional.jacobian(lambda v, b=b: flow(v, h[b])[0], z[k, b])
         torch.testing.assert_close(ladj[k, b], torch.linalg.slogdet(jacobian)[1], rtol=0, atol=1e-8)
     assert flow.has_inverse
     back, ladj_inverse = flow.inverse(y, h)

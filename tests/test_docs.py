@@ -34,8 +34,8 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (file, the block's first line, up to 
                                                                "runs 2 gloo workers",
     ("README.md", "src/flowvae/"): "a directory listing, not code",
     ("docs/benchmarks.md", "pip install torch==2.13.0 && pip install"): "installs the benchmarks' peer libraries",
-    ("docs/benchmarks.md", "benchmarks/.venv-peers/bin/python benchm"): "timing benchmarks (minutes, a quiet "
-                                                                        "machine); tests/test_benchmarks.py smokes them",
+    ("docs/benchmarks.md", "benchmarks/.venv-peers/bin/python benchm"):
+        "timing benchmarks (minutes, a quiet machine); tests/test_benchmarks.py smokes them",
     ("docs/benchmarks.md", "python benchmarks/mnist_table.py --budge"): "timing benchmarks; tests/test_benchmarks.py",
     ("docs/results.md", "flowvae train --dataset binarized_mnist "): "MNIST runs of 15 to 60 minutes; " + TINY_CLI,
     ("docs/results.md", 'common="--dataset binarized_mnist --data'): "MNIST runs of 15 minutes each; " + TINY_CLI,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -69,7 +69,8 @@ CASES = [
                                           F.AffineCoupling(IMG[0], 8, c, event_dim=3)), True, image=True),
 ]
 for name in F.FLOW_NAMES[1:]:
-    CASES.append(Case(f"build-{name}", lambda c, name=name: F.build_flow(name, DIM, 2, c, hidden=12, reflections=3), True))
+    CASES.append(Case(f"build-{name}",
+                      lambda c, name=name: F.build_flow(name, DIM, 2, c, hidden=12, reflections=3), True))
 
 
 def make_flow(case: Case, dtype=torch.float64, device="cpu", seed: int = 0) -> F.Flow:
@@ -96,7 +97,7 @@ def jacobian_log_det(flow: F.Flow, z: torch.Tensor, h: torch.Tensor | None, dire
     out = []
     for i in range(z.shape[0]):
         ctx = None if h is None else h[i:i + 1]
-        def f(x):
+        def f(x, ctx=ctx):
             return fn(x.view(1, *z.shape[1:]), ctx)[0].reshape(-1)
         jac = torch.autograd.functional.jacobian(f, z[i].reshape(-1), vectorize=True)
         out.append(torch.linalg.slogdet(jac).logabsdet)
@@ -190,7 +191,7 @@ def test_each_network_of_a_stacked_made_is_autoregressive_in_its_own_order(order
     first = F.MADE(DIM, (4,), order=order).degrees
     assert len(networks) == 3 and torch.equal(made.degrees, torch.stack([first, DIM + 1 - first, first]))
     for network, deg in zip(networks, made.degrees):
-        jac = degrees_jacobian(lambda x: network(x).reshape(-1), DIM).reshape(2, DIM, DIM)
+        jac = degrees_jacobian(lambda x, network=network: network(x).reshape(-1), DIM).reshape(2, DIM, DIM)
         allowed = deg[None, :] < deg[:, None]
         assert torch.all(jac[:, ~allowed] == 0)
         assert torch.all(jac[:, allowed].abs().sum(0) > 0)
@@ -199,7 +200,9 @@ def test_each_network_of_a_stacked_made_is_autoregressive_in_its_own_order(order
 
 
 def _one_step_flows(cls: type, context_dim: int | None, steps: int, order: str | list[int]) -> F.Compose:
-    reverse = (lambda o: "reversed" if o == "natural" else o[::-1])
+    def reverse(o):
+        return "reversed" if o == "natural" else o[::-1]
+
     return F.Compose(*(cls(DIM, (16, 12), context_dim, order=order if t % 2 == 0 else reverse(order))
                        for t in range(steps))).double()
 
@@ -391,7 +394,7 @@ def test_sequential_direction_round_trips_at_every_well_conditioned_point(cls, o
         z = torch.randn(16, 16, dtype=torch.float64)
         y, ladj = one_pass(z)
         x, ladj_back = sequential(y)
-        good = per_row_jacobian_condition(lambda v: one_pass(v)[0], z) < 1e6
+        good = per_row_jacobian_condition(lambda v, one_pass=one_pass: one_pass(v)[0], z) < 1e6
         checked += int(good.sum())
         assert torch.isfinite(x[good]).all() and torch.isfinite(ladj_back[good]).all()
         torch.testing.assert_close(x[good], z[good], rtol=0, atol=1e-8)
@@ -417,7 +420,8 @@ def test_iaf_inverse_is_finite_at_a_well_conditioned_point():
     for x, ladj_inverse in (flow.inverse(y), F.Inverse(flow)(y)):
         torch.testing.assert_close(x, z, rtol=0, atol=1e-12)
         torch.testing.assert_close(ladj_inverse, -ladj, rtol=0, atol=1e-12)
-    q = FlowDistribution(diagonal_gaussian(torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)), flow)
+    zero = torch.zeros(3, dtype=torch.float64)
+    q = FlowDistribution(diagonal_gaussian(zero, zero), flow)
     torch.testing.assert_close(q.log_prob(y), standard_normal_log_prob(z) - ladj)
 
 

@@ -285,6 +285,7 @@ def test_presets_are_valid_configs():
 
 def test_cifar10_preset_runs_end_to_end_on_small_synthetic_files(tmp_path, monkeypatch):
     from flowvae.data import cifar10
+
     from test_data import cifar_batch, fake_cifar  # the CIFAR-shaped tarball writers of the data tests
 
     monkeypatch.setattr(cifar10, "TAR_SHA256", None)

@@ -12,6 +12,7 @@ from flowvae import flows, objectives
 from flowvae.models import VAE, GaussianEncoder, build_likelihood, build_vae, count_parameters
 from flowvae.models.likelihoods import Gaussian
 
+
 @pytest.fixture(autouse=True)
 def _float64():
     """This module checks maths, so it works in float64."""
@@ -174,7 +175,8 @@ def test_architectures_fit_every_image_shape(arch, shape, likelihood, kind):
     try:
         model = build_vae(arch, shape, 6, likelihood, hidden=16, feature_dim=16, flow="iaf", flow_steps=1,
                           flow_hidden=8, data_kind=kind)
-        x = torch.randint(0, 256 if kind == "8bit" else 2, (2, *shape)).to(torch.uint8 if kind == "8bit" else torch.float32)
+        x = torch.randint(0, 256 if kind == "8bit" else 2, (2, *shape))
+        x = x.to(torch.uint8 if kind == "8bit" else torch.float32)
         ld = model(x, samples=3)
         assert ld.log_likelihood.shape == ld.log_prior.shape == ld.log_posterior.shape == (3, 2)
         assert torch.isfinite(ld.log_weight).all()
@@ -250,7 +252,8 @@ def test_cpu_importance_sampling_chunks_stay_below_the_mmap_threshold_that_the_c
 
     glibc_linux = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert reuse_freed_memory() is glibc_linux
-    for likelihood, shape, kind in (("bernoulli", (1, 28, 28), "binary"), ("discretized_logistic", (3, 32, 32), "8bit")):
+    for likelihood, shape, kind in (("bernoulli", (1, 28, 28), "binary"),
+                                    ("discretized_logistic", (3, 32, 32), "8bit")):
         model = build_vae("mlp", shape, 8, likelihood=likelihood, data_kind=kind)
         points, samples = auto_chunk_size(model, 100, 5000, decode_budget(torch.device("cpu")))
         output_bytes = points * samples * model.likelihood.params_per_pixel * math.prod(shape) * 4

@@ -68,7 +68,8 @@ def linear_gaussian(at_optimum: bool, seed: int = 0) -> tuple[VAE, torch.Tensor]
         encoder.mean.weight.copy_(sigma @ W.T / NOISE_STD ** 2)
         encoder.mean.bias.copy_(-sigma @ W.T @ b / NOISE_STD ** 2)
         encoder.log_std.weight.zero_()
-        encoder.log_std.bias.copy_(8 * torch.atanh(0.5 * torch.log(torch.diagonal(sigma)) / 8))  # undo the ±8 soft clamp
+        # undo the ±8 soft clamp
+        encoder.log_std.bias.copy_(8 * torch.atanh(0.5 * torch.log(torch.diagonal(sigma)) / 8))
         if not at_optimum:
             for p in encoder.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
@@ -203,7 +204,8 @@ def test_help_lists_every_new_option(capsys):
     for flag in NEW_FLAGS:
         assert flag in text, flag
     for words in ("Burda et al. 2016", "sticking the landing", "decoupled weight decay", "encoder's input", "gated",
-                  "dropout probability", "logit(mean training pixel)", "log variance", "pseudo-inputs (mixture components) of --prior vamp", "--max-minutes"):
+                  "dropout probability", "logit(mean training pixel)", "log variance",
+                  "pseudo-inputs (mixture components) of --prior vamp", "--max-minutes"):
         assert words in text, words
 
 

@@ -12,8 +12,18 @@ from torch import distributions as D
 
 from flowvae import flows as F
 from flowvae.distributions import diagonal_gaussian, standard_normal_log_prob
-from flowvae.priors import (FLOW_PRIOR_NAMES, PRIOR_NAMES, FlowPrior, Prior, StandardNormalPrior, VampPrior,
-                            build_flow_prior, build_prior, gaussian_mixture_log_prob, has_one_pass_density)
+from flowvae.priors import (
+    FLOW_PRIOR_NAMES,
+    PRIOR_NAMES,
+    FlowPrior,
+    Prior,
+    StandardNormalPrior,
+    VampPrior,
+    build_flow_prior,
+    build_prior,
+    gaussian_mixture_log_prob,
+    has_one_pass_density,
+)
 
 torch.set_num_threads(1)
 IMAGE = (1, 2, 2)

@@ -311,13 +311,13 @@ class _NoAliasLoader(yaml.SafeLoader):
     """Safe YAML without anchors and aliases (which let a tiny file expand into a huge one) and
     without repeated keys (which YAML silently resolves to the last one)."""
 
-    def compose_node(self, parent, index):  # noqa: ANN001
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise ConfigError(f"YAML aliases (*{event.anchor}) are not allowed in a flowvae config")
         return super().compose_node(parent, index)
 
-    def construct_mapping(self, node, deep=False):  # noqa: ANN001
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)

@@ -17,6 +17,9 @@ from flowvae.flows.interop import IdentityCache
 
 LOG_2PI = math.log(2.0 * math.pi)
 
+# torch.distributions' ``_size``: the shapes ``sample``/``rsample``/``expand`` accept
+Shape = torch.Size | list[int] | tuple[int, ...]
+
 
 def diagonal_gaussian(mean: torch.Tensor, log_std: torch.Tensor) -> D.Independent:
     """N(mean, diag(exp(log_std))²) as a torch distribution with event shape (D,).
@@ -72,7 +75,9 @@ def validate_value(dist: D.Distribution, value: torch.Tensor) -> None:
     except RuntimeError:
         raise ValueError(f"{name}.log_prob: value of shape {tuple(value.shape)} does not broadcast with batch shape "
                          f"{tuple(dist.batch_shape)}") from None
-    if not bool(dist.support.check(value).all()):  # a device sync: why validation is optional
+    support = dist.support
+    assert support is not None, f"{name} declares no support"
+    if not bool(support.check(value).all()):  # a device sync: why validation is optional
         raise ValueError(f"{name}.log_prob got a value of shape {tuple(value.shape)} with entries outside the "
                          f"support {dist.support} (NaN for real vectors)")
 
@@ -87,8 +92,9 @@ class StandardNormal(nn.Module, D.Distribution):
 
     arg_constraints: dict[str, constraints.Constraint] = {}
     has_rsample = True
+    loc: torch.Tensor  # a buffer
 
-    def __init__(self, *shape: int, batch_shape: torch.Size | tuple[int, ...] = (),
+    def __init__(self, *shape: int, batch_shape: Shape = (),
                  validate_args: bool | None = None) -> None:
         nn.Module.__init__(self)
         if any(not isinstance(n, int) or n < 1 for n in shape):
@@ -112,7 +118,7 @@ class StandardNormal(nn.Module, D.Distribution):
     def variance(self) -> torch.Tensor:
         return torch.ones_like(self.loc).expand(self._extended_shape())
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+    def rsample(self, sample_shape: Shape = ()) -> torch.Tensor:
         """ε ~ N(0, I) of shape (*sample_shape, *batch, *event), in ``loc``'s dtype and device."""
         return torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
 
@@ -127,7 +133,7 @@ class StandardNormal(nn.Module, D.Distribution):
         n = self.loc.numel()
         return self.loc.new_full(self.batch_shape, 0.5 * n * (1.0 + LOG_2PI))
 
-    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: None = None) -> StandardNormal:
+    def expand(self, batch_shape: Shape, _instance: None = None) -> StandardNormal:
         new = type(self)(*self.event_shape, batch_shape=batch_shape, validate_args=self._validate_args)
         new.loc = self.loc
         return new
@@ -162,7 +168,8 @@ class FlowDistribution(D.Distribution):
         >>> import torch
         >>> from flowvae import flows
         >>> flow = flows.build_flow("iaf", dim=2, steps=2, context_dim=4, hidden=8)
-        >>> q = FlowDistribution(diagonal_gaussian(torch.zeros(3, 2), torch.zeros(3, 2)), flow, context=torch.randn(3, 4))
+        >>> base = diagonal_gaussian(torch.zeros(3, 2), torch.zeros(3, 2))
+        >>> q = FlowDistribution(base, flow, context=torch.randn(3, 4))
         >>> z, log_q = q.rsample_and_log_prob()
         >>> tuple(z.shape), tuple(log_q.shape), torch.allclose(q.log_prob(z), log_q, atol=1e-4)
         ((3, 2), (3,), True)
@@ -188,24 +195,23 @@ class FlowDistribution(D.Distribution):
             yield self.context
 
     @property
-    def support(self) -> constraints.Constraint:
+    def support(self) -> constraints.Constraint | None:
         if self.flow is None:
             return self.base.support
         return constraints.independent(constraints.real, len(self.event_shape))
 
     @property
-    def has_rsample(self) -> bool:
+    def has_rsample(self) -> bool:  # type: ignore[override]  # torch's class attribute; here it follows the base
         return self.base.has_rsample
 
-    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: FlowDistribution | None = None
-               ) -> FlowDistribution:
+    def expand(self, batch_shape: Shape, _instance: FlowDistribution | None = None) -> FlowDistribution:
         """The same q over a larger batch: the base is expanded, the flow and h broadcast."""
         new = self._get_checked_instance(FlowDistribution, _instance)
         FlowDistribution.__init__(new, self.base.expand(batch_shape), self.flow, self.context, validate_args=False)
         new._validate_args = self._validate_args
         return new
 
-    def rsample_and_log_prob(self, sample_shape: torch.Size | tuple[int, ...] = (), noise: torch.Tensor | None = None
+    def rsample_and_log_prob(self, sample_shape: Shape = (), noise: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """z_K and log q(z_K), (*sample_shape, *batch, D) and (*sample_shape, *batch).
 
@@ -222,14 +228,16 @@ class FlowDistribution(D.Distribution):
     def _apply_flow(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The flow on z₀; a sample shape of ones (one draw, as in training) is dropped first and
         restored after, so that h need not broadcast against it (fewer operations, same numbers)."""
+        flow = self.flow
+        assert flow is not None, "called only with a flow"
         shape = self.batch_shape + self.event_shape
         lead = z0.shape[:z0.dim() - len(shape)]
         if not lead or any(n != 1 for n in lead) or self.context is None:
-            return self.flow(z0, self.context)
-        z, ladj = self.flow(z0.reshape(shape), self.context)
+            return flow(z0, self.context)
+        z, ladj = flow(z0.reshape(shape), self.context)
         return z.reshape(z0.shape), ladj.reshape(lead + ladj.shape)
 
-    def _draw(self, sample_shape: torch.Size | tuple[int, ...], reparameterized: bool) -> torch.Tensor:
+    def _draw(self, sample_shape: Shape, reparameterized: bool) -> torch.Tensor:
         z0 = self.base.rsample(sample_shape) if reparameterized else self.base.sample(sample_shape)
         if self.flow is None:
             return z0
@@ -237,11 +245,11 @@ class FlowDistribution(D.Distribution):
         self._cache.put((z,), (z0, ladj))
         return z
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+    def rsample(self, sample_shape: Shape = ()) -> torch.Tensor:
         """z_K of shape (*sample_shape, *batch, *event), differentiable in the base's and flow's parameters."""
         return self._draw(sample_shape, reparameterized=True)
 
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+    def sample(self, sample_shape: Shape = ()) -> torch.Tensor:
         with torch.no_grad():
             return self._draw(sample_shape, reparameterized=self.base.has_rsample)
 

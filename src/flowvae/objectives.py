@@ -63,6 +63,7 @@ def elbo_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
         A 0-d tensor.
     """
     batch = ld.kl.shape[-1]
+    assert ld.kl_groups is not None  # LogDensities.__post_init__ sets it
     kl = ld.kl_groups.mean(0).sum(0)                                    # (G,), summed over the batch
     if free_bits > 0:
         kl = kl.clamp_min(_kl_floor(ld, free_bits, kl))
@@ -74,6 +75,7 @@ def _kl_floor(ld: LogDensities, free_bits: float, kl: torch.Tensor) -> torch.Ten
     Python number where every group has as many units (every built-in model: no host-to-device
     copy per step), else a (G,) tensor."""
     batch = ld.kl.shape[-1]
+    assert ld.group_units is not None  # LogDensities.__post_init__ sets it
     if len(set(ld.group_units)) == 1:
         return free_bits * ld.group_units[0] * batch
     units = torch.tensor(ld.group_units, dtype=kl.dtype).to(kl.device, non_blocking=True)
@@ -95,6 +97,7 @@ def iwae_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
     bound = torch.logsumexp(annealed_log_weight(ld, beta), 0) - math.log(samples)      # (B,)
     loss = -bound.sum()
     if free_bits > 0:
+        assert ld.kl_groups is not None  # LogDensities.__post_init__ sets it
         kl = ld.kl_groups.mean(0).sum(0)                                                # (G,)
         loss = loss + beta * torch.relu(_kl_floor(ld, free_bits, kl) - kl).sum()
     return loss / (batch if normalizer is None else normalizer)

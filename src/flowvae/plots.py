@@ -5,11 +5,15 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from flowvae.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
@@ -21,7 +25,8 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> n
     grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
     for i in range(n):
         r, col = divmod(i, cols)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top: top + h, left: left + w] = images[i]
     array = grid.permute(1, 2, 0).numpy()
     return array[..., 0] if c == 1 else array
 
@@ -41,7 +46,7 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> None:
     """Render a matplotlib figure to PNG in memory, then write it atomically."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TextIO
 
 WINDOW_S = 10.0      # images/s is measured over the last this many seconds
@@ -33,7 +34,8 @@ class Throughput:
     100.0
     """
 
-    def __init__(self, window: float = WINDOW_S, refresh: float = REFRESH_S, clock=time.perf_counter) -> None:
+    def __init__(self, window: float = WINDOW_S, refresh: float = REFRESH_S,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.window, self.refresh, self.clock = window, refresh, clock
         self.start = clock()
         self.marks: deque[tuple[float, int]] = deque([(self.start, 0)])   # (time, images so far)

@@ -34,8 +34,7 @@ from flowvae.data import DataError, DatasetSplits
 from flowvae.data.files import ARRAYS, is_data_path, load_images_for, splits_from_arrays
 from flowvae.evaluation import evaluate
 from flowvae.models import LatentVariableModel, build_model
-from flowvae.training import (CheckpointError, load_checkpoint, load_weights, model_class, prepare_data,
-                              resolve_device)
+from flowvae.training import CheckpointError, load_checkpoint, load_weights, model_class, prepare_data, resolve_device
 from flowvae.training import train as train_run
 
 __all__ = ["TrainedRun", "fit", "load_run"]
@@ -73,8 +72,8 @@ class TrainedRun:
     def images(self, split: str = "test", path: str | Path | None = None) -> torch.Tensor:
         """The images of ``split`` as the run scores them, ``(N, C, H, W)``: from ``path`` (a folder,
         ``.npy`` or ``.npz``, checked against the run's shape and kind; all of it when it has no
-        splits; or a registered data set's name) or else from the run's own data set.  Grayscale images are binarized once with the
-        run's seed, as the trainer does."""
+        splits; or a registered data set's name) or else from the run's own data set.  Grayscale images
+        are binarized once with the run's seed, as the trainer does."""
         if split not in ("train", "valid", "test"):
             raise ValueError(f"split must be train, valid or test, got {split!r}")
         if path is None:
@@ -209,7 +208,8 @@ def fit(config_or_model: TrainConfig | dict[str, Any] | LatentVariableModel | No
     elif config_or_model is None or model is not None:
         values = TrainConfig().to_dict()
     else:
-        raise TypeError(f"fit() takes a TrainConfig, a dict or a LatentVariableModel, got {type(config_or_model).__name__}")
+        raise TypeError(f"fit() takes a TrainConfig, a dict or a LatentVariableModel, "
+                        f"got {type(config_or_model).__name__}")
     flat = TrainConfig.from_dict(values, source="fit").flat()
     config = TrainConfig.from_dict(flat | options, source="fit")
     splits: DatasetSplits | None = None

@@ -31,7 +31,7 @@ EXAMPLES = """examples:
   flowvae curves runs/iaf4
   flowvae compare runs/iaf4 runs/planar8 --csv table.csv --plot valid.png
   flowvae posterior --run runs/digits-2d --n 6
-"""
+"""  # noqa: E501 (help text: each example is a command a user copies whole)
 
 
 class Parser(argparse.ArgumentParser):

@@ -190,8 +190,8 @@ def splits_from_arrays(train: Any, valid: Any = None, test: Any = None, *, kind:
     given = {split: _numpy(x, name, split) for split, x in zip(SPLITS, (train, valid, test)) if x is not None}
     dtypes = {str(x.dtype) for x in given.values()}
     if len(dtypes) > 1:
-        raise DataError(f"{name}: the splits have different dtypes ({', '.join(f'{s} {x.dtype}' for s, x in given.items())}); "
-                        "give them all as one dtype")
+        listed = ", ".join(f"{s} {x.dtype}" for s, x in given.items())
+        raise DataError(f"{name}: the splits have different dtypes ({listed}); give them all as one dtype")
     shapes = {s: x.shape[1:] for s, x in given.items()}
     if len(set(shapes.values())) > 1:
         raise DataError(f"{name}: the splits have different image shapes "

@@ -5,7 +5,8 @@
     integers 0..255 (any dtype)              '8bit'       uint8
 
 Image files are read as integers 0..255: with ``from_images``, pixels that are only 0 and 255
-(black and white) are 'binary' too, and gray levels become [0, 1] for 'grayscale'.  Every problem is one :class:`~flowvae.data.DataError` naming the first odd value and its image.
+(black and white) are 'binary' too, and gray levels become [0, 1] for 'grayscale'.  Every problem is
+one :class:`~flowvae.data.DataError` naming the first odd value and its image.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def to_tensor(x: np.ndarray, kind: str, *, from_images: bool = False, where: str
         if from_images:
             x = x // 255 if set(np.unique(x).tolist()) <= {0, 255} else x
         if not ((x == 0) | (x == 1)).all():
-            raise DataError(f"{where}: kind binary needs values 0 and 1 only, found {_odd_value(x, (x != 0) & (x != 1))}")
+            raise DataError(f"{where}: kind binary needs values 0 and 1 only, "
+                            f"found {_odd_value(x, (x != 0) & (x != 1))}")
         return torch.from_numpy(x.astype(np.float32))
     if kind == "grayscale":
         if integral and not from_images and x.min() >= 0 and x.max() <= 1:
@@ -80,7 +82,8 @@ def to_tensor(x: np.ndarray, kind: str, *, from_images: bool = False, where: str
                             f"found {_odd_value(x, (x < 0) | (x > 1))}")
         return torch.from_numpy(x.astype(np.float32))
     if not integral and not (np.mod(x, 1) == 0).all():
-        raise DataError(f"{where}: kind 8bit needs integers 0..255, found the non-integer {_odd_value(x, np.mod(x, 1) != 0)}")
+        raise DataError(f"{where}: kind 8bit needs integers 0..255, "
+                        f"found the non-integer {_odd_value(x, np.mod(x, 1) != 0)}")
     if x.min() < 0 or x.max() > 255:
         raise DataError(f"{where}: kind 8bit needs integers 0..255, found {_odd_value(x, (x < 0) | (x > 255))}")
     return torch.from_numpy(x.astype(np.uint8))

@@ -5,9 +5,9 @@ from flowvae.flows.base import Compose, Flow, FlowParameters, Inverse
 from flowvae.flows.elementwise import Householder, Planar, Radial
 from flowvae.flows.factory import FLOW_NAMES, FLOWS, IMAGE_FLOW_NAMES, IMAGE_FLOWS, build_flow, build_image_flow
 from flowvae.flows.glow import ActNorm, AffineCoupling, InvertibleConv1x1, Permute, Reverse, SpatialContextCoupling
+from flowvae.flows.interop import FlowTransform, TransformFlow, as_transform, from_transform
 from flowvae.flows.made import MADE, BernoulliMADE, MaskedLinear
 from flowvae.flows.sylvester import HouseholderSylvester, OrthogonalSylvester, TriangularSylvester
-from flowvae.flows.interop import FlowTransform, TransformFlow, as_transform, from_transform
 
 __all__ = [
     "Flow", "Compose", "Inverse", "FlowParameters", "build_flow", "FLOW_NAMES", "FLOWS",

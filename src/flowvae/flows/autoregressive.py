@@ -19,7 +19,7 @@ from flowvae.flows.made import MADE, Network
 from flowvae.numerics import soft_clamp
 
 
-def _read_orders(module: _MaskedAffine, *args) -> None:
+def _read_orders(module: _MaskedAffine, *args: object) -> None:
     """Each step's positions in the order of their degrees, read on the host when the module is built
     or loaded, not in every sequential pass (a sync, and a graph break compiled)."""
     module.orders = torch.argsort(module.made.degrees.view(-1, module.dim), dim=-1).tolist()
@@ -30,6 +30,7 @@ class _MaskedAffine(Flow):
     autoregressive order reversed between steps; ``steps=1`` is one step."""
 
     conditioned_on_output: bool
+    orders: list[list[int]]  # per step, the positions in the order of their degrees (see _read_orders)
 
     def __init__(self, dim: int, hidden: Sequence[int], context_dim: int | None, order: str | Sequence[int],
                  steps: int = 1) -> None:
@@ -86,12 +87,13 @@ class _MaskedAffine(Flow):
             else:
                 z, step_log_det = self._sequential(networks[t], self.orders[t], z, invert)
             log_det = step_log_det if log_det is None else log_det + step_log_det
+        assert log_det is not None  # steps >= 1
         return z, log_det
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self._run(z, context, invert=False)
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self._run(z, context, invert=True)
 
     def extra_repr(self) -> str:
@@ -124,16 +126,16 @@ class IAF(_MaskedAffine):
         super().__init__(dim, hidden, context_dim, order, steps)
         self.gate_bias, self.shift_bound = gate_bias, shift_bound
 
-    def _gate_and_shift(self, made_out):
+    def _gate_and_shift(self, made_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m, s = made_out.unbind(-2)
         # hardtanh is clamp with a one-kernel backward (clamp's takes about seven small operations).
         return s + self.gate_bias, F.hardtanh(m, -self.shift_bound, self.shift_bound)
 
-    def _scale_shift(self, made_out):
+    def _scale_shift(self, made_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, m = self._gate_and_shift(made_out)
         return F.logsigmoid(s), torch.sigmoid(-s) * m
 
-    def _one_pass(self, network, z_in):
+    def _one_pass(self, network: Network, z_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, m = self._gate_and_shift(network(z_in))
         if s.dtype != z_in.dtype:  # under autocast the MADE's outputs may be 16-bit
             s, m = s.to(z_in.dtype), m.to(z_in.dtype)
@@ -162,6 +164,6 @@ class MAF(_MaskedAffine):
         super().__init__(dim, hidden, context_dim, order, steps)
         self.log_scale_bound, self.shift_bound = log_scale_bound, shift_bound
 
-    def _scale_shift(self, made_out):
+    def _scale_shift(self, made_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, alpha = made_out.unbind(-2)
         return soft_clamp(alpha, self.log_scale_bound), soft_clamp(mu, self.shift_bound)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import cast
 
 import torch
 from torch import nn
@@ -60,7 +61,8 @@ class Flow(nn.Module):
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"{name} expects a floating-point tensor, got {type(z).__name__}")
         if z.dim() < self.event_dim:
-            raise ValueError(f"{name} expects z with at least {self.event_dim} dimension(s), got shape {tuple(z.shape)}")
+            raise ValueError(f"{name} expects z with at least {self.event_dim} dimension(s), "
+                             f"got shape {tuple(z.shape)}")
         axis = z.dim() - self.event_dim
         if z.shape[axis] != features:
             expected = f"(..., {features})" if self.event_dim == 1 else f"(..., {features}, H, W)"
@@ -105,15 +107,17 @@ class Compose(Flow):
     def __init__(self, *flows: Flow | Iterable[Flow]) -> None:
         super().__init__()
         if len(flows) == 1 and not isinstance(flows[0], nn.Module):
-            flows = tuple(flows[0])
-        if not flows:
+            members = tuple(flows[0])
+        else:
+            members = cast("tuple[Flow, ...]", flows)
+        if not members:
             raise ValueError("Compose needs at least one flow")
-        event_dims = {f.event_dim for f in flows}
+        event_dims = {f.event_dim for f in members}
         if len(event_dims) != 1:
             raise ValueError(f"Compose got flows with different event_dim {sorted(event_dims)}")
-        self.flows = nn.ModuleList(flows)
+        self.flows = nn.ModuleList(members)
         self.event_dim = event_dims.pop()
-        dims = {f.context_dim for f in flows} - {None}
+        dims = {f.context_dim for f in members if f.context_dim is not None}
         if len(dims) > 1:
             raise ValueError(f"Compose got flows with different context_dim {sorted(dims)}")
         self.context_dim = dims.pop() if dims else None
@@ -123,11 +127,12 @@ class Compose(Flow):
         for flow in self.flows:
             z, log_abs_det = flow(z, context)
             total = log_abs_det if total is None else total + log_abs_det
+        assert total is not None  # Compose holds at least one flow
         return z, total
 
     def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         total = z.new_zeros(self.batch_shape(z))
-        for flow in reversed(self.flows):
+        for flow in cast("Iterable[Flow]", reversed(self.flows)):
             z, log_abs_det = flow.inverse(z, context)
             total = total + log_abs_det
         return z, total
@@ -140,7 +145,7 @@ class Compose(Flow):
         return len(self.flows)
 
     def __getitem__(self, index: int) -> Flow:
-        return self.flows[index]
+        return cast(Flow, self.flows[index])
 
 
 class Inverse(Flow):
@@ -171,7 +176,7 @@ class Inverse(Flow):
         return self.flow(z, context)
 
 
-Initializer = Callable[[torch.Tensor], None]
+Initializer = Callable[[torch.Tensor], object]  # in place; what it returns is ignored
 
 
 class FlowParameters(nn.Module):

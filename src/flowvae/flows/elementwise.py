@@ -38,7 +38,7 @@ class Planar(Flow):
         self._register_load_state_dict_pre_hook(
             functools.partial(read_per_step_layout, concatenated=("params.head.",)), with_module=True)
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.dim, context)
         p = self.params(context)
         if self.steps == 1:
@@ -70,12 +70,12 @@ class Radial(Flow):
         self.params = FlowParameters({"z0": ((dim,), normal_init(dim ** -0.5)), "alpha": ((), constant_init(0.0)),
                                       "beta": ((), constant_init(0.0))}, context_dim)
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.dim, context)
         p = self.params(context)
         return Fn.radial(z, p["z0"], p["alpha"], p["beta"])
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.dim, context)
         p = self.params(context)
         return Fn.radial_inverse(z, p["z0"], p["alpha"], p["beta"])
@@ -99,14 +99,14 @@ class Householder(Flow):
         self.dim, self.context_dim, self.reflections = dim, context_dim, reflections
         self.params = FlowParameters({"v": ((reflections, dim), normal_init(1.0))}, context_dim)
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.dim, context)
         v = self.params(context)["v"]
         for k in range(self.reflections):
             z = Fn.householder(z, v[..., k, :])
         return z, z.new_zeros(self.batch_shape(z))
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.dim, context)
         v = self.params(context)["v"]
         for k in reversed(range(self.reflections)):

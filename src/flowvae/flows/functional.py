@@ -48,13 +48,13 @@ def planar_chain(z: torch.Tensor, u_hat: torch.Tensor, w: torch.Tensor, b: torch
     """
     one_minus = 1.0 - one_plus_wu_hat
     if w.dim() > 2:
-        dets = []
-        steps = zip(u_hat.unbind(-2), w.unbind(-2), b.unbind(-1), one_plus_wu_hat.unbind(-1), one_minus.unbind(-1))
-        for u_t, w_t, b_t, c_t, one_minus_t in steps:
+        step_dets = []
+        per_step = zip(u_hat.unbind(-2), w.unbind(-2), b.unbind(-1), one_plus_wu_hat.unbind(-1), one_minus.unbind(-1))
+        for u_t, w_t, b_t, c_t, one_minus_t in per_step:
             h_t = torch.tanh((z * w_t).sum(-1) + b_t)
             z = torch.addcmul(z, h_t.unsqueeze(-1), u_t)
-            dets.append(torch.addcmul(c_t, h_t * h_t, one_minus_t))
-        return z, safe_log(torch.stack(dets, -1)).sum(-1)
+            step_dets.append(torch.addcmul(c_t, h_t * h_t, one_minus_t))
+        return z, safe_log(torch.stack(step_dets, -1)).sum(-1)
     steps = w.shape[-2]
     pre = z @ w.mT + b  # (..., T): w_tᵀz_0 + b_t (a sum, not addmm: under autocast it stays in z's dtype)
     coupling = w @ u_hat.mT  # (T, T): [t, s] = w_tᵀû_s

@@ -31,6 +31,8 @@ class ActNorm(Flow):
     """Per-channel affine y = (x + bias) · exp(log_scale), initialised from the first training batch
     so that outputs have zero mean and unit variance per channel.  log|det| = pixels · Σ log_scale."""
 
+    initialized: torch.Tensor  # a buffer: whether the data-dependent init has run
+
     def __init__(self, channels: int, event_dim: int = 3) -> None:
         super().__init__()
         self.channels, self.event_dim = channels, _check_event_dim(event_dim)
@@ -52,7 +54,7 @@ class ActNorm(Flow):
         self.log_scale.copy_(-torch.log(flat.std(0, unbiased=False) + 1e-6))
         self.initialized.fill_(True)
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         if self.training and not self._known_initialized:
             if not self.initialized:
@@ -62,13 +64,13 @@ class ActNorm(Flow):
         ladj = (_pixels(z, self.event_dim) * self.log_scale.sum()).expand(self.batch_shape(z))
         return y, ladj
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         x = z * torch.exp(-self._view(self.log_scale)) - self._view(self.bias)
         return x, (-_pixels(z, self.event_dim) * self.log_scale.sum()).expand(self.batch_shape(z))
 
 
-def _forget_initialized(module: ActNorm, incompatible_keys) -> None:
+def _forget_initialized(module: ActNorm, incompatible_keys: object) -> None:
     module._known_initialized = False
 
 
@@ -83,6 +85,10 @@ class InvertibleConv1x1(Flow):
 
     log|det| = pixels · Σ log_s.  With ``event_dim=1`` it is an invertible linear map of features.
     """
+
+    permutation: torch.Tensor  # buffers: the fixed factors of the LU parameterisation
+    sign_s: torch.Tensor
+    lower_mask: torch.Tensor
 
     def __init__(self, channels: int, event_dim: int = 3) -> None:
         super().__init__()
@@ -103,12 +109,12 @@ class InvertibleConv1x1(Flow):
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
         return self.permutation @ lower @ upper
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         ladj = (_pixels(z, self.event_dim) * self.log_s.sum()).expand(self.batch_shape(z))
         return _mix_channels(z, self.weight(), self.event_dim), ladj
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         ladj = (-_pixels(z, self.event_dim) * self.log_s.sum()).expand(self.batch_shape(z))
         return _mix_channels(z, torch.linalg.inv(self.weight()), self.event_dim), ladj
@@ -120,6 +126,9 @@ class Permute(Flow):
     ``permutation=None`` draws a random one (seeded by torch's global generator).
     """
 
+    permutation: torch.Tensor  # buffers
+    inverse_permutation: torch.Tensor
+
     def __init__(self, channels: int, permutation: torch.Tensor | None = None, event_dim: int = 1) -> None:
         super().__init__()
         self.channels, self.event_dim = channels, _check_event_dim(event_dim)
@@ -129,11 +138,11 @@ class Permute(Flow):
         self.register_buffer("permutation", perm)
         self.register_buffer("inverse_permutation", torch.argsort(perm))
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         return z.index_select(z.dim() - self.event_dim, self.permutation), z.new_zeros(self.batch_shape(z))
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         return z.index_select(z.dim() - self.event_dim, self.inverse_permutation), z.new_zeros(self.batch_shape(z))
 
@@ -154,6 +163,11 @@ class AffineCoupling(Flow):
     ``swap=True`` transforms the first half with the second as condition.
     """
 
+    first: nn.Linear | nn.Conv2d  # the conditioner: linear for vectors, convolutions for images
+    middle: nn.Linear | nn.Conv2d
+    last: nn.Linear | nn.Conv2d
+    context_layer: nn.Linear | nn.Conv2d | None
+
     def __init__(self, channels: int, hidden: int = 256, context_dim: int | None = None,
                  event_dim: int = 1, swap: bool = False) -> None:
         super().__init__()
@@ -173,6 +187,7 @@ class AffineCoupling(Flow):
             self.middle = nn.Conv2d(hidden, hidden, 1)
             self.last = nn.Conv2d(hidden, 2 * n_out, 3, padding=1)
         nn.init.zeros_(self.last.weight)
+        assert self.last.bias is not None  # built with a bias
         nn.init.zeros_(self.last.bias)
         self.context_layer = nn.Linear(context_dim, hidden, bias=False) if context_dim is not None else None
 
@@ -191,15 +206,15 @@ class AffineCoupling(Flow):
         shift, raw = h.split(self.n_out, dim=axis)
         return shift, F.logsigmoid(raw + 2.0)
 
-    def _halves(self, z):
+    def _halves(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         axis = z.dim() - self.event_dim
         a, b = z.split([self.split, self.channels - self.split], dim=axis)
         return (b, a) if self.swap else (a, b)
 
-    def _join(self, cond, out, axis):
+    def _join(self, cond: torch.Tensor, out: torch.Tensor, axis: int) -> torch.Tensor:
         return torch.cat((out, cond) if self.swap else (cond, out), dim=axis)
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         cond, x = self._halves(z)
         shift, log_scale = self._conditioner(cond, context)
@@ -207,7 +222,7 @@ class AffineCoupling(Flow):
         ladj = log_scale.flatten(z.dim() - self.event_dim).sum(-1)
         return self._join(cond, y, z.dim() - self.event_dim), ladj
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.channels, context)
         cond, y = self._halves(z)
         shift, log_scale = self._conditioner(cond, context)
@@ -242,6 +257,7 @@ class SpatialContextCoupling(AffineCoupling):
         batch = x_cond.shape[:-3]
         h = self.first(x_cond.reshape(-1, *x_cond.shape[-3:]))
         if self.context_layer is not None:
+            assert context is not None  # check_spatial requires it when there is a context layer
             c = self.context_layer(context.reshape(-1, *context.shape[-3:]))
             h = add_context(h, batch, c.reshape(*context.shape[:-3], *c.shape[1:]))
         h = self.last(F.relu(self.middle(F.relu(h))))

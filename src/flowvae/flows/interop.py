@@ -13,7 +13,7 @@ Both keep flowvae's direction: the transform's call is the sampling direction zâ
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch.distributions import Transform, constraints
@@ -92,12 +92,13 @@ class FlowTransform(Transform):
         if self.context is not None:
             yield self.context
 
+    # torch declares domain and codomain as class attributes; here they follow the flow's event_dim
     @property
-    def domain(self) -> constraints.Constraint:
+    def domain(self) -> constraints.Constraint:  # type: ignore[override]
         return constraints.independent(constraints.real, self.flow.event_dim)
 
     @property
-    def codomain(self) -> constraints.Constraint:
+    def codomain(self) -> constraints.Constraint:  # type: ignore[override]
         return constraints.independent(constraints.real, self.flow.event_dim)
 
     def with_cache(self, cache_size: int = 1) -> FlowTransform:
@@ -162,6 +163,12 @@ def as_transform(flow: Flow, context: torch.Tensor | None = None, cache_size: in
 Source = Transform | Callable[[torch.Tensor | None], Transform]
 
 
+class _Conditional(Protocol):
+    """A Pyro ``ConditionalTransform``: ``condition(h)`` gives the Transform for context h."""
+
+    def condition(self, context: torch.Tensor | None) -> Transform: ...
+
+
 class TransformFlow(Flow):
     """A ``torch.distributions.Transform``, or a module that builds one from a context, as a flowvae ``Flow``.
 
@@ -199,9 +206,9 @@ class TransformFlow(Flow):
     def transform(self, context: torch.Tensor | None = None) -> Transform:
         """The torch ``Transform`` of this flow for context h (ignored by unconditional sources)."""
         if self.kind == "transform":
-            return self.source
+            return cast(Transform, self.source)
         if self.kind == "condition":
-            return self.source.condition(context)
+            return cast(_Conditional, self.source).condition(context)
         transform = self.source(context if self.context_dim is not None else None)
         if not isinstance(transform, Transform):
             raise TypeError(f"{type(self.source).__name__}(context) returned {type(transform).__name__}, not a torch "
@@ -210,7 +217,7 @@ class TransformFlow(Flow):
 
     @property
     def has_inverse(self) -> bool:
-        return self.source.bijective if self.kind == "transform" else True
+        return cast(Transform, self.source).bijective if self.kind == "transform" else True
 
     def _check_input(self, z: torch.Tensor, context: torch.Tensor | None) -> None:
         if self.features is not None:

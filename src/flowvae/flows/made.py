@@ -38,6 +38,8 @@ class MaskedLinear(nn.Linear):
     ``nn.Linear`` would be, in the order :meth:`reset_step` is called.
     """
 
+    mask: torch.Tensor  # a buffer
+
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor) -> None:
         steps = mask.shape[:-2]
         if not steps:
@@ -80,6 +82,8 @@ class MADE(nn.Module):
     :meth:`networks` gives the T forward functions.
     """
 
+    degrees: torch.Tensor  # a buffer, (D,) or (T, D)
+
     def __init__(self, dim: int, hidden: Sequence[int] = (256, 256), n_params: int = 2,
                  context_dim: int | None = None, order: str | Sequence[int] = "natural",
                  activation: Callable[[], nn.Module] = functools.partial(nn.ELU, inplace=True),
@@ -96,11 +100,13 @@ class MADE(nn.Module):
         stack = () if steps is None else (steps,)
         degrees = [self.degrees]
         for width in hidden:
-            hidden_degrees = torch.arange(width) % max(dim - 1, 1) + 1 if dim > 1 else torch.zeros(width, dtype=torch.long)
+            hidden_degrees = (torch.arange(width) % max(dim - 1, 1) + 1 if dim > 1
+                              else torch.zeros(width, dtype=torch.long))
             degrees.append(hidden_degrees.expand(*stack, width))
         layers = []
         for d_in, d_out in zip(degrees[:-1], degrees[1:]):
-            layers.append(MaskedLinear(d_in.shape[-1], d_out.shape[-1], (d_out[..., :, None] >= d_in[..., None, :]).float()))
+            layers.append(MaskedLinear(d_in.shape[-1], d_out.shape[-1],
+                                       (d_out[..., :, None] >= d_in[..., None, :]).float()))
         self.hidden_layers = nn.ModuleList(layers)
         out_degrees = self.degrees.repeat(*(1,) * len(stack), n_params)
         self.output_layer = MaskedLinear(hidden[-1], n_params * dim,
@@ -134,7 +140,8 @@ class MADE(nn.Module):
         h = F.linear(x, weights[0], biases[0])
         if context_term is not None:
             # In place where h already has the broadcast shape (one large temporary less per pass).
-            h = h.add_(context_term) if torch.broadcast_shapes(h.shape, context_term.shape) == h.shape else h + context_term
+            in_place = torch.broadcast_shapes(h.shape, context_term.shape) == h.shape
+            h = h.add_(context_term) if in_place else h + context_term
         h = self.activation(h)
         for weight, bias in zip(weights[1:-1], biases[1:-1]):
             h = self.activation(F.linear(h, weight, bias))

@@ -43,6 +43,8 @@ class MaskedConv2d(nn.Conv2d):
     weights start at zero and stay there (the mask also multiplies them in ``forward``).
     """
 
+    mask: torch.Tensor  # a buffer (out, in, 1, 1)
+
     def __init__(self, in_degrees: torch.Tensor, out_degrees: torch.Tensor, kernel_size: int = 3,
                  strict: bool = False) -> None:
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -108,6 +110,7 @@ class ConvIAF(Flow):
     """
 
     event_dim = 3
+    degrees: torch.Tensor  # a buffer: each channel's degree
 
     def __init__(self, channels: int, hidden: int, context_channels: int | None = None, kernel_size: int = 3,
                  order: str | Sequence[int] = "natural", gate_bias: float = 3.0, gate_bound: float = 8.0,
@@ -128,6 +131,7 @@ class ConvIAF(Flow):
                               if context_channels is not None else None)
         with torch.no_grad():  # start near the identity
             self.output.weight.mul_(1e-2)
+            assert self.output.bias is not None  # MaskedConv2d keeps Conv2d's bias
             self.output.bias.zero_()
 
     def _gate_and_shift(self, z: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +139,7 @@ class ConvIAF(Flow):
         batch = z.shape[:-3]
         h = self.hidden1(z.reshape(-1, *z.shape[-3:]))
         if self.context_layer is not None:
+            assert context is not None  # check_spatial requires it when there is a context layer
             c = self.context_layer(context.reshape(-1, *context.shape[-3:]))
             h = add_context(h, batch, c.reshape(*context.shape[:-3], *c.shape[1:]))
         out = self.output(F.elu(self.hidden2(F.elu(h))))

@@ -13,6 +13,9 @@ from flowvae.flows.base import Flow, FlowParameters, constant_init, normal_init
 
 
 class _Sylvester(Flow):
+    unpack: torch.Tensor  # buffers: where the packed triangular entries go, and which are diagonal
+    packed_diagonal: torch.Tensor
+
     def __init__(self, dim: int, rank: int, extra: dict, context_dim: int | None) -> None:
         super().__init__()
         self.dim, self.rank, self.context_dim = dim, rank, context_dim
@@ -40,7 +43,7 @@ class _Sylvester(Flow):
         values = torch.cat([packed, diagonal, packed.new_zeros(()).expand(*packed.shape[:-1], 1)], dim=-1)
         return values.index_select(-1, self.unpack).unflatten(-1, (self.rank, self.rank))
 
-    def forward(self, z, context=None):
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.dim, context)
         p = self.params(context)
         return Fn.sylvester(z, self._q(p), self._triangular(p["r1"]), self._triangular(p["r2"]), p["b"])
@@ -77,17 +80,19 @@ class HouseholderSylvester(_Sylvester):
         super().__init__(dim, dim, {"v": ((reflections, dim), normal_init(1.0))}, context_dim)
         self.reflections = reflections
 
-    def _q(self, p):
+    def _q(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         return Fn.householder_matrix(p["v"])
 
 
 class TriangularSylvester(_Sylvester):
     """T-SNF: Q the identity or the reversal permutation (alternate ``reverse`` between steps)."""
 
+    permutation: torch.Tensor  # a buffer
+
     def __init__(self, dim: int, reverse: bool = False, context_dim: int | None = None) -> None:
         super().__init__(dim, dim, {}, context_dim)
         eye = torch.eye(dim)
         self.register_buffer("permutation", eye.flip(0) if reverse else eye, persistent=False)
 
-    def _q(self, p):
+    def _q(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.permutation.to(p["b"].dtype)

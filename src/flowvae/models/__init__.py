@@ -4,8 +4,13 @@ with a flow posterior, the MLP ladder VAE, the ResNet VAE; likelihoods and the m
 from flowvae.models.base import BottomUp, LatentVariableModel, LogDensities, draw_noise, select_noise
 from flowvae.models.config import MODEL_FIELDS, ModelConfig
 from flowvae.models.ladder import LadderVAE
-from flowvae.models.likelihoods import (LIKELIHOODS, Likelihood, build_likelihood, default_likelihood,
-                                        register_likelihood)
+from flowvae.models.likelihoods import (
+    LIKELIHOODS,
+    Likelihood,
+    build_likelihood,
+    default_likelihood,
+    register_likelihood,
+)
 from flowvae.models.resnet import ResNetVAE, build_resnet_vae
 from flowvae.models.vae import VAE, GaussianEncoder, as_unit_interval, build_vae, count_parameters
 from flowvae.models.zoo import ARCHITECTURE_FLOWS, ARCHITECTURES, MODELS, build_model, register_model

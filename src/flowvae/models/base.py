@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from flowvae.models.likelihoods import Likelihood
+from flowvae.priors.base import Prior
 
 Noise = dict[str, torch.Tensor]
 Encoded = TypeVar("Encoded")
@@ -97,9 +98,10 @@ class LatentVariableModel(nn.Module, Generic[Encoded]):
     Subclasses set ``image_shape`` (C, H, W) and ``likelihood``, and implement
     :meth:`noise_shapes`, :meth:`encode`, :meth:`log_densities`, :meth:`sample` and
     :meth:`reconstruct`; ``Encoded`` is the type ``encode`` returns (``LatentVariableModel[BottomUp]``).
-    :meth:`initialise` and :meth:`init_output_bias` are optional hooks with defaults.  The noise is all the randomness of one draw from q(z|x): given the same
-    noise, ``log_densities`` is deterministic, which is what makes DDP shards, bit-identical resume
-    and reproducible evaluation work for every model.
+    :meth:`initialise` and :meth:`init_output_bias` are optional hooks with defaults.  The noise is
+    all the randomness of one draw from q(z|x): given the same noise, ``log_densities`` is
+    deterministic, which is what makes DDP shards, bit-identical resume and reproducible evaluation
+    work for every model.
     """
 
     image_shape: tuple[int, int, int]
@@ -116,12 +118,12 @@ class LatentVariableModel(nn.Module, Generic[Encoded]):
         raise NotImplementedError
 
     def log_densities(self, x: torch.Tensor, encoded: Encoded, samples: int = 1,
-                      noise: Noise | None = None) -> LogDensities:
+                      noise: Noise | torch.Tensor | None = None) -> LogDensities:
         """Draw ``samples`` z ~ q(z|x) (from ``noise`` (samples, B, ...) if given) and score them."""
         raise NotImplementedError
 
     def path_log_densities(self, x: torch.Tensor, encoded: Encoded, samples: int = 1,
-                           noise: Noise | None = None) -> LogDensities:
+                           noise: Noise | torch.Tensor | None = None) -> LogDensities:
         """As :meth:`log_densities`, but log q(z|x) is scored with the posterior's parameters held
         constant, so its gradient flows along the path of the samples only (STL, DReG); every use
         of a sample must derive from the tensors in ``latents``.  Exact where
@@ -186,7 +188,7 @@ def draw_noise(model: LatentVariableModel, samples: int, batch: int, *, generato
             for name, shape in model.noise_shapes().items()}
 
 
-def sample_prior(prior: nn.Module | None, n: int, event_shape: tuple[int, ...], like: torch.Tensor,
+def sample_prior(prior: Prior | None, n: int, event_shape: tuple[int, ...], like: torch.Tensor,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """n draws (n, *event_shape) from ``prior`` (None: N(0, I)) in ``like``'s dtype and device."""
     if prior is None:

@@ -31,9 +31,11 @@ class ModelConfig:
     pseudo_inputs: int = field(default=500, metadata={
         "help": "learned pseudo-inputs (mixture components) of --prior vamp; for the ladder, on its top layer"})
     activation: str = field(default="elu", metadata={
-        "help": "hidden layers of the MLP networks (arch mlp, ladder): elu (Linear+ELU) or gated (Linear·sigmoid(Linear))"})
+        "help": "hidden layers of the MLP networks (arch mlp, ladder): "
+                "elu (Linear+ELU) or gated (Linear·sigmoid(Linear))"})
     dropout: float = field(default=0.0, metadata={
-        "help": "dropout probability after every hidden layer of the MLP encoder and decoder (arch mlp, ladder; 0: off)"})
+        "help": "dropout probability after every hidden layer of the MLP encoder and decoder "
+                "(arch mlp, ladder; 0: off)"})
     posterior_log_var_min: float | None = field(default=None, metadata={
         "help": "soft lower bound on the Gaussian posterior's log variance, e.g. -6 (needs --posterior-log-var-max)"})
     posterior_log_var_max: float | None = field(default=None, metadata={

@@ -21,7 +21,7 @@ layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ class _GaussianHead(nn.Linear):
         return mean, log_std
 
 
-def _drop_unused_contexts(module: LadderVAE, state_dict: dict, prefix: str, *args) -> None:
+def _drop_unused_contexts(module: LadderVAE, state_dict: dict, prefix: str, *args: object) -> None:
     """Earlier checkpoints hold context networks also where no flow reads them; they are ignored."""
     if len(module.contexts) == 0:
         for key in [k for k in state_dict if k.startswith(prefix + "contexts.")]:
@@ -96,7 +96,8 @@ class LadderVAE(LatentVariableModel[BottomUp]):
                  log_var_bounds: tuple[float, float] | None = None) -> None:
         super().__init__()
         if layers < 1 or latent_dim < 1 or hidden < 1:
-            raise ValueError(f"LadderVAE needs layers, latent_dim and hidden >= 1, got {layers}, {latent_dim}, {hidden}")
+            raise ValueError(f"LadderVAE needs layers, latent_dim and hidden >= 1, "
+                             f"got {layers}, {latent_dim}, {hidden}")
         self.image_shape, self.likelihood = tuple(image_shape), likelihood
         self.latent_dim, self.layers, self.prior = latent_dim, layers, prior
         self.log_var_bounds = log_var_bounds
@@ -156,7 +157,8 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         mean, log_std = self.prior_heads[l](t)
         return t, mean, soft_clamp(log_std, LOG_STD_BOUND)
 
-    def _top_down(self, d: list[torch.Tensor], eps) -> tuple[torch.Tensor, torch.Tensor | None, list, list, Noise]:
+    def _top_down(self, d: list[torch.Tensor], eps: Callable[[int], torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, list, list, Noise]:
         """The inference pass from the top: returns z_1, t_1 (None for one layer), per-layer log q and
         log p (top layer first, each (…)) and the latents.  ``eps(l)`` gives layer l's noise."""
         L = self.layers

@@ -123,10 +123,15 @@ class ConvDecoder(nn.Module):
         return self.net(z)
 
 
+Size2 = int | tuple[int, int]
+"""A convolution's kernel size, stride or padding: one int for both axes, or (height, width)."""
+
+
 class GatedConv2d(nn.Module):
     """h = conv_h(x) ⊙ sigmoid(conv_g(x)) (Dauphin et al. 2017; van den Berg et al. 2018)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Size2, stride: Size2 = 1,
+                 padding: Size2 = 0) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, 2 * out_channels, kernel_size, stride, padding)
 
@@ -138,7 +143,8 @@ class GatedConv2d(nn.Module):
 class GatedConvTranspose2d(nn.Module):
     """Transposed-convolution twin of :class:`GatedConv2d`."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Size2, stride: Size2 = 1,
+                 padding: Size2 = 0, output_padding: Size2 = 0) -> None:
         super().__init__()
         self.conv = nn.ConvTranspose2d(in_channels, 2 * out_channels, kernel_size, stride, padding, output_padding)
 

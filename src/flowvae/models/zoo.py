@@ -94,7 +94,8 @@ def build_model(config: ModelConfig, image_shape: Sequence[int], data_kind: str)
     """The model that ``config`` describes, for images of ``image_shape`` (C, H, W) of ``data_kind``.
 
     >>> from flowvae.models import ModelConfig
-    >>> model = build_model(ModelConfig(arch="ladder", layers=2, latent_dim=4, hidden=32, flow="iaf"), (1, 8, 8), "binary")
+    >>> config = ModelConfig(arch="ladder", layers=2, latent_dim=4, hidden=32, flow="iaf")
+    >>> model = build_model(config, (1, 8, 8), "binary")
     >>> type(model).__name__, sorted(model.noise_shapes())
     ('LadderVAE', ['z1', 'z2'])
     """

@@ -26,8 +26,14 @@ References:
 
 from flowvae.priors.base import Prior, StandardNormalPrior, as_event_shape, split_equally
 from flowvae.priors.build import PRIOR_NAMES, PRIORS, build_prior
-from flowvae.priors.flow import (FLOW_PRIOR_NAMES, FLOW_PRIORS, FlowPrior, FlowPriorFamily, build_flow_prior,
-                                 has_one_pass_density)
+from flowvae.priors.flow import (
+    FLOW_PRIOR_NAMES,
+    FLOW_PRIORS,
+    FlowPrior,
+    FlowPriorFamily,
+    build_flow_prior,
+    has_one_pass_density,
+)
 from flowvae.priors.gaussian import DiagonalGaussianPrior
 from flowvae.priors.vamp import Encode, VampPrior, gaussian_mixture_log_prob
 

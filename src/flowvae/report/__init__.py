@@ -15,8 +15,15 @@ The commands are in :mod:`flowvae.cli.report_commands`.
 from __future__ import annotations
 
 from flowvae.grids import Box
-from flowvae.report.compare import (RESULT_COLUMNS, Comparison, RunSummary, compare_runs, flatten, plot_comparison,
-                                    summarize_run)
+from flowvae.report.compare import (
+    RESULT_COLUMNS,
+    Comparison,
+    RunSummary,
+    compare_runs,
+    flatten,
+    plot_comparison,
+    summarize_run,
+)
 from flowvae.report.curves import column, lr_changes, plot_curves, read_metrics
 from flowvae.report.figures import CMAP, hide_ticks, new_figure, upper_limit, zero_colour
 from flowvae.report.manifold import manifold_images, plot_manifold, prior_quantiles, traversal_images
