@@ -154,8 +154,8 @@ def test_workers_that_do_not_share_out_stop_before_any_work(tmp_path, shared):
 def test_masked_adamax_step_is_adamax_when_made_and_a_no_op_when_skipped(weight_decay):
     """Adamax has no fused kernel taking a found_inf flag: the guard weights its update by the decision
     on the device instead of reading it on the host; with decoupled weight decay it is AdamaxW's step."""
-    from flowvae.training.gradient_guard import masked_adamax_step
     from flowvae.optimizers import AdamaxW, set_weight_decay
+    from flowvae.training.gradient_guard import masked_adamax_step
 
     torch.manual_seed(0)
     ours, reference = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
@@ -295,11 +295,10 @@ def test_the_pieces_of_a_training_step_and_of_the_iw_evaluation_stay_on_cuda(tmp
     entering (beyond 0-dim ones) or a host read raises.  This torch build's fake CUDA tensors cannot run
     autograd, copy_ or Python indexing: backward and the guard's update are covered on the CPU by the
     host-read count above; CUDA generators, autocast and mem_get_info need a real GPU."""
-    from flowvae.models import build_model
+    from flowvae.models import build_model, draw_noise
+    from flowvae.objectives import importance_weighted_nll, training_loss
     from flowvae.training.gradient_guard import GradientGuard
     from flowvae.training.setup import build_ema
-    from flowvae.models import draw_noise
-    from flowvae.objectives import importance_weighted_nll, training_loss
 
     config = preset_config("mnist_resnet_iaf_gpu", tmp_path, optimizer=optimizer)
     config.model = ModelConfig(arch=arch, flow=flow, prior=prior, latent_dim=2 if arch == "resnet" else 4,

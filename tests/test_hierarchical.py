@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from flowvae import objectives, training
-from flowvae.training import epoch, gradient_guard
 from flowvae.config import TrainConfig, load_yaml
 from flowvae.evaluation import evaluate
 from flowvae.models import MODELS, LatentVariableModel, LogDensities, ModelConfig, build_model, draw_noise
 from flowvae.models.base import as_noise
 from flowvae.models.likelihoods import Bernoulli, Gaussian
+from flowvae.training import epoch, gradient_guard
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LADDER = dict(dataset="digits", arch="ladder", layers=2, hidden=32, latent_dim=4, flow="iaf", flow_steps=1,

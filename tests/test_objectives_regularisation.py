@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from flowvae import distributed, objectives, optimizers, schedules, training
-from flowvae.training import loop
 from flowvae.cli import main
 from flowvae.config import TrainConfig
 from flowvae.models import VAE, GaussianEncoder, build_model, draw_noise
 from flowvae.models.config import ModelConfig
 from flowvae.models.likelihoods import Likelihood, build_likelihood
 from flowvae.models.networks import GatedLinear, MLPDecoder
+from flowvae.training import loop
 
 TINY = {"dataset": "digits", "arch": "mlp", "hidden": 32, "latent_dim": 4, "epochs": 2, "eval_samples": 5,
         "progress": False, "threads": 1}

@@ -15,11 +15,11 @@ import torch
 import yaml
 
 from flowvae import training
-from flowvae.models import build_model
-from flowvae.training import epoch, safeguards, setup
 from flowvae.cli import main
 from flowvae.config import ConfigError, TrainConfig
 from flowvae.data import DataError, DatasetSplits
+from flowvae.models import build_model
+from flowvae.training import epoch, safeguards, setup
 
 TINY = dict(dataset="digits", arch="mlp", hidden=32, latent_dim=4, flow="iaf", flow_steps=2, flow_hidden=16,
             epochs=3, eval_samples=20, progress=False, threads=1)

@@ -107,7 +107,7 @@ class TrainConfig:
                 "or --max-minutes, whichever ends first"})
     lr_floor: float = field(default=1e-5, metadata={"help": "the learning rate a cosine/exponential schedule ends at"})
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         from flowvae.data import available_datasets
 
         m = self.model
@@ -206,7 +206,7 @@ class TrainConfig:
         return values | self.model.to_dict()
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """From flat keys (``latent_dim: 40``) or a nested ``model:`` mapping, each value checked and
         converted to its field's type."""
         if not isinstance(values, dict):

@@ -20,8 +20,17 @@ The modules, each importing only those listed above it:
     loop             train: start or resume, the loop, finish
 """
 
-from flowvae.training.checkpoint import (CHECKPOINT_FORMAT, MUST_MATCH_ON_RESUME, READABLE_FORMATS, CheckpointError,
-                                         RunState, load_checkpoint, load_weights, model_class, resume_differences)
+from flowvae.training.checkpoint import (
+                                         CHECKPOINT_FORMAT,
+                                         MUST_MATCH_ON_RESUME,
+                                         READABLE_FORMATS,
+                                         CheckpointError,
+                                         RunState,
+                                         load_checkpoint,
+                                         load_weights,
+                                         model_class,
+                                         resume_differences,
+)
 from flowvae.training.epoch import end_epoch, train_epoch
 from flowvae.training.gradient_guard import GradientGuard
 from flowvae.training.loop import finish, start_run, train

@@ -51,10 +51,23 @@ from flowvae.training.checkpoint import RunState, check_resumable, load_checkpoi
 from flowvae.training.epoch import end_epoch, train_epoch
 from flowvae.training.gradient_guard import GradientGuard
 from flowvae.training.outputs import repair_best, write_results
-from flowvae.training.run_dir import (clear_interrupted_start, interrupted_start, prepare_out_dir,
-                                      remove_failed_start, require_shared_out, require_visible, run_lock)
-from flowvae.training.setup import (build_ema, build_generators, configure_backends, prepare_data, resolve_device,
-                                    stepped_model)
+from flowvae.training.run_dir import (
+    clear_interrupted_start,
+    interrupted_start,
+    prepare_out_dir,
+    remove_failed_start,
+    require_shared_out,
+    require_visible,
+    run_lock,
+)
+from flowvae.training.setup import (
+    build_ema,
+    build_generators,
+    configure_backends,
+    prepare_data,
+    resolve_device,
+    stepped_model,
+)
 from flowvae.training.state import Run, progress_bars, run_is_over
 from flowvae.training.tensorboard import TensorBoardLogger, check_log_dir
 
