@@ -51,8 +51,14 @@ def use_clock(name: str) -> None:
     clock = CLOCKS[name]
 
 
-def measure(fn: Callable[[], object], budget_s: float = 1.0, warmup: int = 2, min_repeats: int = 5,
-            max_repeats: int = 50, block_s: float = 0.02) -> Timing:
+def measure(
+    fn: Callable[[], object],
+    budget_s: float = 1.0,
+    warmup: int = 2,
+    min_repeats: int = 5,
+    max_repeats: int = 50,
+    block_s: float = 0.02,
+) -> Timing:
     """Time ``fn`` on the chosen clock (:func:`use_clock`): warm-up, then blocks of calls, median per call.
 
     The first call is a warm-up (it pays for lazy initialisation); a second, timed call decides
@@ -166,14 +172,19 @@ def wait_until_quiet(max_wait_s: float, threshold: float = 0.2, window_s: float 
 def warn_if_busy(threads: int) -> None:
     """Say so on stderr when other processes already keep the cores busy: the timings would be too slow."""
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:
-        print(f"warning: 1-minute load average is {os.getloadavg()[0]:.2f} before the benchmark starts; "
-              f"other processes compete for the {threads} thread(s) and will inflate wall-clock timings "
-              "(--clock cpu --threads 1 is robust to that)", file=sys.stderr)
+        print(
+            f"warning: 1-minute load average is {os.getloadavg()[0]:.2f} before the benchmark starts; "
+            f"other processes compete for the {threads} thread(s) and will inflate wall-clock timings "
+            "(--clock cpu --threads 1 is robust to that)",
+            file=sys.stderr,
+        )
 
 
 def machine_line(info: dict) -> str:
-    line = (f"{info['cpu']}, {info['cores_visible']} cores visible, torch {info['torch']}, "
-            f"{info['torch_threads']} threads, Python {info['python']}, {info['date']}")
+    line = (
+        f"{info['cpu']}, {info['cores_visible']} cores visible, torch {info['torch']}, "
+        f"{info['torch_threads']} threads, Python {info['python']}, {info['date']}"
+    )
     if info.get("other_processes_cores") is not None:
         line += f"; other processes kept {info['other_processes_cores']:.2f} cores busy on average during the run"
     return line

@@ -51,20 +51,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dims", type=int, nargs="+", default=[40, 784])
     p.add_argument("--batches", type=int, nargs="+", default=[100, 1000])
-    p.add_argument("--flows", nargs="+", default=[n for n in flows.FLOW_NAMES if n != "none"],
-                   choices=[n for n in flows.FLOW_NAMES if n != "none"])
+    p.add_argument(
+        "--flows",
+        nargs="+",
+        default=[n for n in flows.FLOW_NAMES if n != "none"],
+        choices=[n for n in flows.FLOW_NAMES if n != "none"],
+    )
     p.add_argument("--context-dim", type=int, default=64, help="size of h for the conditioned variants")
     p.add_argument("--no-context", action="store_true", help="time only the global-parameter variants")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all visible cores)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall time, or CPU time of this process (robust on a busy machine with --threads 1)")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                   help="first wait up to this long for other processes to leave the cores idle")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or CPU time of this process (robust on a busy machine with --threads 1)",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long for other processes to leave the cores idle",
+    )
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per cell")
-    p.add_argument("--max-amortized", type=float, default=5e7,
-                   help="skip configurations whose amortized flow parameters exceed this many floats per batch")
-    p.add_argument("--max-sequential-train", type=int, default=40_000,
-                   help="time MAF's sequential forward+backward only when D*B is at most this (memory grows ~D²B)")
+    p.add_argument(
+        "--max-amortized",
+        type=float,
+        default=5e7,
+        help="skip configurations whose amortized flow parameters exceed this many floats per batch",
+    )
+    p.add_argument(
+        "--max-sequential-train",
+        type=int,
+        default=40_000,
+        help="time MAF's sequential forward+backward only when D*B is at most this (memory grows ~D²B)",
+    )
     p.add_argument("--quick", action="store_true", help="few repeats, for a smoke run (results not saved unless --out)")
     p.add_argument("--profile", action="store_true", help="profile one IAF step with torch.profiler instead")
     p.add_argument("--out", default=None, help="result name under benchmarks/results/ (default flows_speed)")
@@ -74,8 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def amortized_floats(flow: nn.Module, batch: int) -> int:
     """How many flow parameters the linear heads produce for a batch (0 for global parameters)."""
-    return batch * sum(sum(math.prod(s) for s in m.shapes.values())
-                       for m in flow.modules() if isinstance(m, FlowParameters) and m.context_dim is not None)
+    return batch * sum(
+        sum(math.prod(s) for s in m.shapes.values())
+        for m in flow.modules()
+        if isinstance(m, FlowParameters) and m.context_dim is not None
+    )
 
 
 def sequential_directions(name: str) -> dict[str, bool]:
@@ -86,8 +110,9 @@ def sequential_directions(name: str) -> dict[str, bool]:
 def linear_timings(dim: int, batch: int, budget: float) -> dict[str, dict[str, Timing]]:
     z = torch.randn(batch, dim)
     single = nn.Linear(dim, dim)
-    made3 = nn.Sequential(nn.Linear(dim, MADE_HIDDEN), nn.Linear(MADE_HIDDEN, MADE_HIDDEN),
-                          nn.Linear(MADE_HIDDEN, 2 * dim))
+    made3 = nn.Sequential(
+        nn.Linear(dim, MADE_HIDDEN), nn.Linear(MADE_HIDDEN, MADE_HIDDEN), nn.Linear(MADE_HIDDEN, 2 * dim)
+    )
     out = {}
     for key, net in (("linear", single), ("made3", made3)):
         params = list(net.parameters())
@@ -104,8 +129,9 @@ def linear_timings(dim: int, batch: int, budget: float) -> dict[str, dict[str, T
     return out
 
 
-def time_flow(name: str, dim: int, batch: int, context_dim: int | None, budget: float,
-              max_sequential_train: int) -> dict:
+def time_flow(
+    name: str, dim: int, batch: int, context_dim: int | None, budget: float, max_sequential_train: int
+) -> dict:
     flow = flows.build_flow(name, dim, steps=1, context_dim=context_dim, hidden=MADE_HIDDEN)
     z = torch.randn(batch, dim)
     context = torch.randn(batch, context_dim) if context_dim is not None else None
@@ -161,41 +187,83 @@ def run(args: argparse.Namespace) -> dict:
         for batch in args.batches:
             yard = linear_timings(dim, batch, args.budget)
             results["yardsticks"].append({"dim": dim, "batch": batch, **yard})
-            print(f"D={dim} B={batch}: Linear(D,D) fwd {yard['linear']['fwd'].ms:.3g} ms, "
-                  f"3 MADE linears fwd {yard['made3']['fwd'].ms:.3g} ms", file=sys.stderr)
+            print(
+                f"D={dim} B={batch}: Linear(D,D) fwd {yard['linear']['fwd'].ms:.3g} ms, "
+                f"3 MADE linears fwd {yard['made3']['fwd'].ms:.3g} ms",
+                file=sys.stderr,
+            )
             for name in args.flows:
                 for context_dim in contexts:
                     probe = flows.build_flow(name, dim, steps=1, context_dim=context_dim, hidden=MADE_HIDDEN)
                     need = amortized_floats(probe, batch)
                     del probe
                     if need > args.max_amortized:
-                        results["skipped"].append({"flow": name, "dim": dim, "batch": batch, "context_dim": context_dim,
-                                                   "amortized_floats": need})
+                        results["skipped"].append(
+                            {
+                                "flow": name,
+                                "dim": dim,
+                                "batch": batch,
+                                "context_dim": context_dim,
+                                "amortized_floats": need,
+                            }
+                        )
                         print(f"  skip {name} h={context_dim}: {need:.3g} amortized floats", file=sys.stderr)
                         continue
                     row = time_flow(name, dim, batch, context_dim, args.budget, args.max_sequential_train)
                     row.update(flow=name, dim=dim, batch=batch, context_dim=context_dim)
                     results["flows"].append(row)
-                    print(f"  {name:22s} h={context_dim}: fwd {fmt(row['fwd'])} train {fmt(row['train'])} "
-                          f"inv {fmt(row.get('inv'))} ms", file=sys.stderr)
+                    print(
+                        f"  {name:22s} h={context_dim}: fwd {fmt(row['fwd'])} train {fmt(row['train'])} "
+                        f"inv {fmt(row.get('inv'))} ms",
+                        file=sys.stderr,
+                    )
     return results
 
 
 def render(results: dict, info: dict, args: argparse.Namespace) -> str:
     yard = {(y["dim"], y["batch"]): y for y in results["yardsticks"]}
-    header = ["D", "B", "flow", "h", "fwd ms", "train ms", "inv ms", "fwd / Linear", "1-pass / 3 linears",
-              "train / 3 linears"]
+    header = [
+        "D",
+        "B",
+        "flow",
+        "h",
+        "fwd ms",
+        "train ms",
+        "inv ms",
+        "fwd / Linear",
+        "1-pass / 3 linears",
+        "train / 3 linears",
+    ]
     rows = []
     for r in results["flows"]:
         y = yard[(r["dim"], r["batch"])]
         made = r["flow"] in ("iaf", "maf")
-        rows.append([r["dim"], r["batch"], r["flow"], r["context_dim"] or "—", fmt(r["fwd"]), fmt(r["train"]),
-                     fmt(r.get("inv")), ratio(r["fwd"], y["linear"]["fwd"]),
-                     ratio(r.get(one_pass_key(r["flow"])), y["made3"]["fwd"]) if made else "",
-                     ratio(r["train"], y["made3"]["train"]) if made and r["flow"] == "iaf" else ""])
+        rows.append(
+            [
+                r["dim"],
+                r["batch"],
+                r["flow"],
+                r["context_dim"] or "—",
+                fmt(r["fwd"]),
+                fmt(r["train"]),
+                fmt(r.get("inv")),
+                ratio(r["fwd"], y["linear"]["fwd"]),
+                ratio(r.get(one_pass_key(r["flow"])), y["made3"]["fwd"]) if made else "",
+                ratio(r["train"], y["made3"]["train"]) if made and r["flow"] == "iaf" else "",
+            ]
+        )
     y_header = ["D", "B", "Linear(D,D) fwd ms", "Linear train ms", "3 MADE linears fwd ms", "3 linears train ms"]
-    y_rows = [[y["dim"], y["batch"], fmt(y["linear"]["fwd"]), fmt(y["linear"]["train"]), fmt(y["made3"]["fwd"]),
-               fmt(y["made3"]["train"])] for y in results["yardsticks"]]
+    y_rows = [
+        [
+            y["dim"],
+            y["batch"],
+            fmt(y["linear"]["fwd"]),
+            fmt(y["linear"]["train"]),
+            fmt(y["made3"]["fwd"]),
+            fmt(y["made3"]["train"]),
+        ]
+        for y in results["yardsticks"]
+    ]
     lines = [
         "# flows_speed: one flow step vs linear yardsticks",
         "",
@@ -217,10 +285,16 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
         markdown_table(header, rows),
     ]
     if results["skipped"]:
-        lines += ["", "Skipped (amortized parameters for the whole batch above --max-amortized="
-                  f"{args.max_amortized:.3g} floats; amortized Sylvester flows here are full rank, M = D):", ""]
-        lines += [f"- {s['flow']} D={s['dim']} B={s['batch']} h={s['context_dim']}: {s['amortized_floats']:.3g} floats"
-                  for s in results["skipped"]]
+        lines += [
+            "",
+            "Skipped (amortized parameters for the whole batch above --max-amortized="
+            f"{args.max_amortized:.3g} floats; amortized Sylvester flows here are full rank, M = D):",
+            "",
+        ]
+        lines += [
+            f"- {s['flow']} D={s['dim']} B={s['batch']} h={s['context_dim']}: {s['amortized_floats']:.3g} floats"
+            for s in results["skipped"]
+        ]
     return "\n".join(lines)
 
 
@@ -233,8 +307,9 @@ def iaf_breakdown(dim: int, batch: int, context_dim: int | None, budget: float) 
     """
     flow = flows.IAF(dim, (MADE_HIDDEN, MADE_HIDDEN), context_dim)
     made = flow.made
-    plain = nn.Sequential(nn.Linear(dim, MADE_HIDDEN), nn.Linear(MADE_HIDDEN, MADE_HIDDEN),
-                          nn.Linear(MADE_HIDDEN, 2 * dim))
+    plain = nn.Sequential(
+        nn.Linear(dim, MADE_HIDDEN), nn.Linear(MADE_HIDDEN, MADE_HIDDEN), nn.Linear(MADE_HIDDEN, 2 * dim)
+    )
     z = torch.randn(batch, dim)
     context = torch.randn(batch, context_dim) if context_dim is not None else None
 
@@ -246,10 +321,12 @@ def iaf_breakdown(dim: int, batch: int, context_dim: int | None, budget: float) 
             h = layer(h)
         return made.output_layer(h)
 
-    pieces = {"plain": (lambda x, c: plain(x), list(plain.parameters())),
-              "masked": (masked, list(made.parameters())),
-              "made": (made, list(made.parameters())),
-              "step": (lambda x, c: torch.cat([t.reshape(batch, -1) for t in flow(x, c)], -1), list(flow.parameters()))}
+    pieces = {
+        "plain": (lambda x, c: plain(x), list(plain.parameters())),
+        "masked": (masked, list(made.parameters())),
+        "made": (made, list(made.parameters())),
+        "step": (lambda x, c: torch.cat([t.reshape(batch, -1) for t in flow(x, c)], -1), list(flow.parameters())),
+    }
     out = {}
     for key, (fn, params) in pieces.items():
         leaf = z.clone().requires_grad_(True)
@@ -277,12 +354,18 @@ def profile_iaf(args: argparse.Namespace) -> str:
                 b = iaf_breakdown(dim, batch, context_dim, args.budget)
                 for mode in ("fwd", "train"):
                     base = b["plain"][mode].median
-                    rows.append([dim, batch, context_dim or "—", mode]
-                                + [f"{b[k][mode].ms:.3g} ({b[k][mode].median / base:.2f})"
-                                   for k in ("plain", "masked", "made", "step")])
+                    rows.append(
+                        [dim, batch, context_dim or "—", mode]
+                        + [
+                            f"{b[k][mode].ms:.3g} ({b[k][mode].median / base:.2f})"
+                            for k in ("plain", "masked", "made", "step")
+                        ]
+                    )
     header = ["D", "B", "h", "mode", "3 plain linears ms (×)", "+ masks (+ h→320)", "+ ELU = MADE", "IAF step"]
-    out = ["Cumulative breakdown (ms, and × the 3 plain linears): each column adds one part of the step.\n\n"
-           + markdown_table(header, rows)]
+    out = [
+        "Cumulative breakdown (ms, and × the 3 plain linears): each column adds one part of the step.\n\n"
+        + markdown_table(header, rows)
+    ]
     for dim in args.dims:
         for batch in args.batches:
             for context_dim in contexts:
@@ -292,6 +375,7 @@ def profile_iaf(args: argparse.Namespace) -> str:
                 params = list(flow.parameters())
                 leaf = z.clone().requires_grad_(True)
                 for mode in ("fwd", "train"):
+
                     def step(mode=mode, flow=flow, z=z, context=context, leaf=leaf, params=params):
                         if mode == "fwd":
                             with torch.no_grad():
@@ -299,6 +383,7 @@ def profile_iaf(args: argparse.Namespace) -> str:
                         else:
                             z_new, lad = flow(leaf, context)
                             torch.autograd.grad(z_new.sum() + lad.sum(), params + [leaf])
+
                     for _ in range(5):
                         step()
                     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -318,8 +403,11 @@ def main(argv: list[str] | None = None) -> None:
         text = profile_iaf(args)
         print(text)
         name = args.out or "flows_speed_profile"
-        save(name, {"machine": info, "args": vars(args), "profile": text},
-             f"# IAF profile\n\nMachine: {machine_line(info)}.\n\n{text}")
+        save(
+            name,
+            {"machine": info, "args": vars(args), "profile": text},
+            f"# IAF profile\n\nMachine: {machine_line(info)}.\n\n{text}",
+        )
         return
     report("flows_speed", args, info, threads, run(args), render, load)
 

@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 from flowvae import distributed, objectives, training
-from flowvae.config import TrainConfig, load_yaml
+from flowvae.config import TrainConfig
+from flowvae.config_yaml import load_yaml
 from flowvae.data.registry import DatasetSplits, register
 from flowvae.evaluation import autocast
 from flowvae.models import build_model
@@ -50,7 +51,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARCHS = {"mlp": 40, "gated": 64}
 PRESETS = ("mnist_resnet_iaf_gpu", "cifar10_resnet_iaf")
 DATASET = "throughput_random28"
-DATASET_RGB = "throughput_random_rgb32"   # CIFAR-10's shape and kind: 3x32x32, 8-bit
+DATASET_RGB = "throughput_random_rgb32"  # CIFAR-10's shape and kind: 3x32x32, 8-bit
 _images: dict[str, int] = {"train": 0}
 
 
@@ -61,6 +62,7 @@ def _random_binary_images(data_dir: Path, *, download: bool, seed: int) -> Datas
 
     def draw(n: int) -> torch.Tensor:
         return torch.bernoulli(torch.full((n, 1, 28, 28), 0.3), generator=g)
+
     return DatasetSplits(DATASET, draw(_images["train"]), draw(100), draw(100), "binary")
 
 
@@ -71,6 +73,7 @@ def _random_rgb_images(data_dir: Path, *, download: bool, seed: int) -> DatasetS
 
     def draw(n: int) -> torch.Tensor:
         return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+
     return DatasetSplits(DATASET_RGB, draw(_images["train"]), draw(100), draw(100), "8bit")
 
 
@@ -86,10 +89,20 @@ def _numerics(precision: str) -> tuple[str, bool]:
 
 def _config(arch: str, batch: int, precision: str, compile_model: bool, device: torch.device, out: str) -> TrainConfig:
     amp, tf32 = _numerics(precision)
-    return TrainConfig.from_dict({
-        "dataset": DATASET, "batch_size": batch, "precision": amp, "tf32": tf32, "compile": compile_model,
-        "device": str(device), "progress": False, "out": out, "grad_skip": 50.0,
-        "model": {"arch": arch, "latent_dim": ARCHS[arch], "flow": "iaf", "flow_steps": 4, "flow_hidden": 320}})
+    return TrainConfig.from_dict(
+        {
+            "dataset": DATASET,
+            "batch_size": batch,
+            "precision": amp,
+            "tf32": tf32,
+            "compile": compile_model,
+            "device": str(device),
+            "progress": False,
+            "out": out,
+            "grad_skip": 50.0,
+            "model": {"arch": arch, "latent_dim": ARCHS[arch], "flow": "iaf", "flow_steps": 4, "flow_hidden": 320},
+        }
+    )
 
 
 def preset_config(name: str, device: torch.device, out: str, compile_model: bool, quick: bool) -> TrainConfig:
@@ -97,8 +110,14 @@ def preset_config(name: str, device: torch.device, out: str, compile_model: bool
     ``quick``: 2 layers of 8 channels, batch 8 (a smoke run)."""
     values = load_yaml(CONFIGS / f"{name}.yaml")
     rgb = values["dataset"] == "cifar10"
-    values |= {"dataset": DATASET_RGB if rgb else DATASET, "device": str(device), "out": out, "progress": False,
-               "compile": compile_model and values.get("compile", False), "max_minutes": 0}
+    values |= {
+        "dataset": DATASET_RGB if rgb else DATASET,
+        "device": str(device),
+        "out": out,
+        "progress": False,
+        "compile": compile_model and values.get("compile", False),
+        "max_minutes": 0,
+    }
     if quick:
         values["model"] |= {"layers": 2, "channels": 8, "flow_hidden": 8}
         values["batch_size"] = 8
@@ -149,8 +168,17 @@ def time_model(config: TrainConfig, device: torch.device, steps: int, repeats: i
     return times
 
 
-def measure(kind: str, arch: str, batch: int, precision: str, compile_model: bool, device: torch.device,
-            steps: int, repeats: int, quick: bool = False) -> dict:
+def measure(
+    kind: str,
+    arch: str,
+    batch: int,
+    precision: str,
+    compile_model: bool,
+    device: torch.device,
+    steps: int,
+    repeats: int,
+    quick: bool = False,
+) -> dict:
     """One row; ``kind`` 'preset' times the trainer on the preset named ``arch``, as configured."""
     torch._dynamo.reset()  # a fresh compilation budget per row: none silently falls back to eager
     with tempfile.TemporaryDirectory() as out:
@@ -166,16 +194,27 @@ def measure(kind: str, arch: str, batch: int, precision: str, compile_model: boo
         times = timer(config, device, steps, repeats)
         total_s = time.perf_counter() - started
     ms = statistics.median(times) * 1e3
-    flags = {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-             "cudnn_benchmark": torch.backends.cudnn.benchmark,
-             "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    flags = {
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
     latent = ARCHS.get(arch, config.model.latent_dim)
-    return {"kind": kind, "arch": arch, "latent": latent, "batch": batch, "precision": precision,
-            "compile": compile_model, "ms_per_step": round(ms, 3), "ms_range": [round(min(times) * 1e3, 3),
-                                                                              round(max(times) * 1e3, 3)],
-            "images_per_s": round(batch / ms * 1e3, 1), "total_s": round(total_s, 1), "flags": flags,
-            "peak_mem_mib": (round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-                             if device.type == "cuda" else None)}
+    return {
+        "kind": kind,
+        "arch": arch,
+        "latent": latent,
+        "batch": batch,
+        "precision": precision,
+        "compile": compile_model,
+        "ms_per_step": round(ms, 3),
+        "ms_range": [round(min(times) * 1e3, 3), round(max(times) * 1e3, 3)],
+        "images_per_s": round(batch / ms * 1e3, 1),
+        "total_s": round(total_s, 1),
+        "flags": flags,
+        "peak_mem_mib": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None),
+    }
 
 
 def main() -> None:
@@ -184,11 +223,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="MLP, batch 100, fp32, eager, few steps: a smoke run")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--batches", nargs="+", type=int, default=[100, 1000])
-    parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "tf32", "bf16", "fp16"],
-                        help="default: fp32 tf32 bf16 fp16 on CUDA, fp32 bf16 on a CPU")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=None,
+        choices=["fp32", "tf32", "bf16", "fp16"],
+        help="default: fp32 tf32 bf16 fp16 on CUDA, fp32 bf16 on a CPU",
+    )
     parser.add_argument("--kinds", nargs="+", default=["trainer", "model"], choices=["trainer", "model"])
-    parser.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS),
-                        help="GPU presets whose real configuration is timed (none: --presets without names)")
+    parser.add_argument(
+        "--presets",
+        nargs="*",
+        default=list(PRESETS),
+        choices=list(PRESETS),
+        help="GPU presets whose real configuration is timed (none: --presets without names)",
+    )
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--steps", type=int, default=30, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=3)
@@ -201,8 +250,13 @@ def main() -> None:
     precisions = args.precisions or (["fp32", "tf32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
     if "tf32" in precisions and device.type != "cuda":
         parser.error("--precisions tf32 needs a CUDA device")
-    archs, batches, compiles, steps, repeats = (args.archs, args.batches, [False, True] if not args.no_compile else
-                                                [False], args.steps, args.repeats)
+    archs, batches, compiles, steps, repeats = (
+        args.archs,
+        args.batches,
+        [False, True] if not args.no_compile else [False],
+        args.steps,
+        args.repeats,
+    )
     if args.quick:
         archs, batches, precisions, compiles, steps, repeats = ["mlp"], [100], ["fp32"], [False], 3, 2
     rows = []
@@ -213,19 +267,39 @@ def main() -> None:
                     for kind in args.kinds:
                         rows.append(measure(kind, arch, batch, precision, compile_model, device, steps, repeats))
                         r = rows[-1]
-                        print(f"{kind:7s} {arch:5s} batch {batch:5d} {precision} compile={compile_model}: "
-                              f"{r['images_per_s']:.0f} images/s", flush=True)
+                        print(
+                            f"{kind:7s} {arch:5s} batch {batch:5d} {precision} compile={compile_model}: "
+                            f"{r['images_per_s']:.0f} images/s",
+                            flush=True,
+                        )
     for preset in args.presets:
         for compile_model in compiles:
             rows.append(measure("preset", preset, 0, "", compile_model, device, steps, repeats, quick=args.quick))
             r = rows[-1]
-            print(f"preset  {preset} batch {r['batch']} {r['precision']} compile={r['compile']}: "
-                  f"{r['images_per_s']:.0f} images/s", flush=True)
+            print(
+                f"preset  {preset} batch {r['batch']} {r['precision']} compile={r['compile']}: "
+                f"{r['images_per_s']:.0f} images/s",
+                flush=True,
+            )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    header = ["arch", "z", "batch", "precision", "compile", "trainer images/s", "model images/s", "trainer/model",
-              "trainer ms/step (range)", "peak MiB"]
-    lines = [f"Device: {name}; torch {torch.__version__}; {steps} steps x {repeats} repeats, median", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    header = [
+        "arch",
+        "z",
+        "batch",
+        "precision",
+        "compile",
+        "trainer images/s",
+        "model images/s",
+        "trainer/model",
+        "trainer ms/step (range)",
+        "peak MiB",
+    ]
+    lines = [
+        f"Device: {name}; torch {torch.__version__}; {steps} steps x {repeats} repeats, median",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     presets = [r for r in rows if r["kind"] == "preset"]
     rows_ab = [r for r in rows if r["kind"] != "preset"]
     for key in dict.fromkeys((r["arch"], r["batch"], r["precision"], r["compile"]) for r in rows_ab):
@@ -234,20 +308,30 @@ def main() -> None:
         first = trainer or model
         ratio = f"{trainer['images_per_s'] / model['images_per_s']:.2f}" if trainer and model else "–"
         timing = f"{trainer['ms_per_step']} ({trainer['ms_range'][0]}–{trainer['ms_range'][1]})" if trainer else "–"
-        lines.append(f"| {first['arch']} | {first['latent']} | {first['batch']} | {first['precision']} | "
-                     f"{first['compile']} | {trainer['images_per_s'] if trainer else '–'} | "
-                     f"{model['images_per_s'] if model else '–'} | {ratio} | {timing} | {first['peak_mem_mib']} |")
+        lines.append(
+            f"| {first['arch']} | {first['latent']} | {first['batch']} | {first['precision']} | "
+            f"{first['compile']} | {trainer['images_per_s'] if trainer else '–'} | "
+            f"{model['images_per_s'] if model else '–'} | {ratio} | {timing} | {first['peak_mem_mib']} |"
+        )
     if presets:
-        lines += ["", "Presets as configured (Adamax, EMA, free bits; the trainer's step):", "",
-                  "| preset | batch | precision | compile | images/s | ms/step (range) | peak MiB |", "|" + "---|" * 7]
-        lines += [f"| {r['arch']} | {r['batch']} | {r['precision']} | {r['compile']} | {r['images_per_s']} | "
-                  f"{r['ms_per_step']} ({r['ms_range'][0]}–{r['ms_range'][1]}) | {r['peak_mem_mib']} |"
-                  for r in presets]
+        lines += [
+            "",
+            "Presets as configured (Adamax, EMA, free bits; the trainer's step):",
+            "",
+            "| preset | batch | precision | compile | images/s | ms/step (range) | peak MiB |",
+            "|" + "---|" * 7,
+        ]
+        lines += [
+            f"| {r['arch']} | {r['batch']} | {r['precision']} | {r['compile']} | {r['images_per_s']} | "
+            f"{r['ms_per_step']} ({r['ms_range'][0]}–{r['ms_range'][1]}) | {r['peak_mem_mib']} |"
+            for r in presets
+        ]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_throughput.json").write_text(json.dumps({"device": name, "torch": torch.__version__,
-                                                              "rows": rows}, indent=2))
+    (args.out / "gpu_throughput.json").write_text(
+        json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=2)
+    )
     (args.out / "gpu_throughput.md").write_text(table + "\n")
 
 

@@ -66,8 +66,14 @@ from common import machine_line, markdown_table, measure, report, start
 torch._dynamo.config.recompile_limit = 64
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = next((d / "data" / "binarized_mnist.npz" for d in (ROOT / "shared", ROOT.parent / "shared")
-             if (d / "data" / "binarized_mnist.npz").exists()), ROOT.parent / "shared" / "data" / "binarized_mnist.npz")
+DATA = next(
+    (
+        d / "data" / "binarized_mnist.npz"
+        for d in (ROOT / "shared", ROOT.parent / "shared")
+        if (d / "data" / "binarized_mnist.npz").exists()
+    ),
+    ROOT.parent / "shared" / "data" / "binarized_mnist.npz",
+)
 PIXELS, HIDDEN, LATENT, MADE_HIDDEN = 784, 300, 40, 320
 FLOW_STEPS = {"none": 0, "planar": 10, "iaf": 4}  # "none": the same VAE without a flow, the floor
 LIBRARIES = ("flowvae", "flowvae-compile", "torch", "pythae", "normflows", "pyro", "zuko", "nflows")
@@ -75,11 +81,26 @@ LIBRARIES = ("flowvae", "flowvae-compile", "torch", "pythae", "normflows", "pyro
 # its builder is asked for: pythae's VAE_LinNF / VAE_IAF and normflows' NormalizingFlowVAE pass no
 # context to their flows; Pyro and zuko are measured on h; flowvae both ways, so each peer meets
 # the same model.
-CONDITIONINGS = {"flowvae": (True, False), "flowvae-compile": (True, False), "pythae": (False,), "normflows": (False,),
-                 "pyro": (True,), "zuko": (True,), "nflows": (True, False), "torch": (True,)}
-DISTRIBUTIONS = {"flowvae": "flowvae", "flowvae-compile": "flowvae", "torch": "torch", "pythae": "pythae",
-                 "normflows": "normflows",
-                 "pyro": "pyro-ppl", "zuko": "zuko", "nflows": "nflows"}
+CONDITIONINGS = {
+    "flowvae": (True, False),
+    "flowvae-compile": (True, False),
+    "pythae": (False,),
+    "normflows": (False,),
+    "pyro": (True,),
+    "zuko": (True,),
+    "nflows": (True, False),
+    "torch": (True,),
+}
+DISTRIBUTIONS = {
+    "flowvae": "flowvae",
+    "flowvae-compile": "flowvae",
+    "torch": "torch",
+    "pythae": "pythae",
+    "normflows": "normflows",
+    "pyro": "pyro-ppl",
+    "zuko": "zuko",
+    "nflows": "nflows",
+}
 
 
 class Unavailable(Exception):
@@ -123,6 +144,7 @@ def model_name(flow: str, conditioned: bool) -> str:
 
 
 # --- shared pieces for the libraries that leave the networks to the user ------------------------
+
 
 def mlp(sizes: list[int]) -> nn.Sequential:
     """Linear layers with ELU between them (none after the last), as flowvae's MLP VAE."""
@@ -174,6 +196,7 @@ def iw_nll(log_weights: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Te
 
 # --- flowvae ------------------------------------------------------------------------------------
 
+
 def build_flowvae_compiled(flow: str, conditioned: bool) -> Implementation:
     """flowvae's model with its loss under torch.compile (compiled during the untimed warm-up)."""
     impl = build_flowvae(flow, conditioned)
@@ -183,15 +206,20 @@ def build_flowvae_compiled(flow: str, conditioned: bool) -> Implementation:
 
     def nll(x, k, chunk):
         with torch.no_grad():
-            return float(objectives.importance_weighted_nll(impl.module, x.view(-1, 1, 28, 28), samples=k,
-                                                            chunk_size=chunk, score=score).mean())
+            return float(
+                objectives.importance_weighted_nll(
+                    impl.module, x.view(-1, 1, 28, 28), samples=k, chunk_size=chunk, score=score
+                ).mean()
+            )
 
     impl.eager_loss = impl.loss  # FlopCounterMode's global hooks would make the compiled model recompile
     impl.loss = lambda x: objectives.negative_elbo(compiled(x.view(-1, 1, 28, 28), samples=1)).mean()
     impl.nll, impl.nll_full_warmup = nll, True
     impl.library = "flowvae-compile"
-    impl.notes = ("the flowvae model above, its forward and its importance-sample scoring under torch.compile "
-                  "(CPU inductor); compile time excluded")
+    impl.notes = (
+        "the flowvae model above, its forward and its importance-sample scoring under torch.compile "
+        "(CPU inductor); compile time excluded"
+    )
     return impl
 
 
@@ -202,17 +230,26 @@ def build_flowvae(flow: str, conditioned: bool) -> Implementation:
     except ImportError as error:
         raise Unavailable(f"flowvae.models / flowvae.objectives not importable: {error}") from error
     kwargs = {"flow_hidden": MADE_HIDDEN} if flow == "iaf" else {}
-    model = build_vae(arch="mlp", image_shape=(1, 28, 28), latent_dim=LATENT, hidden=HIDDEN,
-                      likelihood="bernoulli", flow=flow, flow_steps=FLOW_STEPS[flow], flow_context=conditioned,
-                      **kwargs)
+    model = build_vae(
+        arch="mlp",
+        image_shape=(1, 28, 28),
+        latent_dim=LATENT,
+        hidden=HIDDEN,
+        likelihood="bernoulli",
+        flow=flow,
+        flow_steps=FLOW_STEPS[flow],
+        flow_context=conditioned,
+        **kwargs,
+    )
 
     def loss(x):
         return objectives.negative_elbo(model(x.view(-1, 1, 28, 28), samples=1)).mean()
 
     def nll(x, k, chunk):
         with torch.no_grad():
-            return float(objectives.importance_weighted_nll(model, x.view(-1, 1, 28, 28), samples=k,
-                                                            chunk_size=chunk).mean())
+            return float(
+                objectives.importance_weighted_nll(model, x.view(-1, 1, 28, 28), samples=k, chunk_size=chunk).mean()
+            )
 
     def sample(n):
         with torch.no_grad():
@@ -221,17 +258,30 @@ def build_flowvae(flow: str, conditioned: bool) -> Implementation:
     if flow == "none":
         notes = "build_vae(arch='mlp', flow='none'): the VAE without a flow, the floor of every flow model"
     elif flow == "planar":
-        notes = ("build_vae(arch='mlp'" + ("): u, w, b of each step from a linear head on h (amortized)"
-                                           if conditioned else ", flow_context=False): global u, w, b")
-                 + ", û constraint")
+        notes = (
+            "build_vae(arch='mlp'"
+            + (
+                "): u, w, b of each step from a linear head on h (amortized)"
+                if conditioned
+                else ", flow_context=False): global u, w, b"
+            )
+            + ", û constraint"
+        )
     else:
-        notes = ("build_vae(arch='mlp'" + ("): h through an extra linear into the MADE's first layer, "
-                                           if conditioned else ", flow_context=False): no h, ")
-                 + "σ-gated IAF (clamped shift), ELU MADE 2×320, order reversed between steps")
+        notes = (
+            "build_vae(arch='mlp'"
+            + (
+                "): h through an extra linear into the MADE's first layer, "
+                if conditioned
+                else ", flow_context=False): no h, "
+            )
+            + "σ-gated IAF (clamped shift), ELU MADE 2×320, order reversed between steps"
+        )
     return Implementation("flowvae", flow, conditioned, notes, model, loss, nll, sample)
 
 
 # --- pythae -------------------------------------------------------------------------------------
+
 
 def build_pythae(flow: str, conditioned: bool) -> Implementation:
     try:
@@ -264,13 +314,17 @@ def build_pythae(flow: str, conditioned: bool) -> Implementation:
     if flow == "planar":
         config = VAE_LinNF_Config(flows=["Planar"] * FLOW_STEPS[flow], **common)
         model = VAE_LinNF(config, encoder=PythaeEncoder(), decoder=PythaeDecoder())
-        notes = ("VAE_LinNF: global planar parameters (no amortization in its API), no wᵀu ≥ −1 constraint; "
-                 "decoder ends in sigmoid (BCE on probabilities)")
+        notes = (
+            "VAE_LinNF: global planar parameters (no amortization in its API), no wᵀu ≥ −1 constraint; "
+            "decoder ends in sigmoid (BCE on probabilities)"
+        )
     else:
         config = VAE_IAF_Config(n_made_blocks=FLOW_STEPS[flow], n_hidden_in_made=2, hidden_size=MADE_HIDDEN, **common)
         model = VAE_IAF(config, encoder=PythaeEncoder(), decoder=PythaeDecoder())
-        notes = ("VAE_IAF: ungated affine IAF z·exp(s)+m (s unclamped), no h input, ReLU MADE 2×320 (fixed), "
-                 "features flipped between steps; decoder ends in sigmoid")
+        notes = (
+            "VAE_IAF: ungated affine IAF z·exp(s)+m (s unclamped), no h input, ReLU MADE 2×320 (fixed), "
+            "features flipped between steps; decoder ends in sigmoid"
+        )
     sampler = NormalSampler(model, NormalSamplerConfig())
 
     def loss(x):
@@ -290,6 +344,7 @@ def build_pythae(flow: str, conditioned: bool) -> Implementation:
 
 # --- normflows ----------------------------------------------------------------------------------
 
+
 def build_normflows(flow: str, conditioned: bool) -> Implementation:
     try:
         import normflows as nf
@@ -299,21 +354,31 @@ def build_normflows(flow: str, conditioned: bool) -> Implementation:
     encoder = mlp([PIXELS, HIDDEN, HIDDEN, 2 * LATENT])  # NNDiagGaussian: first half mean, second log-variance
     if flow == "planar":
         flows = [nf.flows.Planar((LATENT,)) for _ in range(FLOW_STEPS[flow])]
-        notes = ("NormalizingFlowVAE: global planar parameters (the VAE passes no context), wᵀu ≥ −1 "
-                 "constraint; N(0, I) prior as DiagGaussian")
+        notes = (
+            "NormalizingFlowVAE: global planar parameters (the VAE passes no context), wᵀu ≥ −1 "
+            "constraint; N(0, I) prior as DiagGaussian"
+        )
     else:
         flows = []
         for _ in range(FLOW_STEPS[flow]):
-            flows.append(nf.flows.MaskedAffineAutoregressive(LATENT, MADE_HIDDEN, num_blocks=1,
-                                                             use_residual_blocks=False, activation=F.elu))
+            flows.append(
+                nf.flows.MaskedAffineAutoregressive(
+                    LATENT, MADE_HIDDEN, num_blocks=1, use_residual_blocks=False, activation=F.elu
+                )
+            )
             flows.append(nf.flows.Permute(LATENT, mode="shuffle"))
         flows = flows[:-1]
-        notes = ("NormalizingFlowVAE with MaskedAffineAutoregressive run forward (one pass: IAF), scale "
-                 "sigmoid(s+2)+1e-3, no h (the VAE passes no context), ELU MADE 2×320, fixed random "
-                 "permutation between steps")
-    model = nf.NormalizingFlowVAE(nf.distributions.DiagGaussian(LATENT, trainable=False),
-                                  nf.distributions.NNDiagGaussian(encoder), flows,
-                                  nf.distributions.NNBernoulliDecoder(decoder_net()))
+        notes = (
+            "NormalizingFlowVAE with MaskedAffineAutoregressive run forward (one pass: IAF), scale "
+            "sigmoid(s+2)+1e-3, no h (the VAE passes no context), ELU MADE 2×320, fixed random "
+            "permutation between steps"
+        )
+    model = nf.NormalizingFlowVAE(
+        nf.distributions.DiagGaussian(LATENT, trainable=False),
+        nf.distributions.NNDiagGaussian(encoder),
+        flows,
+        nf.distributions.NNBernoulliDecoder(decoder_net()),
+    )
 
     def loss(x):
         _, log_q, log_p = model(x, num_samples=1)
@@ -328,11 +393,13 @@ def build_normflows(flow: str, conditioned: bool) -> Implementation:
             z, _ = model.prior(n)
             return model.decoder(z)
 
-    return Implementation("normflows", flow, False, notes, model, loss,
-                          lambda x, k, chunk: iw_nll(log_weights, x, k, chunk), sample)
+    return Implementation(
+        "normflows", flow, False, notes, model, loss, lambda x, k, chunk: iw_nll(log_weights, x, k, chunk), sample
+    )
 
 
 # --- Pyro ---------------------------------------------------------------------------------------
+
 
 def build_pyro(flow: str, conditioned: bool) -> Implementation:
     try:
@@ -354,16 +421,25 @@ def build_pyro(flow: str, conditioned: bool) -> Implementation:
 
     if flow == "planar":
         transforms = [ConditionalPlanar(PlanarHead()) for _ in range(FLOW_STEPS[flow])]
-        notes = ("ConditionalPlanar with a linear hypernet on h (amortized), wᵀu ≥ −1 constraint; "
-                 "pyro.distributions in a plain torch loop (not SVI)")
+        notes = (
+            "ConditionalPlanar with a linear hypernet on h (amortized), wᵀu ≥ −1 constraint; "
+            "pyro.distributions in a plain torch loop (not SVI)"
+        )
     else:
         orders = [torch.arange(LATENT), torch.arange(LATENT).flip(0)]
-        transforms = [ConditionalAffineAutoregressive(
-            ConditionalAutoRegressiveNN(LATENT, HIDDEN, [MADE_HIDDEN, MADE_HIDDEN], permutation=orders[k % 2],
-                                        nonlinearity=nn.ELU()),
-            stable=True) for k in range(FLOW_STEPS[flow])]
-        notes = ("ConditionalAffineAutoregressive(stable=True: σ-gated IAF), h concatenated to the MADE input, "
-                 "ELU MADE 2×320, order reversed between steps; plain torch loop (not SVI)")
+        transforms = [
+            ConditionalAffineAutoregressive(
+                ConditionalAutoRegressiveNN(
+                    LATENT, HIDDEN, [MADE_HIDDEN, MADE_HIDDEN], permutation=orders[k % 2], nonlinearity=nn.ELU()
+                ),
+                stable=True,
+            )
+            for k in range(FLOW_STEPS[flow])
+        ]
+        notes = (
+            "ConditionalAffineAutoregressive(stable=True: σ-gated IAF), h concatenated to the MADE input, "
+            "ELU MADE 2×320, order reversed between steps; plain torch loop (not SVI)"
+        )
 
     class PyroVAE(nn.Module):
         def __init__(self):
@@ -375,17 +451,25 @@ def build_pyro(flow: str, conditioned: bool) -> Implementation:
             mean, log_std, h = self.encoder(x)
             base = dist.Normal(mean, log_std.exp()).to_event(1)
             q = dist.TransformedDistribution(base, [t.condition(h) for t in self.transforms])
-            z = q.rsample((n,))                      # (n, B, 40); the transforms cache z for log_prob
+            z = q.rsample((n,))  # (n, B, 40); the transforms cache z for log_prob
             log_q = q.log_prob(z)
             return bernoulli_log_prob(self.decoder(z), x) + standard_normal_log_prob(z) - log_q
 
     model = PyroVAE()
-    return Implementation("pyro", flow, True, notes, model, lambda x: -model.log_weights(x, 1).mean(),
-                          lambda x, k, chunk: iw_nll(model.log_weights, x, k, chunk),
-                          lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach())
+    return Implementation(
+        "pyro",
+        flow,
+        True,
+        notes,
+        model,
+        lambda x: -model.log_weights(x, 1).mean(),
+        lambda x, k, chunk: iw_nll(model.log_weights, x, k, chunk),
+        lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach(),
+    )
 
 
 # --- zuko ---------------------------------------------------------------------------------------
+
 
 def build_zuko(flow: str, conditioned: bool) -> Implementation:
     try:
@@ -395,12 +479,17 @@ def build_zuko(flow: str, conditioned: bool) -> Implementation:
     if flow == "planar":
         raise Unavailable("zuko has no planar flow")
     orders = [torch.arange(LATENT), torch.arange(LATENT).flip(0)]
-    lazy = [zuko.flows.MaskedAutoregressiveTransform(LATENT, context=HIDDEN, order=orders[k % 2],
-                                                     hidden_features=(MADE_HIDDEN, MADE_HIDDEN), activation=nn.ELU)
-            for k in range(FLOW_STEPS[flow])]
-    notes = ("MaskedAutoregressiveTransform used in its one-pass direction (IAF) through "
-             "NormalizingFlow(...).rsample_and_log_prob; exp(a)·z+b with soft-clamped a (ungated), "
-             "h as context, ELU MADE 2×320, order reversed between steps")
+    lazy = [
+        zuko.flows.MaskedAutoregressiveTransform(
+            LATENT, context=HIDDEN, order=orders[k % 2], hidden_features=(MADE_HIDDEN, MADE_HIDDEN), activation=nn.ELU
+        )
+        for k in range(FLOW_STEPS[flow])
+    ]
+    notes = (
+        "MaskedAutoregressiveTransform used in its one-pass direction (IAF) through "
+        "NormalizingFlow(...).rsample_and_log_prob; exp(a)·z+b with soft-clamped a (ungated), "
+        "h as context, ELU MADE 2×320, order reversed between steps"
+    )
 
     class ZukoVAE(nn.Module):
         def __init__(self):
@@ -417,20 +506,30 @@ def build_zuko(flow: str, conditioned: bool) -> Implementation:
             return bernoulli_log_prob(self.decoder(z), x) + standard_normal_log_prob(z) - log_q
 
     model = ZukoVAE()
-    return Implementation("zuko", flow, True, notes, model, lambda x: -model.log_weights(x, 1).mean(),
-                          lambda x, k, chunk: iw_nll(model.log_weights, x, k, chunk),
-                          lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach())
+    return Implementation(
+        "zuko",
+        flow,
+        True,
+        notes,
+        model,
+        lambda x: -model.log_weights(x, 1).mean(),
+        lambda x, k, chunk: iw_nll(model.log_weights, x, k, chunk),
+        lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach(),
+    )
 
 
 # --- plain torch: the no-flow VAE and its estimator written by hand ------------------------------
+
 
 def build_torch(flow: str, conditioned: bool) -> Implementation:
     """What a user writes without a library: the no-flow VAE, and −log p(x) one test image at a time
     with all K samples in one batch (the chunk is ignored)."""
     if flow != "none":
         raise Unavailable("the hand-written baseline is the VAE without a flow")
-    notes = ("plain torch modules; −log p(x): a loop over the test images, each scored with all K samples "
-             "in one batch, logsumexp in float64")
+    notes = (
+        "plain torch modules; −log p(x): a loop over the test images, each scored with all K samples "
+        "in one batch, logsumexp in float64"
+    )
 
     class TorchVAE(nn.Module):
         def __init__(self):
@@ -448,14 +547,29 @@ def build_torch(flow: str, conditioned: bool) -> Implementation:
 
     def nll(x, k, chunk):
         with torch.no_grad():
-            return float(np.mean([math.log(k) - torch.logsumexp(model.log_weights(x[i:i + 1], k).double(), 0).item()
-                                  for i in range(len(x))]))
+            return float(
+                np.mean(
+                    [
+                        math.log(k) - torch.logsumexp(model.log_weights(x[i : i + 1], k).double(), 0).item()
+                        for i in range(len(x))
+                    ]
+                )
+            )
 
-    return Implementation("torch", flow, True, notes, model, lambda x: -model.log_weights(x, 1).mean(), nll,
-                          lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach())
+    return Implementation(
+        "torch",
+        flow,
+        True,
+        notes,
+        model,
+        lambda x: -model.log_weights(x, 1).mean(),
+        nll,
+        lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach(),
+    )
 
 
 # --- nflows -------------------------------------------------------------------------------------
+
 
 def build_nflows(flow: str, conditioned: bool) -> Implementation:
     try:
@@ -468,12 +582,22 @@ def build_nflows(flow: str, conditioned: bool) -> Implementation:
     for k in range(FLOW_STEPS[flow]):
         if k:
             steps.append(transforms.ReversePermutation(LATENT))
-        steps.append(transforms.MaskedAffineAutoregressiveTransform(
-            LATENT, MADE_HIDDEN, context_features=HIDDEN if conditioned else None, num_blocks=1,
-            use_residual_blocks=False, activation=F.elu))
-    notes = ("MaskedAffineAutoregressiveTransform in its one-pass direction (IAF) in a CompositeTransform, "
-             "(σ(s + 2) + 1e-3)·z + m (gated scale), " + ("h as context, " if conditioned else "no context, ")
-             + "ELU MADE 2×320 (num_blocks=1), ReversePermutation between steps")
+        steps.append(
+            transforms.MaskedAffineAutoregressiveTransform(
+                LATENT,
+                MADE_HIDDEN,
+                context_features=HIDDEN if conditioned else None,
+                num_blocks=1,
+                use_residual_blocks=False,
+                activation=F.elu,
+            )
+        )
+    notes = (
+        "MaskedAffineAutoregressiveTransform in its one-pass direction (IAF) in a CompositeTransform, "
+        "(σ(s + 2) + 1e-3)·z + m (gated scale), "
+        + ("h as context, " if conditioned else "no context, ")
+        + "ELU MADE 2×320 (num_blocks=1), ReversePermutation between steps"
+    )
 
     class NflowsVAE(nn.Module):
         def __init__(self):
@@ -493,25 +617,43 @@ def build_nflows(flow: str, conditioned: bool) -> Implementation:
             return bernoulli_log_prob(self.decoder(z), x) + standard_normal_log_prob(z) - log_q
 
     model = NflowsVAE()
-    return Implementation("nflows", flow, conditioned, notes, model, lambda x: -model.log_weights(x, 1).mean(),
-                          lambda x, k, chunk: iw_nll(model.log_weights, x, k, chunk),
-                          lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach())
+    return Implementation(
+        "nflows",
+        flow,
+        conditioned,
+        notes,
+        model,
+        lambda x: -model.log_weights(x, 1).mean(),
+        lambda x, k, chunk: iw_nll(model.log_weights, x, k, chunk),
+        lambda n: torch.sigmoid(model.decoder(torch.randn(n, LATENT))).detach(),
+    )
 
 
-BUILDERS = {"flowvae": build_flowvae, "flowvae-compile": build_flowvae_compiled, "torch": build_torch,
-            "pythae": build_pythae,
-            "normflows": build_normflows, "pyro": build_pyro, "zuko": build_zuko, "nflows": build_nflows}
+BUILDERS = {
+    "flowvae": build_flowvae,
+    "flowvae-compile": build_flowvae_compiled,
+    "torch": build_torch,
+    "pythae": build_pythae,
+    "normflows": build_normflows,
+    "pyro": build_pyro,
+    "zuko": build_zuko,
+    "nflows": build_nflows,
+}
 
 
 # --- measurement --------------------------------------------------------------------------------
+
 
 def load_data(path: Path, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     if path.exists():
         with np.load(path) as data:
             return data["train"], data["test"], f"{path.name} (static binarization)"
     rng = np.random.default_rng(seed)
-    return (rng.integers(0, 2, (10_000, PIXELS), dtype=np.uint8), rng.integers(0, 2, (1_000, PIXELS), dtype=np.uint8),
-            f"random bits ({path} not found)")
+    return (
+        rng.integers(0, 2, (10_000, PIXELS), dtype=np.uint8),
+        rng.integers(0, 2, (1_000, PIXELS), dtype=np.uint8),
+        f"random bits ({path} not found)",
+    )
 
 
 def train_steps(impl: Implementation, batches: list[torch.Tensor], start: int, count: int) -> int:
@@ -536,20 +678,20 @@ def count_flops(impl: Implementation, x: torch.Tensor) -> int:
 def matmul_flops_per_s(n: int, budget: float) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     t = measure(lambda: a @ b, budget_s=budget, min_repeats=5)
-    return 2.0 * n ** 3 / t.median
+    return 2.0 * n**3 / t.median
 
 
 def run(args: argparse.Namespace) -> dict:
     train, test, data_note = load_data(Path(args.data), args.seed)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(train))[: args.batch * args.n_batches]
-    batches = [torch.from_numpy(train[order[i: i + args.batch]]).float()
-               for i in range(0, len(order), args.batch)]
+    batches = [torch.from_numpy(train[order[i : i + args.batch]]).float() for i in range(0, len(order), args.batch)]
     x_test = torch.from_numpy(test[: args.nll_points]).float()
 
     impls, unavailable = [], []
-    models = [(flow, conditioned) for flow in args.flows
-              for conditioned in ((True,) if flow == "none" else (True, False))]
+    models = [
+        (flow, conditioned) for flow in args.flows for conditioned in ((True,) if flow == "none" else (True, False))
+    ]
     for flow, conditioned in models:
         for library in args.libraries:
             # the peers build the flow models, the hand-written torch row only the no-flow floor
@@ -564,13 +706,19 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"unavailable: {library} {model_name(flow, conditioned)}: {why}", file=sys.stderr)
                 continue
             except Exception as error:  # a peer that breaks on construction is reported, not fatal
-                unavailable.append({"library": library, "model": model_name(flow, conditioned),
-                                    "reason": f"{type(error).__name__}: {error}".splitlines()[0]})
+                unavailable.append(
+                    {
+                        "library": library,
+                        "model": model_name(flow, conditioned),
+                        "reason": f"{type(error).__name__}: {error}".splitlines()[0],
+                    }
+                )
                 traceback.print_exc()
                 continue
             # The same optimizer for every row: torch's default Adam, or its fused kernel for all.
-            impl.optimizer = torch.optim.Adam(impl.module.parameters(), lr=1e-3,
-                                              fused=True if args.optimizer == "fused" else None)
+            impl.optimizer = torch.optim.Adam(
+                impl.module.parameters(), lr=1e-3, fused=True if args.optimizer == "fused" else None
+            )
             impl.results["parameters"] = sum(p.numel() for p in impl.module.parameters())
             impls.append(impl)
 
@@ -584,8 +732,13 @@ def run(args: argparse.Namespace) -> dict:
             impl.results["flops_per_step"] = count_flops(impl, batches[0])
             positions[impl.name] = train_steps(impl, batches, 0, args.warmup)
         except Exception as error:
-            unavailable.append({"library": impl.library, "model": impl.model,
-                                "reason": f"failed in training: {type(error).__name__}: {error}".splitlines()[0]})
+            unavailable.append(
+                {
+                    "library": impl.library,
+                    "model": impl.model,
+                    "reason": f"failed in training: {type(error).__name__}: {error}".splitlines()[0],
+                }
+            )
             traceback.print_exc()
             impls.remove(impl)
 
@@ -595,13 +748,16 @@ def run(args: argparse.Namespace) -> dict:
             start = common.clock()
             positions[impl.name] = train_steps(impl, batches, positions[impl.name], args.steps)
             blocks[impl.name].append(args.steps / (common.clock() - start))
-        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {b[-1]:.1f}/s" for n, b in blocks.items()),
-              file=sys.stderr)
+        print(
+            f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {b[-1]:.1f}/s" for n, b in blocks.items()),
+            file=sys.stderr,
+        )
 
     for impl in impls:
         rates = blocks[impl.name]  # in round-robin order: block r of every row ran in the same stretch
-        impl.results.update(steps_per_s=float(np.median(rates)), steps_per_s_blocks=rates,
-                            ms_per_step=1e3 / float(np.median(rates)))
+        impl.results.update(
+            steps_per_s=float(np.median(rates)), steps_per_s_blocks=rates, ms_per_step=1e3 / float(np.median(rates))
+        )
         impl.results["efficiency"] = impl.results["flops_per_step"] * impl.results["steps_per_s"] / matmul
         with torch.no_grad():
             impl.results["final_loss"] = float(impl.loss(batches[0]))
@@ -624,21 +780,36 @@ def run(args: argparse.Namespace) -> dict:
             value = impl.nll(x_test, args.nll_samples, chunk)
             nll_times[impl.name].append(common.clock() - start)
             impl.results.setdefault("nll", value)
-        print(f"−log p(x) repeat {r + 1}/{args.nll_repeats}: "
-              + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in nll_times.items()), file=sys.stderr)
+        print(
+            f"−log p(x) repeat {r + 1}/{args.nll_repeats}: "
+            + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in nll_times.items()),
+            file=sys.stderr,
+        )
     for impl in impls:
         times = nll_times[impl.name]  # round-robin order, as the blocks
         impl.results.update(nll_s=float(np.median(times)), nll_s_repeats=times, nll_chunk=chunk)
-        print(f"{impl.name}: {impl.results['steps_per_s']:.1f} steps/s, −log p(x) {impl.results['nll']:.1f} "
-              f"in {impl.results['nll_s']:.2f} s, {args.sample_count} samples in "
-              f"{1e3 * impl.results['sample_s']:.0f} ms", file=sys.stderr)
+        print(
+            f"{impl.name}: {impl.results['steps_per_s']:.1f} steps/s, −log p(x) {impl.results['nll']:.1f} "
+            f"in {impl.results['nll_s']:.2f} s, {args.sample_count} samples in "
+            f"{1e3 * impl.results['sample_s']:.0f} ms",
+            file=sys.stderr,
+        )
 
     return {
         "data": data_note,
         "matmul_flops_per_s": matmul,
-        "implementations": [{"library": i.library, "flow": i.flow, "steps": FLOW_STEPS[i.flow],
-                             "conditioned": i.conditioned, "model": i.model, "notes": i.notes, **i.results}
-                            for i in impls],
+        "implementations": [
+            {
+                "library": i.library,
+                "flow": i.flow,
+                "steps": FLOW_STEPS[i.flow],
+                "conditioned": i.conditioned,
+                "model": i.model,
+                "notes": i.notes,
+                **i.results,
+            }
+            for i in impls
+        ],
         "unavailable": unavailable,
         "versions": versions(),
     }
@@ -651,6 +822,7 @@ def flowvae_cpu_chunk(impls: list[Implementation], points: int, samples: int) ->
     if ours is None:
         return 100
     from flowvae.evaluation import CPU_DECODE_BUDGET, auto_chunk_size
+
     return auto_chunk_size(ours, points, samples, CPU_DECODE_BUDGET)[1]
 
 
@@ -696,31 +868,64 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
 
     for r in impls:
         floor, top = floor_of(r), ceiling(r)
-        rows.append([r["library"], r["model"], f"{r['steps_per_s']:.1f}", f"{r['ms_per_step']:.2f}",
-                     ratio("flowvae", r), ratio("flowvae-compile", r),
-                     f"{floor['steps_per_s']:.1f}" if floor else "—", f"{top:.1f}" if top else "—",
-                     f"{100 * r['steps_per_s'] / top:.0f}%" if top else "—",
-                     f"{r['flops_per_step'] / 1e6:.0f}", f"{100 * r['efficiency']:.1f}%",
-                     f"{r['nll_s']:.2f} ({min(r['nll_s_repeats']):.2f}–{max(r['nll_s_repeats']):.2f})",
-                     f"{r['nll']:.1f}", f"{1e3 * r['sample_s']:.0f}", r["notes"]])
+        rows.append(
+            [
+                r["library"],
+                r["model"],
+                f"{r['steps_per_s']:.1f}",
+                f"{r['ms_per_step']:.2f}",
+                ratio("flowvae", r),
+                ratio("flowvae-compile", r),
+                f"{floor['steps_per_s']:.1f}" if floor else "—",
+                f"{top:.1f}" if top else "—",
+                f"{100 * r['steps_per_s'] / top:.0f}%" if top else "—",
+                f"{r['flops_per_step'] / 1e6:.0f}",
+                f"{100 * r['efficiency']:.1f}%",
+                f"{r['nll_s']:.2f} ({min(r['nll_s_repeats']):.2f}–{max(r['nll_s_repeats']):.2f})",
+                f"{r['nll']:.1f}",
+                f"{1e3 * r['sample_s']:.0f}",
+                r["notes"],
+            ]
+        )
     summary = []
     for model in dict.fromkeys(r["model"] for r in impls):
         peers = [r for r in impls if r["model"] == model and r["library"] not in ours]
         if not peers:
             continue
         fastest = max(peers, key=lambda r: r["steps_per_s"])
-        versus = ", ".join(f"{lib} {reference[lib][model]['steps_per_s'] / fastest['steps_per_s']:.2f}×"
-                           for lib in ours if model in reference[lib])
+        versus = ", ".join(
+            f"{lib} {reference[lib][model]['steps_per_s'] / fastest['steps_per_s']:.2f}×"
+            for lib in ours
+            if model in reference[lib]
+        )
         quickest = min(peers, key=lambda r: r["nll_s"])
-        iw = ", ".join(f"{lib} {quickest['nll_s'] / reference[lib][model]['nll_s']:.2f}×"
-                       for lib in ours if model in reference[lib])
-        summary.append(f"- {model}: fastest peer {fastest['library']} ({fastest['steps_per_s']:.1f} steps/s); "
-                       f"{versus}. "
-                       f"−log p(x): fastest peer {quickest['library']} ({quickest['nll_s']:.2f} s); {iw}")
-    header = ["library", "model", "steps/s", "ms/step", "flowvae/peer", "flowvae-compile/peer", "floor steps/s",
-              "ceiling steps/s", "of ceiling", "MFLOP/step", "FLOP eff.",
-              f"−log p(x) s (K={args.nll_samples}, {args.nll_points} pts; range)", "−log p(x) nats",
-              f"{args.sample_count} samples ms", "notes"]
+        iw = ", ".join(
+            f"{lib} {quickest['nll_s'] / reference[lib][model]['nll_s']:.2f}×"
+            for lib in ours
+            if model in reference[lib]
+        )
+        summary.append(
+            f"- {model}: fastest peer {fastest['library']} ({fastest['steps_per_s']:.1f} steps/s); "
+            f"{versus}. "
+            f"−log p(x): fastest peer {quickest['library']} ({quickest['nll_s']:.2f} s); {iw}"
+        )
+    header = [
+        "library",
+        "model",
+        "steps/s",
+        "ms/step",
+        "flowvae/peer",
+        "flowvae-compile/peer",
+        "floor steps/s",
+        "ceiling steps/s",
+        "of ceiling",
+        "MFLOP/step",
+        "FLOP eff.",
+        f"−log p(x) s (K={args.nll_samples}, {args.nll_points} pts; range)",
+        "−log p(x) nats",
+        f"{args.sample_count} samples ms",
+        "notes",
+    ]
     v = results["versions"]
     lines = [
         "# peers: the same flow VAE in flowvae and other libraries",
@@ -739,9 +944,12 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
         "−log p(x) after the timed training steps only (not a trained model; a sanity check): median (range) of "
         f"{args.nll_repeats} round-robin runs, {impls[0].get('nll_chunk', '?') if impls else '?'} samples per chunk "
         "for every library; flowvae-compile scores the samples with torch.compile (its compilation excluded). "
-        + ("glibc's malloc defaults." if args.default_allocator else
-           "Freed memory kept for reuse in the whole process (flowvae.evaluation.reuse_freed_memory, applied: "
-           f"{getattr(args, 'reused_freed_memory', False)}), for every row."),
+        + (
+            "glibc's malloc defaults."
+            if args.default_allocator
+            else "Freed memory kept for reuse in the whole process (flowvae.evaluation.reuse_freed_memory, applied: "
+            f"{getattr(args, 'reused_freed_memory', False)}), for every row."
+        ),
         "",
         markdown_table(header, rows),
         "",
@@ -759,15 +967,33 @@ def render(results: dict, info: dict, args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
-    p.add_argument("--flows", nargs="+", default=list(FLOW_STEPS), choices=list(FLOW_STEPS),
-                   help="'none' (the no-flow floor, flowvae only) gives the floor and ceiling columns")
-    p.add_argument("--optimizer", choices=("default", "fused"), default="default",
-                   help="Adam(lr=1e-3) for every row: torch's default implementation, or fused=True for all")
+    p.add_argument(
+        "--flows",
+        nargs="+",
+        default=list(FLOW_STEPS),
+        choices=list(FLOW_STEPS),
+        help="'none' (the no-flow floor, flowvae only) gives the floor and ceiling columns",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=("default", "fused"),
+        default="default",
+        help="Adam(lr=1e-3) for every row: torch's default implementation, or fused=True for all",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all visible cores)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall time, or CPU time of this process (robust on a busy machine with --threads 1)")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                   help="first wait up to this long for other processes to leave the cores idle")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or CPU time of this process (robust on a busy machine with --threads 1)",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long for other processes to leave the cores idle",
+    )
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--n-batches", type=int, default=50, help="distinct training batches, cycled")
     p.add_argument("--warmup", type=int, default=20)
@@ -775,12 +1001,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7, help="timed blocks per implementation")
     p.add_argument("--nll-samples", type=int, default=1000)
     p.add_argument("--nll-points", type=int, default=100)
-    p.add_argument("--chunk", type=int, default=None,
-                   help="importance samples per chunk, the same for every library (default: flowvae's CPU chunk)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="importance samples per chunk, the same for every library (default: flowvae's CPU chunk)",
+    )
     p.add_argument("--nll-repeats", type=int, default=3, help="timed −log p(x) runs per implementation")
-    p.add_argument("--default-allocator", action="store_true",
-                   help="leave glibc's malloc settings (by default the process keeps freed memory for reuse, "
-                        "as the flowvae command does, for every library alike)")
+    p.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc settings (by default the process keeps freed memory for reuse, "
+        "as the flowvae command does, for every library alike)",
+    )
     p.add_argument("--sample-count", type=int, default=10_000)
     p.add_argument("--matmul", type=int, default=2048)
     p.add_argument("--data", default=str(DATA))
@@ -799,6 +1032,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.default_allocator:
         try:
             from flowvae.evaluation import reuse_freed_memory
+
             args.reused_freed_memory = reuse_freed_memory()
         except ImportError:
             args.reused_freed_memory = False

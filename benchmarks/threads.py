@@ -33,12 +33,26 @@ MODELS = {
     # README's MNIST tier: MLP + IAF×4 on h, the library's defaults.
     "readme": {"dataset": "binarized_mnist", "model": {"flow": "iaf", "flow_steps": 4}},
     # configs/mnist_ladder_cpu.yaml's model, eager.
-    "ladder": {"dataset": "binarized_mnist", "model": {"arch": "ladder", "layers": 2, "latent_dim": 32, "hidden": 300,
-                                                       "flow": "iaf", "flow_steps": 2, "flow_hidden": 320,
-                                                       "prior": "flow"}},
+    "ladder": {
+        "dataset": "binarized_mnist",
+        "model": {
+            "arch": "ladder",
+            "layers": 2,
+            "latent_dim": 32,
+            "hidden": 300,
+            "flow": "iaf",
+            "flow_steps": 2,
+            "flow_hidden": 320,
+            "prior": "flow",
+        },
+    },
 }
-POLICIES = {"default": {"GOMP_SPINCOUNT": "300000"}, "flowvae": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-            "threads1": {"OMP_NUM_THREADS": "1"}}
+POLICIES = {
+    "default": {"GOMP_SPINCOUNT": "300000"},
+    "flowvae": {},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "threads1": {"OMP_NUM_THREADS": "1"},
+}
 HOG = "while True: pass"
 
 WORKER = r"""
@@ -89,8 +103,14 @@ def policy_env(name: str) -> dict[str, str]:
 def run_once(model: str, mode: str, seconds: float, policy: str, data_dir: str) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     env |= policy_env(policy) | {"PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(MODELS[model]), mode, str(seconds), data_dir],
-                          env=env, capture_output=True, text=True, check=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER, json.dumps(MODELS[model]), mode, str(seconds), data_dir],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1800,
+    )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["rate"] = result["count"] / result["seconds"]
     return result
@@ -103,8 +123,9 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=["default", "flowvae", "passive", "threads1"])
     parser.add_argument("--busy", nargs="+", type=int, default=[0, 1, 2], help="competing busy processes")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every policy")
-    parser.add_argument("--seconds", type=float, default=4.0,
-                        help="timed seconds per run (at least 3 training steps or 10 test images)")
+    parser.add_argument(
+        "--seconds", type=float, default=4.0, help="timed seconds per run (at least 3 training steps or 10 test images)"
+    )
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--out", default="threads")
     args = parser.parse_args()
@@ -117,27 +138,54 @@ def main() -> None:
                 for mode in args.modes:
                     rates: dict[str, list[float]] = {p: [] for p in args.policies}
                     for r in range(args.rounds):
-                        order = args.policies[r % len(args.policies):] + args.policies[:r % len(args.policies)]
+                        order = args.policies[r % len(args.policies) :] + args.policies[: r % len(args.policies)]
                         for policy in order:
                             rates[policy].append(run_once(model, mode, args.seconds, policy, args.data_dir)["rate"])
                     base = statistics.median(rates[args.policies[0]])
                     for policy, values in rates.items():
                         median = statistics.median(values)
-                        rows.append({"model": model, "mode": mode, "busy": busy, "policy": policy,
-                                     "rate": median, "min": min(values), "max": max(values),
-                                     "vs_first": median / base, "unit": "steps/s" if mode == "train" else "images/s"})
-                        print(f"{model:7s} {mode:5s} busy={busy} {policy:9s} {median:8.2f} {rows[-1]['unit']} "
-                              f"({min(values):.2f}-{max(values):.2f})  {median / base:5.2f}x {args.policies[0]}",
-                              flush=True)
+                        rows.append(
+                            {
+                                "model": model,
+                                "mode": mode,
+                                "busy": busy,
+                                "policy": policy,
+                                "rate": median,
+                                "min": min(values),
+                                "max": max(values),
+                                "vs_first": median / base,
+                                "unit": "steps/s" if mode == "train" else "images/s",
+                            }
+                        )
+                        print(
+                            f"{model:7s} {mode:5s} busy={busy} {policy:9s} {median:8.2f} {rows[-1]['unit']} "
+                            f"({min(values):.2f}-{max(values):.2f})  {median / base:5.2f}x {args.policies[0]}",
+                            flush=True,
+                        )
         finally:
             for hog in hogs:
                 hog.kill()
     info = machine() | {"torch_threads": None}  # each measurement sets its own, in its own process
-    table = markdown_table(["model", "mode", "busy processes", "policy", "rate (median)", "range", "÷ first policy"],
-                           [[r["model"], r["mode"], r["busy"], r["policy"], f"{r['rate']:.2f} {r['unit']}",
-                             f"{r['min']:.2f}–{r['max']:.2f}", f"{r['vs_first']:.2f}"] for r in rows])
-    paths = save(args.out, {"machine": info, "args": vars(args), "rows": rows},
-                 f"# {machine_line(info | {'torch_threads': 'per-policy'})}\n\n{table}")
+    table = markdown_table(
+        ["model", "mode", "busy processes", "policy", "rate (median)", "range", "÷ first policy"],
+        [
+            [
+                r["model"],
+                r["mode"],
+                r["busy"],
+                r["policy"],
+                f"{r['rate']:.2f} {r['unit']}",
+                f"{r['min']:.2f}–{r['max']:.2f}",
+                f"{r['vs_first']:.2f}",
+            ]
+            for r in rows
+        ],
+    )
+    paths = save(
+        args.out,
+        {"machine": info, "args": vars(args), "rows": rows},
+        f"# {machine_line(info | {'torch_threads': 'per-policy'})}\n\n{table}",
+    )
     print(f"saved {paths[0]} and {paths[1]}")
 
 

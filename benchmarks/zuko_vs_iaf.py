@@ -102,16 +102,24 @@ def main() -> None:
         with torch.no_grad():
             torch.manual_seed(args.seed)
             elbo = objectives.negative_elbo(model(digits.test)).mean().item()
-        nll = objectives.importance_weighted_nll(model, digits.test, samples=args.samples,
-                                                 generator=torch.Generator().manual_seed(args.seed)).mean().item()
-        rows.append([name, count_parameters(model.flow), f"{steps[name] / seconds[name]:.1f}", f"{elbo:.2f}",
-                     f"{nll:.2f}"])
+        nll = (
+            objectives.importance_weighted_nll(
+                model, digits.test, samples=args.samples, generator=torch.Generator().manual_seed(args.seed)
+            )
+            .mean()
+            .item()
+        )
+        rows.append(
+            [name, count_parameters(model.flow), f"{steps[name] / seconds[name]:.1f}", f"{elbo:.2f}", f"{nll:.2f}"]
+        )
     info = machine()
     info["other_processes_cores"] = load.stop()
     print()
-    print(f"digits, {args.epochs} epochs x {steps[names[0]] // args.epochs} steps of {args.batch_size}, latent "
-          f"{args.latent}, H = {args.hidden}, flows 4 steps with ({args.flow_hidden}, {args.flow_hidden}) hidden; "
-          f"test set of {len(digits.test)}; -log p(x) with K = {args.samples}")
+    print(
+        f"digits, {args.epochs} epochs x {steps[names[0]] // args.epochs} steps of {args.batch_size}, latent "
+        f"{args.latent}, H = {args.hidden}, flows 4 steps with ({args.flow_hidden}, {args.flow_hidden}) hidden; "
+        f"test set of {len(digits.test)}; -log p(x) with K = {args.samples}"
+    )
     print(markdown_table(["posterior", "flow parameters", "train steps/s", "test -ELBO", "test -log p(x)"], rows))
     print(machine_line(info))
 

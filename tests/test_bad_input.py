@@ -45,10 +45,38 @@ import pytest
 import torch
 import yaml
 
-TINY = ["--dataset", "digits", "--hidden", "32", "--latent-dim", "4", "--flow", "iaf", "--flow-steps", "2",
-        "--flow-hidden", "16", "--eval-samples", "20", "--no-progress", "--threads", "1"]
-QUICK = ["--hidden", "8", "--latent-dim", "2", "--eval-samples", "2", "--epochs", "1", "--no-progress",
-         "--threads", "1"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--hidden",
+    "32",
+    "--latent-dim",
+    "4",
+    "--flow",
+    "iaf",
+    "--flow-steps",
+    "2",
+    "--flow-hidden",
+    "16",
+    "--eval-samples",
+    "20",
+    "--no-progress",
+    "--threads",
+    "1",
+]
+QUICK = [
+    "--hidden",
+    "8",
+    "--latent-dim",
+    "2",
+    "--eval-samples",
+    "2",
+    "--epochs",
+    "1",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 WORKERS = 3
 CASE_TIMEOUT_S = 240
 EXEC_ALL = os.environ.get("FLOWVAE_BAD_INPUT_EXEC") == "1"
@@ -56,6 +84,7 @@ DATA_DIR = Path(tempfile.gettempdir()) / "flowvae-bad-input-no-data"  # never ~/
 
 
 # ------------------------------------------------------------------------------------------ running
+
 
 @dataclasses.dataclass
 class Result:
@@ -71,13 +100,24 @@ class Result:
 def _env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[1] / "src")
     path = os.environ.get("PYTHONPATH", "")
-    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": src + (os.pathsep + path if path else ""),
-                         "PYTHONWARNINGS": "ignore::DeprecationWarning", "FLOWVAE_DATA": str(DATA_DIR)}
+    return os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": src + (os.pathsep + path if path else ""),
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",
+        "FLOWVAE_DATA": str(DATA_DIR),
+    }
 
 
 def flowvae(argv: list[str], cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flowvae", *argv], cwd=cwd, env=_env(), capture_output=True,
-                          text=True, timeout=CASE_TIMEOUT_S, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "flowvae", *argv],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=CASE_TIMEOUT_S,
+        **kwargs,
+    )
 
 
 FORK_SERVER = r"""
@@ -119,14 +159,17 @@ class ForkServer:
     """A Python process that has imported flowvae and forks one child per command."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], env=_env(), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", FORK_SERVER], env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
 
     def run(self, argv: list[str], cwd: Path, umask: int | None = None) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as io_dir:
             out, err = Path(io_dir) / "stdout", Path(io_dir) / "stderr"
-            self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "stdout": str(out),
-                                              "stderr": str(err), "umask": umask}) + "\n")
+            self.proc.stdin.write(
+                json.dumps({"argv": argv, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "umask": umask})
+                + "\n"
+            )
             self.proc.stdin.flush()
             reply = self.proc.stdout.readline()
             assert reply, "the fork server died"
@@ -140,8 +183,9 @@ class ForkServer:
 SERVERS: queue.Queue = queue.Queue()  # filled by the fixture
 
 
-def command(argv: list[str], cwd: Path, *, exec_: bool = False, umask: int | None = None
-            ) -> subprocess.CompletedProcess:
+def command(
+    argv: list[str], cwd: Path, *, exec_: bool = False, umask: int | None = None
+) -> subprocess.CompletedProcess:
     """``flowvae ARGV`` in ``cwd``: forked from a fork server, or with ``exec_`` a fresh process."""
     if exec_ or EXEC_ALL:
         return flowvae(argv, cwd, umask=umask) if umask is not None else flowvae(argv, cwd)
@@ -158,12 +202,18 @@ def snapshot(root: Path) -> dict[str, tuple]:
     for path in sorted(root.rglob("*")):
         info = path.lstat()
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else ""
-        state[str(path.relative_to(root))] = ("dir" if path.is_dir() else "file", info.st_size if path.is_file()
-                                              else 0, info.st_mode, info.st_mtime_ns if path.is_file() else 0, digest)
+        state[str(path.relative_to(root))] = (
+            "dir" if path.is_dir() else "file",
+            info.st_size if path.is_file() else 0,
+            info.st_mode,
+            info.st_mtime_ns if path.is_file() else 0,
+            digest,
+        )
     return state
 
 
 # --------------------------------------------------------------------------------------- the cases
+
 
 @dataclasses.dataclass
 class Case:
@@ -172,11 +222,11 @@ class Case:
 
     id: str
     argv: list[str]
-    message: str                              # regex the one stderr line must match
+    message: str  # regex the one stderr line must match
     rc: int = 2
     setup: Callable[[Path], None] | None = None
     needs_runs: bool = False
-    exec_: bool = False                       # run as a real ``python -m flowvae`` process, not forked
+    exec_: bool = False  # run as a real ``python -m flowvae`` process, not forked
 
 
 def _copy_run(name: str = "copy", change: Callable[[Path], None] | None = None) -> Callable[[Path], None]:
@@ -184,6 +234,7 @@ def _copy_run(name: str = "copy", change: Callable[[Path], None] | None = None) 
         shutil.copytree(case.parent.parent / "runs" / "tiny", case / name)
         if change is not None:
             change(case / name)
+
     return setup
 
 
@@ -192,6 +243,7 @@ def _write(name: str, content: str | bytes) -> Callable[[Path], None]:
         path = case / name
         path.parent.mkdir(parents=True, exist_ok=True)
         (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+
     return setup
 
 
@@ -199,6 +251,7 @@ def _both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
     def setup(case: Path) -> None:
         for s in setups:
             s(case)
+
     return setup
 
 
@@ -207,13 +260,15 @@ def _edit_checkpoint(name: str, edit: Callable[[dict], Any]) -> Callable[[Path],
         ckpt = torch.load(run / name, weights_only=True)
         edit(ckpt)
         torch.save(ckpt, run / name)
+
     return change
 
 
 def _truncate(name: str, keep: float = 0.5) -> Callable[[Path], None]:
     def change(run: Path) -> None:
         data = (run / name).read_bytes()
-        (run / name).write_bytes(data[:int(len(data) * keep)])
+        (run / name).write_bytes(data[: int(len(data) * keep)])
+
     return change
 
 
@@ -222,8 +277,9 @@ def _other_model_best(run: Path) -> None:
 
 
 def _nan_weights(ckpt: dict) -> None:
-    ckpt["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                     for k, v in ckpt["model"].items()}
+    ckpt["model"] = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ckpt["model"].items()
+    }
 
 
 def _wrong_shape(ckpt: dict) -> None:
@@ -235,8 +291,10 @@ def _garbage_npz() -> bytes:
     return np.random.default_rng(0).bytes(5000)
 
 
-YAML_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n" \
-            "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+YAML_BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+    "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+)
 
 
 def _cases() -> tuple[list[Case], list[Case]]:
@@ -244,104 +302,249 @@ def _cases() -> tuple[list[Case], list[Case]]:
     r = dict(needs_runs=True)
     listed = [
         # 5. divergence guards: non-finite numbers
-        Case("lr-nan", ["train", "--lr", "nan", "--out", "x"], r"bad config value lr=nan: lr must be finite",
-             exec_=True),
+        Case(
+            "lr-nan", ["train", "--lr", "nan", "--out", "x"], r"bad config value lr=nan: lr must be finite", exec_=True
+        ),
         Case("lr-inf", ["train", "--lr", "inf", "--out", "x"], r"lr=inf: lr must be finite"),
-        Case("free-bits-nan", ["train", "--free-bits", "nan", "--out", "x"],
-             r"free_bits=nan: free_bits must be finite"),
+        Case(
+            "free-bits-nan", ["train", "--free-bits", "nan", "--out", "x"], r"free_bits=nan: free_bits must be finite"
+        ),
         Case("free-bits-inf", ["train", "--free-bits=-inf", "--out", "x"], r"free_bits=-inf: free_bits must be finite"),
         # 7. a resume refuses another run's options, naming the field, before loading any data
-        Case("resume-seed", ["train", "--out", "copy", "--resume", "--seed", "5"],
-             r"different run: seed=0 there, 5 here", setup=_copy_run(), **r),
-        Case("resume-dataset", ["train", "--out", "copy", "--resume", "--dataset", "mnist"],
-             r"different run: dataset='digits' there, 'mnist' here", setup=_copy_run(), **r),
-        Case("resume-batch-size", ["train", "--out", "copy", "--resume", "--batch-size", "50"],
-             r"batch_size=100 there, 50 here", setup=_copy_run(), **r),
-        Case("resume-optimizer", ["train", "--out", "copy", "--resume", "--optimizer", "adamax"],
-             r"optimizer='adam' there, 'adamax' here", setup=_copy_run(), **r),
-        Case("resume-precision", ["train", "--out", "copy", "--resume", "--precision", "bf16"],
-             r"precision='fp32' there, 'bf16' here", setup=_copy_run(), **r),
-        Case("resume-latent-dim", ["train", "--out", "copy", "--resume", "--latent-dim", "8"],
-             r"different model: latent_dim=4 there, 8 here", setup=_copy_run(), **r),
-        Case("resume-flow", ["train", "--out", "copy", "--resume", "--flow", "planar"],
-             r"different model: flow='iaf' there, 'planar' here", setup=_copy_run(), **r),
-        Case("resume-epochs-below-done", ["train", "--out", "copy", "--resume", "--epochs", "1", "--lr", "5e-4"],
-             r"--epochs 1 is below the 2 epochs .*copy has already trained", setup=_copy_run(), **r),
+        Case(
+            "resume-seed",
+            ["train", "--out", "copy", "--resume", "--seed", "5"],
+            r"different run: seed=0 there, 5 here",
+            setup=_copy_run(),
+            **r,
+        ),
+        Case(
+            "resume-dataset",
+            ["train", "--out", "copy", "--resume", "--dataset", "mnist"],
+            r"different run: dataset='digits' there, 'mnist' here",
+            setup=_copy_run(),
+            **r,
+        ),
+        Case(
+            "resume-batch-size",
+            ["train", "--out", "copy", "--resume", "--batch-size", "50"],
+            r"batch_size=100 there, 50 here",
+            setup=_copy_run(),
+            **r,
+        ),
+        Case(
+            "resume-optimizer",
+            ["train", "--out", "copy", "--resume", "--optimizer", "adamax"],
+            r"optimizer='adam' there, 'adamax' here",
+            setup=_copy_run(),
+            **r,
+        ),
+        Case(
+            "resume-precision",
+            ["train", "--out", "copy", "--resume", "--precision", "bf16"],
+            r"precision='fp32' there, 'bf16' here",
+            setup=_copy_run(),
+            **r,
+        ),
+        Case(
+            "resume-latent-dim",
+            ["train", "--out", "copy", "--resume", "--latent-dim", "8"],
+            r"different model: latent_dim=4 there, 8 here",
+            setup=_copy_run(),
+            **r,
+        ),
+        Case(
+            "resume-flow",
+            ["train", "--out", "copy", "--resume", "--flow", "planar"],
+            r"different model: flow='iaf' there, 'planar' here",
+            setup=_copy_run(),
+            **r,
+        ),
+        Case(
+            "resume-epochs-below-done",
+            ["train", "--out", "copy", "--resume", "--epochs", "1", "--lr", "5e-4"],
+            r"--epochs 1 is below the 2 epochs .*copy has already trained",
+            setup=_copy_run(),
+            **r,
+        ),
         # 8. the run directory
         Case("out-empty", ["train", "--out", ""], r"bad config value out='': out must name a directory"),
         Case("out-blank", ["train", "--out", "  "], r"out must name a directory"),
-        Case("out-non-run-dir", ["train", *QUICK, "--out", "mine"],
-             r"--out mine is a non-empty directory that holds no flowvae run", setup=_write("mine/notes.txt", "x")),
+        Case(
+            "out-non-run-dir",
+            ["train", *QUICK, "--out", "mine"],
+            r"--out mine is a non-empty directory that holds no flowvae run",
+            setup=_write("mine/notes.txt", "x"),
+        ),
         # 9. a failure before the first checkpoint leaves nothing (here: corrupt data, nested new --out)
-        Case("data-error-leaves-nothing", ["train", *QUICK, "--dataset", "binarized_mnist", "--data-dir", "data",
-                                           "--out", "new/deeper/run"],
-             r"binarized_mnist_train\.amat: corrupt file \(sha256 is [0-9a-f]{64}, expected ad693b29",
-             setup=_write("data/binarized_mnist_train.amat", "0 1 0\n")),
+        Case(
+            "data-error-leaves-nothing",
+            ["train", *QUICK, "--dataset", "binarized_mnist", "--data-dir", "data", "--out", "new/deeper/run"],
+            r"binarized_mnist_train\.amat: corrupt file \(sha256 is [0-9a-f]{64}, expected ad693b29",
+            setup=_write("data/binarized_mnist_train.amat", "0 1 0\n"),
+        ),
         # 10. file-system errors
-        Case("out-is-file", ["train", *QUICK, "--out", "afile"], r"--out afile is a file, not a directory",
-             setup=_write("afile", "x"), exec_=True),
-        Case("out-under-file", ["train", *QUICK, "--out", "afile/run"], r"--out afile/run: .*afile is a file",
-             setup=_write("afile", "x")),
-        Case("out-unwritable", ["train", *QUICK, "--out", "/proc/flowvae-run"],
-             r"--out /proc/flowvae-run cannot be written"),
-        Case("out-under-proc-file", ["train", *QUICK, "--out", "/proc/self/status/run"],
-             r"--out /proc/self/status/run: /proc/self/status is a file"),
-        Case("config-is-dir", ["train", "--config", "cfg"], r"config file cfg is a directory",
-             setup=lambda case: (case / "cfg").mkdir()),
-        Case("config-binary", ["train", "--config", "bin.yaml"], r"config file bin.yaml is not a text file",
-             setup=_write("bin.yaml", b"\xff\xfe\x00\x81" * 40)),
-        Case("sample-out-dir", ["sample", "--run", "{run}", "--out", "adir"], r"--out adir is a directory",
-             setup=lambda case: (case / "adir").mkdir(), **r),
-        Case("evaluate-output-unwritable", ["evaluate", "--run", "{run}", "--output", "/proc/flowvae.json"],
-             r"--output /proc/flowvae.json: cannot write in /proc", exec_=True, **r),
-        Case("evaluate-output-under-file", ["evaluate", "--run", "{run}", "--output", "afile/e.json"],
-             r"--output afile/e.json: .*afile is not a directory", setup=_write("afile", "x"), **r),
+        Case(
+            "out-is-file",
+            ["train", *QUICK, "--out", "afile"],
+            r"--out afile is a file, not a directory",
+            setup=_write("afile", "x"),
+            exec_=True,
+        ),
+        Case(
+            "out-under-file",
+            ["train", *QUICK, "--out", "afile/run"],
+            r"--out afile/run: .*afile is a file",
+            setup=_write("afile", "x"),
+        ),
+        Case(
+            "out-unwritable",
+            ["train", *QUICK, "--out", "/proc/flowvae-run"],
+            r"--out /proc/flowvae-run cannot be written",
+        ),
+        Case(
+            "out-under-proc-file",
+            ["train", *QUICK, "--out", "/proc/self/status/run"],
+            r"--out /proc/self/status/run: /proc/self/status is a file",
+        ),
+        Case(
+            "config-is-dir",
+            ["train", "--config", "cfg"],
+            r"config file cfg is a directory",
+            setup=lambda case: (case / "cfg").mkdir(),
+        ),
+        Case(
+            "config-binary",
+            ["train", "--config", "bin.yaml"],
+            r"config file bin.yaml is not a text file",
+            setup=_write("bin.yaml", b"\xff\xfe\x00\x81" * 40),
+        ),
+        Case(
+            "sample-out-dir",
+            ["sample", "--run", "{run}", "--out", "adir"],
+            r"--out adir is a directory",
+            setup=lambda case: (case / "adir").mkdir(),
+            **r,
+        ),
+        Case(
+            "evaluate-output-unwritable",
+            ["evaluate", "--run", "{run}", "--output", "/proc/flowvae.json"],
+            r"--output /proc/flowvae.json: cannot write in /proc",
+            exec_=True,
+            **r,
+        ),
+        Case(
+            "evaluate-output-under-file",
+            ["evaluate", "--run", "{run}", "--output", "afile/e.json"],
+            r"--output afile/e.json: .*afile is not a directory",
+            setup=_write("afile", "x"),
+            **r,
+        ),
         # A FIFO of the case's own, never /dev/null: as root, the unguarded write replaced /dev/null itself.
-        Case("evaluate-output-fifo", ["evaluate", "--run", "{run}", "--samples", "2", "--output", "fifo"],
-             r"--output fifo exists and is not a regular file", setup=lambda case: os.mkfifo(case / "fifo"), **r),
+        Case(
+            "evaluate-output-fifo",
+            ["evaluate", "--run", "{run}", "--samples", "2", "--output", "fifo"],
+            r"--output fifo exists and is not a regular file",
+            setup=lambda case: os.mkfifo(case / "fifo"),
+            **r,
+        ),
         # 11. counts, devices, flow lengths, seeds, checkpoints
         Case("sample-n-0", ["sample", "--run", "{run}", "--n", "0"], r"--n must be between 1 and 10000, got 0", **r),
         Case("sample-n-negative", ["sample", "--run", "{run}", "--n", "-5"], r"--n must be between 1 and 10000", **r),
-        Case("evaluate-limit-negative", ["evaluate", "--run", "{run}", "--limit", "-5", "--samples", "2"],
-             r"--limit must be >= 0", **r),
-        Case("evaluate-device-cuda-abc", ["evaluate", "--run", "{run}", "--device", "cuda:abc"],
-             r"device must be auto, cpu, cuda or cuda:N, got 'cuda:abc'", **r),
-        Case("evaluate-device-cudaxyz", ["evaluate", "--run", "{run}", "--device", "cudaXYZ"],
-             r"got 'cudaXYZ'", **r),
+        Case(
+            "evaluate-limit-negative",
+            ["evaluate", "--run", "{run}", "--limit", "-5", "--samples", "2"],
+            r"--limit must be >= 0",
+            **r,
+        ),
+        Case(
+            "evaluate-device-cuda-abc",
+            ["evaluate", "--run", "{run}", "--device", "cuda:abc"],
+            r"device must be auto, cpu, cuda or cuda:N, got 'cuda:abc'",
+            **r,
+        ),
+        Case("evaluate-device-cudaxyz", ["evaluate", "--run", "{run}", "--device", "cudaXYZ"], r"got 'cudaXYZ'", **r),
         Case("train-device-cuda-abc", ["train", "--device", "cuda:abc"], r"device='cuda:abc': device must be"),
         Case("train-device-cudaxyz", ["train", "--device", "cudaXYZ"], r"device='cudaXYZ': device must be"),
-        Case("flow-steps-0", ["train", "--flow", "iaf", "--flow-steps", "0"],
-             r"flow_steps=0: flow_steps must be between 1 and 256 for a flow"),
-        Case("flow-steps-unbounded", ["train", "--flow", "iaf", "--flow-steps", "100000000", "--out", "afile"],
-             r"flow_steps=100000000: flow_steps must be between 1 and 256", setup=_write("afile", "x")),
+        Case(
+            "flow-steps-0",
+            ["train", "--flow", "iaf", "--flow-steps", "0"],
+            r"flow_steps=0: flow_steps must be between 1 and 256 for a flow",
+        ),
+        Case(
+            "flow-steps-unbounded",
+            ["train", "--flow", "iaf", "--flow-steps", "100000000", "--out", "afile"],
+            r"flow_steps=100000000: flow_steps must be between 1 and 256",
+            setup=_write("afile", "x"),
+        ),
         Case("seed-negative", ["train", "--seed", "-1"], r"seed=-1: seed must be between 0 and 4294967295"),
         Case("seed-oversized", ["train", "--seed", "99999999999999999999999"], r"seed=9+: seed must be between"),
-        Case("checkpoint-without-config", ["evaluate", "--run", "copy"], r"best\.pt has no config",
-             setup=_copy_run(change=_edit_checkpoint("best.pt", lambda c: c.pop("config"))), **r),
-        Case("checkpoint-mismatched-weights", ["evaluate", "--run", "copy"],
-             r"best\.pt does not fit this model: size mismatch for ",
-             setup=_copy_run(change=_edit_checkpoint("best.pt", _wrong_shape)), exec_=True, **r),
+        Case(
+            "checkpoint-without-config",
+            ["evaluate", "--run", "copy"],
+            r"best\.pt has no config",
+            setup=_copy_run(change=_edit_checkpoint("best.pt", lambda c: c.pop("config"))),
+            **r,
+        ),
+        Case(
+            "checkpoint-mismatched-weights",
+            ["evaluate", "--run", "copy"],
+            r"best\.pt does not fit this model: size mismatch for ",
+            setup=_copy_run(change=_edit_checkpoint("best.pt", _wrong_shape)),
+            exec_=True,
+            **r,
+        ),
         # 12. YAML
-        Case("yaml-latent-dim-true", ["train", "--config", "c.yaml"], r"c\.yaml: latent_dim must be int, got True",
-             setup=_write("c.yaml", "latent_dim: true\n")),
-        Case("yaml-lr-true", ["train", "--config", "c.yaml"], r"c\.yaml: lr must be float, got True",
-             setup=_write("c.yaml", "lr: true\n")),
-        Case("yaml-out-list", ["train", "--config", "c.yaml"], r"out must be str, got \['a', 'b'\]",
-             setup=_write("c.yaml", "out: [a, b]\n")),
-        Case("yaml-alias-bomb", ["train", "--config", "c.yaml"], r"YAML aliases \(\*a\) are not allowed",
-             setup=_write("c.yaml", YAML_BOMB)),
-        Case("yaml-nested-alias", ["train", "--config", "c.yaml"], r"YAML aliases \(\*m\) are not allowed",
-             setup=_write("c.yaml", "base: &m\n  latent_dim: 4\nmodel:\n  <<: *m\n  flow: iaf\n")),
+        Case(
+            "yaml-latent-dim-true",
+            ["train", "--config", "c.yaml"],
+            r"c\.yaml: latent_dim must be int, got True",
+            setup=_write("c.yaml", "latent_dim: true\n"),
+        ),
+        Case(
+            "yaml-lr-true",
+            ["train", "--config", "c.yaml"],
+            r"c\.yaml: lr must be float, got True",
+            setup=_write("c.yaml", "lr: true\n"),
+        ),
+        Case(
+            "yaml-out-list",
+            ["train", "--config", "c.yaml"],
+            r"out must be str, got \['a', 'b'\]",
+            setup=_write("c.yaml", "out: [a, b]\n"),
+        ),
+        Case(
+            "yaml-alias-bomb",
+            ["train", "--config", "c.yaml"],
+            r"YAML aliases \(\*a\) are not allowed",
+            setup=_write("c.yaml", YAML_BOMB),
+        ),
+        Case(
+            "yaml-nested-alias",
+            ["train", "--config", "c.yaml"],
+            r"YAML aliases \(\*m\) are not allowed",
+            setup=_write("c.yaml", "base: &m\n  latent_dim: 4\nmodel:\n  <<: *m\n  flow: iaf\n"),
+        ),
         # 13. likelihoods, checksums
-        Case("gaussian-on-binary", ["train", *QUICK, "--likelihood", "gaussian", "--out", "run"],
-             r"likelihood 'gaussian' cannot model '(binary|grayscale)' data.*use 'bernoulli'"),
+        Case(
+            "gaussian-on-binary",
+            ["train", *QUICK, "--likelihood", "gaussian", "--out", "run"],
+            r"likelihood 'gaussian' cannot model '(binary|grayscale)' data.*use 'bernoulli'",
+        ),
     ]
     own = [
         # typos and wrong types on the command line
-        Case("flag-typo", ["train", "--flwo", "iaf"], r"unrecognized arguments: --flwo iaf \(did you mean --flow\?\)",
-             exec_=True),
-        Case("two-flag-typos", ["train", "--lr-decy", "0.5", "--epoch-s", "3"],
-             r"did you mean --lr-decay for --lr-decy, --epochs for --epoch-s\?"),
+        Case(
+            "flag-typo",
+            ["train", "--flwo", "iaf"],
+            r"unrecognized arguments: --flwo iaf \(did you mean --flow\?\)",
+            exec_=True,
+        ),
+        Case(
+            "two-flag-typos",
+            ["train", "--lr-decy", "0.5", "--epoch-s", "3"],
+            r"did you mean --lr-decay for --lr-decy, --epochs for --epoch-s\?",
+        ),
         Case("subcommand-typo", ["trian"], r"flowvae: error: argument command: invalid choice: 'trian'"),
         Case("flag-without-value", ["train", "--lr"], r"argument --lr: expected one argument"),
         Case("lr-not-a-number", ["train", "--lr", "abc"], r"command line: lr must be float, got 'abc'"),
@@ -352,8 +555,9 @@ def _cases() -> tuple[list[Case], list[Case]]:
         Case("sample-n-not-int", ["sample", "--run", "x", "--n", "abc"], r"argument --n: invalid int value: 'abc'"),
         Case("evaluate-without-run", ["evaluate"], r"the following arguments are required: --run"),
         # option values
-        Case("optimizer-sgd", ["train", "--optimizer", "sgd"],
-             r"optimizer='sgd': optimizer must be one of adam, adamax"),
+        Case(
+            "optimizer-sgd", ["train", "--optimizer", "sgd"], r"optimizer='sgd': optimizer must be one of adam, adamax"
+        ),
         Case("ema-one", ["train", "--ema", "1"], r"ema=1\.0: ema must be in \[0, 1\)"),
         Case("ema-negative", ["train", "--ema", "-0.1"], r"ema=-0\.1: ema must be in"),
         Case("grad-skip-below-one", ["train", "--grad-skip", "0.5"], r"grad_skip=0\.5: grad_skip must be 0 .* > 1"),
@@ -363,128 +567,325 @@ def _cases() -> tuple[list[Case], list[Case]]:
         Case("lr-decay-zero", ["train", "--lr-decay", "0"], r"lr_decay=0\.0: lr_decay must be in \(0, 1\]"),
         Case("warmup-negative", ["train", "--warmup-epochs", "-1"], r"warmup_epochs=-1\.0: warmup_epochs must be >= 0"),
         Case("eval-samples-zero", ["train", "--eval-samples", "0"], r"eval_samples=0: eval_samples must be > 0"),
-        Case("precision-fp8", ["train", "--precision", "fp8"],
-             r"precision='fp8': precision must be fp32, bf16 or fp16"),
+        Case(
+            "precision-fp8", ["train", "--precision", "fp8"], r"precision='fp8': precision must be fp32, bf16 or fp16"
+        ),
         Case("device-tpu", ["train", "--device", "tpu"], r"device='tpu': device must be auto, cpu, cuda or cuda:N"),
         # --out afile: were the bound lost, the run stops there before torch starts 100000 threads
-        Case("threads-absurd", ["train", "--threads", "100000", "--out", "afile"],
-             r"threads=100000: threads must be at most 1024", setup=_write("afile", "x")),
+        Case(
+            "threads-absurd",
+            ["train", "--threads", "100000", "--out", "afile"],
+            r"threads=100000: threads must be at most 1024",
+            setup=_write("afile", "x"),
+        ),
         # models that cannot be built
         Case("arch-unknown", ["train", "--arch", "transformer"], r"arch='transformer': arch must be one of mlp"),
-        Case("resnet-planar", ["train", "--arch", "resnet", "--flow", "planar"],
-             r"flow='planar': flow must be one of none, iaf, glow, coupling for arch resnet"),
-        Case("resnet-vamp-prior", ["train", *QUICK, "--arch", "resnet", "--prior", "vamp", "--out", "run"],
-             r"vamp prior needs vector latents"),
+        Case(
+            "resnet-planar",
+            ["train", "--arch", "resnet", "--flow", "planar"],
+            r"flow='planar': flow must be one of none, iaf, glow, coupling for arch resnet",
+        ),
+        Case(
+            "resnet-vamp-prior",
+            ["train", *QUICK, "--arch", "resnet", "--prior", "vamp", "--out", "run"],
+            r"vamp prior needs vector latents",
+        ),
         Case("ladder-zero-layers", ["train", "--arch", "ladder", "--layers", "0"], r"layers=0: layers must be > 0"),
-        Case("ladder-negative-layers", ["train", "--arch", "ladder", "--layers", "-2"],
-             r"layers=-2: layers must be > 0"),
-        Case("sylvester-rank-above-latent", ["train", "--flow", "sylvester-orthogonal", "--latent-dim", "4",
-                                             "--rank", "9"], r"rank=9: rank must be between 1 and latent_dim"),
+        Case(
+            "ladder-negative-layers", ["train", "--arch", "ladder", "--layers", "-2"], r"layers=-2: layers must be > 0"
+        ),
+        Case(
+            "sylvester-rank-above-latent",
+            ["train", "--flow", "sylvester-orthogonal", "--latent-dim", "4", "--rank", "9"],
+            r"rank=9: rank must be between 1 and latent_dim",
+        ),
         Case("prior-unknown", ["train", "--prior", "gaussian"], r"prior='gaussian': prior must be one of standard"),
         Case("likelihood-unknown", ["train", "--likelihood", "poisson"], r"likelihood='poisson': likelihood must be"),
-        Case("categorical-on-binary", ["train", *QUICK, "--likelihood", "categorical256", "--out", "run"],
-             r"likelihood 'categorical256' cannot model 'binary' data"),
+        Case(
+            "categorical-on-binary",
+            ["train", *QUICK, "--likelihood", "categorical256", "--out", "run"],
+            r"likelihood 'categorical256' cannot model 'binary' data",
+        ),
         Case("dataset-unknown", ["train", "--dataset", "imagenet"], r"dataset='imagenet': dataset must be one of"),
-        Case("model-too-big", ["train", *QUICK, "--device", "cpu", "--hidden", "1000000000000", "--out", "run"],
-             r"out of memory \(tried to allocate [0-9.]+ GiB\): make the model smaller", exec_=True),
+        Case(
+            "model-too-big",
+            ["train", *QUICK, "--device", "cpu", "--hidden", "1000000000000", "--out", "run"],
+            r"out of memory \(tried to allocate [0-9.]+ GiB\): make the model smaller",
+            exec_=True,
+        ),
         # data files
-        Case("npz-corrupt", ["train", *QUICK, "--dataset", "binarized_mnist", "--data-dir", "data", "--out", "run"],
-             r"binarized_mnist\.npz: corrupt file", setup=_write("data/binarized_mnist.npz", _garbage_npz())),
-        Case("freyfaces-truncated", ["train", *QUICK, "--dataset", "freyfaces", "--data-dir", "data", "--out", "run"],
-             r"freyfaces\.npz: corrupt file", setup=_write("data/freyfaces.npz", b"PK\x03\x04" + b"\0" * 100)),
-        Case("data-dir-is-file", ["train", *QUICK, "--dataset", "binarized_mnist", "--data-dir", "afile",
-                                  "--out", "run"], r"cannot write to data directory afile", setup=_write("afile", "x")),
+        Case(
+            "npz-corrupt",
+            ["train", *QUICK, "--dataset", "binarized_mnist", "--data-dir", "data", "--out", "run"],
+            r"binarized_mnist\.npz: corrupt file",
+            setup=_write("data/binarized_mnist.npz", _garbage_npz()),
+        ),
+        Case(
+            "freyfaces-truncated",
+            ["train", *QUICK, "--dataset", "freyfaces", "--data-dir", "data", "--out", "run"],
+            r"freyfaces\.npz: corrupt file",
+            setup=_write("data/freyfaces.npz", b"PK\x03\x04" + b"\0" * 100),
+        ),
+        Case(
+            "data-dir-is-file",
+            ["train", *QUICK, "--dataset", "binarized_mnist", "--data-dir", "afile", "--out", "run"],
+            r"cannot write to data directory afile",
+            setup=_write("afile", "x"),
+        ),
         # config files
         Case("config-missing", ["train", "--config", "nope.yaml"], r"config file nope\.yaml does not exist"),
-        Case("config-list", ["train", "--config", "c.yaml"], r"c\.yaml must hold a mapping of key: value",
-             setup=_write("c.yaml", "- 1\n- 2\n")),
-        Case("config-unknown-key", ["train", "--config", "c.yaml"], r"unknown config key\(s\) latnet_dim",
-             setup=_write("c.yaml", "latnet_dim: 4\n")),
-        Case("config-syntax", ["train", "--config", "c.yaml"], r"c\.yaml is not valid YAML",
-             setup=_write("c.yaml", "flow: [iaf\n")),
-        Case("config-python-tag", ["train", "--config", "c.yaml"], r"is not valid YAML: could not determine a "
-             r"constructor", setup=_write("c.yaml", "epochs: !!python/object/apply:os.system [\"true\"]\n")),
-        Case("config-model-not-mapping", ["train", "--config", "c.yaml"], r"model must be a mapping",
-             setup=_write("c.yaml", "model: 5\n")),
-        Case("config-duplicate-key", ["train", "--config", "c.yaml"], r"key 'latent_dim' is given twice \(line 2\)",
-             setup=_write("c.yaml", "latent_dim: 4\nlatent_dim: 5\n")),
-        Case("config-null-epochs", ["train", "--config", "c.yaml"], r"c\.yaml: epochs must be int, got None",
-             setup=_write("c.yaml", "epochs: null\n")),
-        Case("config-null-device", ["train", "--config", "c.yaml"], r"c\.yaml: device must be str, got None",
-             setup=_write("c.yaml", "device:\n")),
+        Case(
+            "config-list",
+            ["train", "--config", "c.yaml"],
+            r"c\.yaml must hold a mapping of key: value",
+            setup=_write("c.yaml", "- 1\n- 2\n"),
+        ),
+        Case(
+            "config-unknown-key",
+            ["train", "--config", "c.yaml"],
+            r"unknown config key\(s\) latnet_dim",
+            setup=_write("c.yaml", "latnet_dim: 4\n"),
+        ),
+        Case(
+            "config-syntax",
+            ["train", "--config", "c.yaml"],
+            r"c\.yaml is not valid YAML",
+            setup=_write("c.yaml", "flow: [iaf\n"),
+        ),
+        Case(
+            "config-python-tag",
+            ["train", "--config", "c.yaml"],
+            r"is not valid YAML: could not determine a "
+            r"constructor",
+            setup=_write("c.yaml", 'epochs: !!python/object/apply:os.system ["true"]\n'),
+        ),
+        Case(
+            "config-model-not-mapping",
+            ["train", "--config", "c.yaml"],
+            r"model must be a mapping",
+            setup=_write("c.yaml", "model: 5\n"),
+        ),
+        Case(
+            "config-duplicate-key",
+            ["train", "--config", "c.yaml"],
+            r"key 'latent_dim' is given twice \(line 2\)",
+            setup=_write("c.yaml", "latent_dim: 4\nlatent_dim: 5\n"),
+        ),
+        Case(
+            "config-null-epochs",
+            ["train", "--config", "c.yaml"],
+            r"c\.yaml: epochs must be int, got None",
+            setup=_write("c.yaml", "epochs: null\n"),
+        ),
+        Case(
+            "config-null-device",
+            ["train", "--config", "c.yaml"],
+            r"c\.yaml: device must be str, got None",
+            setup=_write("c.yaml", "device:\n"),
+        ),
         # resuming and reusing run directories
-        Case("resume-without-checkpoint", ["train", "--out", "new", "--resume"],
-             r"new is not a flowvae run directory \(it does not exist\)"),
-        Case("resume-truncated-checkpoint", ["train", "--out", "copy", "--resume", "--epochs", "3"],
-             r"checkpoint\.pt is corrupt, truncated or not a flowvae checkpoint",
-             setup=_copy_run(change=_truncate("checkpoint.pt")), **r),
-        Case("resume-weights-only-checkpoint", ["train", "--out", "copy", "--resume", "--epochs", "3"],
-             r"checkpoint\.pt has no optimizer, state, history, rng: it holds weights only",
-             setup=_copy_run(change=lambda run: shutil.copy(run / "best.pt", run / "checkpoint.pt")), **r),
-        Case("train-into-existing-run", ["train", *TINY, "--out", "copy"], r"copy already holds a run; pass --resume",
-             setup=_copy_run(), **r),
+        Case(
+            "resume-without-checkpoint",
+            ["train", "--out", "new", "--resume"],
+            r"new is not a flowvae run directory \(it does not exist\)",
+        ),
+        Case(
+            "resume-truncated-checkpoint",
+            ["train", "--out", "copy", "--resume", "--epochs", "3"],
+            r"checkpoint\.pt is corrupt, truncated or not a flowvae checkpoint",
+            setup=_copy_run(change=_truncate("checkpoint.pt")),
+            **r,
+        ),
+        Case(
+            "resume-weights-only-checkpoint",
+            ["train", "--out", "copy", "--resume", "--epochs", "3"],
+            r"checkpoint\.pt has no optimizer, state, history, rng: it holds weights only",
+            setup=_copy_run(change=lambda run: shutil.copy(run / "best.pt", run / "checkpoint.pt")),
+            **r,
+        ),
+        Case(
+            "train-into-existing-run",
+            ["train", *TINY, "--out", "copy"],
+            r"copy already holds a run; pass --resume",
+            setup=_copy_run(),
+            **r,
+        ),
         # evaluate / sample on things that are not runs or hold damaged checkpoints
-        Case("evaluate-non-run", ["evaluate", "--run", "adir"], r"adir is not a flowvae run directory \(no config",
-             setup=lambda case: (case / "adir").mkdir()),
-        Case("evaluate-run-is-file", ["evaluate", "--run", "afile"], r"afile is not a flowvae run directory \(it is "
-             r"not a directory\)", setup=_write("afile", "x")),
-        Case("evaluate-truncated-best", ["evaluate", "--run", "copy"], r"best\.pt is corrupt, truncated",
-             setup=_copy_run(change=_truncate("best.pt")), **r),
-        Case("evaluate-empty-best", ["evaluate", "--run", "copy"], r"best\.pt is corrupt, truncated",
-             setup=_copy_run(change=_truncate("best.pt", 0.0)), **r),
-        Case("evaluate-best-of-another-model", ["evaluate", "--run", "copy"],
-             r"best\.pt was written for a different model: latent_dim=2 there, 4 here",
-             setup=_copy_run(change=_other_model_best), **r),
-        Case("evaluate-nan-weights", ["evaluate", "--run", "copy"], r"best\.pt holds non-finite weights",
-             setup=_copy_run(change=_edit_checkpoint("best.pt", _nan_weights)), **r),
-        Case("evaluate-checkpoint-missing", ["evaluate", "--run", "copy", "--checkpoint", "checkpoint"],
-             r"checkpoint .*checkpoint\.pt does not exist",
-             setup=_copy_run(change=lambda run: (run / "checkpoint.pt").unlink()), **r),
-        Case("evaluate-corrupt-config", ["evaluate", "--run", "copy"], r"config\.yaml is not valid YAML",
-             setup=_copy_run(change=lambda run: (run / "config.yaml").write_text("flow: [iaf\n")), **r),
-        Case("evaluate-seed-negative", ["evaluate", "--run", "{run}", "--seed", "-1"],
-             r"--seed must be between 0 and 4294967295, got -1", **r),
-        Case("sample-not-png", ["sample", "--run", "{run}", "--out", "s.jpg"],
-             r"--out s\.jpg: this file is written as PNG; give a name ending in \.png", **r),
-        Case("sample-seed-oversized", ["sample", "--run", "{run}", "--seed", "99999999999999999999"],
-             r"--seed must be between 0 and 4294967295", **r),
+        Case(
+            "evaluate-non-run",
+            ["evaluate", "--run", "adir"],
+            r"adir is not a flowvae run directory \(no config",
+            setup=lambda case: (case / "adir").mkdir(),
+        ),
+        Case(
+            "evaluate-run-is-file",
+            ["evaluate", "--run", "afile"],
+            r"afile is not a flowvae run directory \(it is "
+            r"not a directory\)",
+            setup=_write("afile", "x"),
+        ),
+        Case(
+            "evaluate-truncated-best",
+            ["evaluate", "--run", "copy"],
+            r"best\.pt is corrupt, truncated",
+            setup=_copy_run(change=_truncate("best.pt")),
+            **r,
+        ),
+        Case(
+            "evaluate-empty-best",
+            ["evaluate", "--run", "copy"],
+            r"best\.pt is corrupt, truncated",
+            setup=_copy_run(change=_truncate("best.pt", 0.0)),
+            **r,
+        ),
+        Case(
+            "evaluate-best-of-another-model",
+            ["evaluate", "--run", "copy"],
+            r"best\.pt was written for a different model: latent_dim=2 there, 4 here",
+            setup=_copy_run(change=_other_model_best),
+            **r,
+        ),
+        Case(
+            "evaluate-nan-weights",
+            ["evaluate", "--run", "copy"],
+            r"best\.pt holds non-finite weights",
+            setup=_copy_run(change=_edit_checkpoint("best.pt", _nan_weights)),
+            **r,
+        ),
+        Case(
+            "evaluate-checkpoint-missing",
+            ["evaluate", "--run", "copy", "--checkpoint", "checkpoint"],
+            r"checkpoint .*checkpoint\.pt does not exist",
+            setup=_copy_run(change=lambda run: (run / "checkpoint.pt").unlink()),
+            **r,
+        ),
+        Case(
+            "evaluate-corrupt-config",
+            ["evaluate", "--run", "copy"],
+            r"config\.yaml is not valid YAML",
+            setup=_copy_run(change=lambda run: (run / "config.yaml").write_text("flow: [iaf\n")),
+            **r,
+        ),
+        Case(
+            "evaluate-seed-negative",
+            ["evaluate", "--run", "{run}", "--seed", "-1"],
+            r"--seed must be between 0 and 4294967295, got -1",
+            **r,
+        ),
+        Case(
+            "sample-not-png",
+            ["sample", "--run", "{run}", "--out", "s.jpg"],
+            r"--out s\.jpg: this file is written as PNG; give a name ending in \.png",
+            **r,
+        ),
+        Case(
+            "sample-seed-oversized",
+            ["sample", "--run", "{run}", "--seed", "99999999999999999999"],
+            r"--seed must be between 0 and 4294967295",
+            **r,
+        ),
         # the report commands
-        Case("posterior-non-run", ["posterior", "--run", "adir"], r"adir is not a flowvae run directory",
-             setup=lambda case: (case / "adir").mkdir()),
-        Case("posterior-latent-4", ["posterior", "--run", "{run}"], r"has latent_dim=4; the posterior can be drawn "
-             r"for a 2-D latent only", **r),
-        Case("posterior-huge-grid", ["posterior", "--run", "{run2d}", "--grid", "100000", "--out", "/proc/p.png"],
-             r"--grid in \[8, 1000\]", **r),
-        Case("posterior-out-unwritable", ["posterior", "--run", "{run2d}", "--out", "/proc/p.png"],
-             r"--out /proc/p\.png: cannot write in /proc", **r),
-        Case("manifold-non-run", ["manifold", "--run", "adir"], r"adir is not a flowvae run directory",
-             setup=lambda case: (case / "adir").mkdir()),
+        Case(
+            "posterior-non-run",
+            ["posterior", "--run", "adir"],
+            r"adir is not a flowvae run directory",
+            setup=lambda case: (case / "adir").mkdir(),
+        ),
+        Case(
+            "posterior-latent-4",
+            ["posterior", "--run", "{run}"],
+            r"has latent_dim=4; the posterior can be drawn "
+            r"for a 2-D latent only",
+            **r,
+        ),
+        Case(
+            "posterior-huge-grid",
+            ["posterior", "--run", "{run2d}", "--grid", "100000", "--out", "/proc/p.png"],
+            r"--grid in \[8, 1000\]",
+            **r,
+        ),
+        Case(
+            "posterior-out-unwritable",
+            ["posterior", "--run", "{run2d}", "--out", "/proc/p.png"],
+            r"--out /proc/p\.png: cannot write in /proc",
+            **r,
+        ),
+        Case(
+            "manifold-non-run",
+            ["manifold", "--run", "adir"],
+            r"adir is not a flowvae run directory",
+            setup=lambda case: (case / "adir").mkdir(),
+        ),
         Case("manifold-n-1", ["manifold", "--run", "{run}", "--n", "1"], r"--n must be in \[2, 100\]", **r),
-        Case("manifold-out-dir", ["manifold", "--run", "{run}", "--out", "adir.png"], r"--out adir\.png is a "
-             r"directory", setup=lambda case: (case / "adir.png").mkdir(), **r),
-        Case("curves-non-run", ["curves", "adir"], r"adir holds no metrics\.csv or metrics\.jsonl",
-             setup=lambda case: (case / "adir").mkdir()),
+        Case(
+            "manifold-out-dir",
+            ["manifold", "--run", "{run}", "--out", "adir.png"],
+            r"--out adir\.png is a "
+            r"directory",
+            setup=lambda case: (case / "adir.png").mkdir(),
+            **r,
+        ),
+        Case(
+            "curves-non-run",
+            ["curves", "adir"],
+            r"adir holds no metrics\.csv or metrics\.jsonl",
+            setup=lambda case: (case / "adir").mkdir(),
+        ),
         Case("curves-on-file", ["curves", "afile"], r"afile is not a directory", setup=_write("afile", "x")),
-        Case("curves-out-unwritable", ["curves", "{run}", "--out", "/proc/c.png"], r"--out /proc/c\.png: cannot "
-             r"write in /proc", **r),
+        Case(
+            "curves-out-unwritable",
+            ["curves", "{run}", "--out", "/proc/c.png"],
+            r"--out /proc/c\.png: cannot "
+            r"write in /proc",
+            **r,
+        ),
         Case("compare-missing-run", ["compare", "{run}", "nope"], r"run directory nope does not exist", **r),
-        Case("compare-non-run", ["compare", "adir"], r"adir is not a flowvae run directory",
-             setup=lambda case: (case / "adir").mkdir()),
-        Case("compare-csv-under-file", ["compare", "{run}", "--csv", "afile/t.csv"], r"--csv afile/t\.csv: "
-             r".*afile is not a directory", setup=_write("afile", "x"), **r),
-        Case("compare-plot-fifo", ["compare", "{run}", "--plot", "fifo.png"], r"--plot fifo\.png exists and is not "
-             r"a regular file", setup=lambda case: os.mkfifo(case / "fifo.png"), **r),
-        Case("toy-out-is-file", ["toy", "--out", "afile", "--iterations", "1"],
-             r"--out afile is a file, not a directory",
-             setup=_write("afile", "x")),
+        Case(
+            "compare-non-run",
+            ["compare", "adir"],
+            r"adir is not a flowvae run directory",
+            setup=lambda case: (case / "adir").mkdir(),
+        ),
+        Case(
+            "compare-csv-under-file",
+            ["compare", "{run}", "--csv", "afile/t.csv"],
+            r"--csv afile/t\.csv: "
+            r".*afile is not a directory",
+            setup=_write("afile", "x"),
+            **r,
+        ),
+        Case(
+            "compare-plot-fifo",
+            ["compare", "{run}", "--plot", "fifo.png"],
+            r"--plot fifo\.png exists and is not "
+            r"a regular file",
+            setup=lambda case: os.mkfifo(case / "fifo.png"),
+            **r,
+        ),
+        Case(
+            "toy-out-is-file",
+            ["toy", "--out", "afile", "--iterations", "1"],
+            r"--out afile is a file, not a directory",
+            setup=_write("afile", "x"),
+        ),
         Case("toy-zero-steps", ["toy", "--flow-steps", "0"], r"flow lengths must be >= 1"),
     ]
     if torch.cuda.is_available():
-        own.append(Case("device-cuda-index", ["train", *QUICK, "--device", "cuda:99", "--out", "run"],
-                        r"'cuda:99' asked for, but this machine has \d+ CUDA device"))
+        own.append(
+            Case(
+                "device-cuda-index",
+                ["train", *QUICK, "--device", "cuda:99", "--out", "run"],
+                r"'cuda:99' asked for, but this machine has \d+ CUDA device",
+            )
+        )
     else:
-        own.append(Case("device-cuda-without-gpu", ["train", *QUICK, "--device", "cuda", "--out", "run"],
-                        r"device 'cuda' asked for, but CUDA is not available"))
+        own.append(
+            Case(
+                "device-cuda-without-gpu",
+                ["train", *QUICK, "--device", "cuda", "--out", "run"],
+                r"device 'cuda' asked for, but CUDA is not available",
+            )
+        )
     return listed, own
 
 
@@ -503,11 +904,11 @@ def _run_case(case: Case, root: Path) -> Result:
     before = snapshot(directory)
     started = time.perf_counter()
     done = command(argv, directory, exec_=case.exec_)
-    return Result(done.returncode, done.stdout, done.stderr, before, snapshot(directory),
-                  time.perf_counter() - started)
+    return Result(done.returncode, done.stdout, done.stderr, before, snapshot(directory), time.perf_counter() - started)
 
 
 # ------------------------------------------------------------------- scenarios of several commands
+
 
 def _lock_and_interrupt(root: Path) -> Result:
     """Two trainings into one --out: the second is refused naming the first's pid; then Ctrl-C on
@@ -517,8 +918,14 @@ def _lock_and_interrupt(root: Path) -> Result:
     # No early stopping and more epochs than any wait: the run must still be training when Ctrl-C comes,
     # however long the refused commands below queue for a worker on a loaded machine.
     endless = ["--epochs", "1000000", "--patience", "0"]
-    first = subprocess.Popen([sys.executable, "-m", "flowvae", "train", *TINY, *endless, "--out", "run"],
-                             cwd=directory, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "flowvae", "train", *TINY, *endless, "--out", "run"],
+        cwd=directory,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lock, deadline = directory / "run" / ".flowvae.lock", time.time() + CASE_TIMEOUT_S
         while not (lock.exists() and lock.read_text().strip()) and first.poll() is None and time.time() < deadline:
@@ -533,18 +940,48 @@ def _lock_and_interrupt(root: Path) -> Result:
         out, err = first.communicate(timeout=CASE_TIMEOUT_S)
     finally:
         first.kill()
-    return Result(first.returncode, out, err, extra={"pid": first.pid, "second": second,
-                                                     "second_resume": second_resume, "dir": directory})
+    return Result(
+        first.returncode,
+        out,
+        err,
+        extra={"pid": first.pid, "second": second, "second_resume": second_resume, "dir": directory},
+    )
 
 
 def _interrupt_before_checkpoint(root: Path) -> Result:
     """Ctrl-C while the first epoch runs: nothing is left, and the message does not promise a resume."""
     directory = root / "cases" / "interrupt-early"
     directory.mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, "-m", "flowvae", "train", "--dataset", "digits", "--hidden", "2000",
-                             "--flow", "iaf", "--flow-hidden", "2000", "--batch-size", "20", "--no-progress",
-                             "--threads", "1", "--epochs", "3", "--out", "new/run"], cwd=directory, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flowvae",
+            "train",
+            "--dataset",
+            "digits",
+            "--hidden",
+            "2000",
+            "--flow",
+            "iaf",
+            "--flow-hidden",
+            "2000",
+            "--batch-size",
+            "20",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--epochs",
+            "3",
+            "--out",
+            "new/run",
+        ],
+        cwd=directory,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lock, deadline = directory / "new" / "run" / ".flowvae.lock", time.time() + CASE_TIMEOUT_S
         while not (lock.exists() and lock.read_text().strip()) and proc.poll() is None and time.time() < deadline:
@@ -553,8 +990,13 @@ def _interrupt_before_checkpoint(root: Path) -> Result:
         out, err = proc.communicate(timeout=CASE_TIMEOUT_S)
     finally:
         proc.kill()
-    return Result(proc.returncode, out, err, after=snapshot(directory),
-                  extra={"checkpointed": (directory / "new" / "run" / "checkpoint.pt").exists()})
+    return Result(
+        proc.returncode,
+        out,
+        err,
+        after=snapshot(directory),
+        extra={"checkpointed": (directory / "new" / "run" / "checkpoint.pt").exists()},
+    )
 
 
 def _resume_with_changes(root: Path) -> Result:
@@ -565,8 +1007,23 @@ def _resume_with_changes(root: Path) -> Result:
     _copy_run()(directory)
     (directory / "copy" / ".metrics.csv.k2j4x9.flowvae-tmp").write_text("half a file")
     (directory / "copy" / ".notes.tmp").write_text("a user's file")
-    done = command(["train", "--out", "copy", "--resume", "--epochs", "3", "--lr", "5e-4", "--patience", "7",
-                    "--max-minutes", "30"], directory)
+    done = command(
+        [
+            "train",
+            "--out",
+            "copy",
+            "--resume",
+            "--epochs",
+            "3",
+            "--lr",
+            "5e-4",
+            "--patience",
+            "7",
+            "--max-minutes",
+            "30",
+        ],
+        directory,
+    )
     return Result(done.returncode, done.stdout, done.stderr, extra={"dir": directory / "copy"})
 
 
@@ -576,6 +1033,7 @@ def _diverge(epochs: int) -> Callable[[Path], Result]:
         directory.mkdir(parents=True)
         done = command(["train", *TINY, "--lr", "100", "--epochs", str(epochs), "--out", "run"], directory)
         return Result(done.returncode, done.stdout, done.stderr, extra={"dir": directory / "run"})
+
     return scenario
 
 
@@ -596,14 +1054,18 @@ def _umask_and_case_insensitive_dataset(root: Path) -> Result:
 
 
 SCENARIOS: dict[str, Callable[[Path], Result]] = {
-    "lock": _lock_and_interrupt, "interrupt-early": _interrupt_before_checkpoint,
-    "resume-lr": _resume_with_changes, "diverge-2": _diverge(2), "diverge-6": _diverge(6),
+    "lock": _lock_and_interrupt,
+    "interrupt-early": _interrupt_before_checkpoint,
+    "resume-lr": _resume_with_changes,
+    "diverge-2": _diverge(2),
+    "diverge-6": _diverge(6),
     "lr-0.1": _high_but_workable_lr,
     "umask": _umask_and_case_insensitive_dataset,
 }
 
 
 # --------------------------------------------------------------------------------- run them all
+
 
 def _timed(scenario: Callable[[Path], Result], root: Path) -> Result:
     started = time.perf_counter()
@@ -624,20 +1086,26 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
         with ThreadPoolExecutor(WORKERS + 2) as pool:  # +2: the lock and interrupt scenarios mostly wait
             # The longest first: the scenarios with a process of their own, and the runs the cases read.
-            futures: dict[str, Future] = {name: pool.submit(_timed, SCENARIOS[name], root)
-                                          for name in ("lock", "interrupt-early")}
-            builds = [pool.submit(command, ["train", *TINY, "--epochs", "2", "--out", "tiny"], root / "runs"),
-                      pool.submit(command, ["train", *QUICK, "--hidden", "16", "--flow", "none", "--out", "tiny2d"],
-                                  root / "runs")]
-            futures |= {name: pool.submit(_timed, SCENARIOS[name], root) for name in ("diverge-6", "diverge-2",
-                                                                                     "umask")}
+            futures: dict[str, Future] = {
+                name: pool.submit(_timed, SCENARIOS[name], root) for name in ("lock", "interrupt-early")
+            }
+            builds = [
+                pool.submit(command, ["train", *TINY, "--epochs", "2", "--out", "tiny"], root / "runs"),
+                pool.submit(
+                    command, ["train", *QUICK, "--hidden", "16", "--flow", "none", "--out", "tiny2d"], root / "runs"
+                ),
+            ]
+            futures |= {
+                name: pool.submit(_timed, SCENARIOS[name], root) for name in ("diverge-6", "diverge-2", "umask")
+            }
             futures |= {c.id: pool.submit(_run_case, c, root) for c in CASES if not c.needs_runs}
             for build in builds:
                 done = build.result()
                 assert done.returncode == 0, done.stderr
             runs = snapshot(root / "runs")
-            futures |= {name: pool.submit(_timed, scenario, root) for name, scenario in SCENARIOS.items()
-                        if name not in futures}
+            futures |= {
+                name: pool.submit(_timed, scenario, root) for name, scenario in SCENARIOS.items() if name not in futures
+            }
             futures |= {c.id: pool.submit(_run_case, c, root) for c in CASES if c.needs_runs}
             collected = {name: f.result() for name, f in futures.items()}
     finally:
@@ -675,11 +1143,14 @@ def test_second_training_into_one_directory_is_refused_naming_the_holder(results
     for second in (result.extra["second"], result.extra["second_resume"]):
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert second.stderr.strip().splitlines() == [
-            f"flowvae train: error: run is in use by another flowvae process (pid {result.extra['pid']})"]
+            f"flowvae train: error: run is in use by another flowvae process (pid {result.extra['pid']})"
+        ]
     # Ctrl-C after a checkpoint: the run is kept and the message says how to go on.
     assert result.rc == 130 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "flowvae train: interrupted; continue with: flowvae train " \
-                                                     "--out run --resume"
+    assert (
+        result.stderr.strip().splitlines()[-1] == "flowvae train: interrupted; continue with: flowvae train "
+        "--out run --resume"
+    )
     assert (result.extra["dir"] / "run" / "checkpoint.pt").is_file()
 
 
@@ -689,7 +1160,8 @@ def test_interrupt_before_the_first_checkpoint_leaves_nothing(results):
         pytest.skip("the first epoch ended before the interrupt arrived")
     assert result.rc == 130 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "flowvae train: interrupted before the first checkpoint; nothing was kept"]
+        "flowvae train: interrupted before the first checkpoint; nothing was kept"
+    ]
     assert result.after == {}, "the directories made for the run are removed"
 
 
@@ -724,8 +1196,12 @@ def test_last_good_names_only_weights_that_exist_and_are_sane(tmp_path):
     from flowvae.training.safeguards import last_good
 
     def run(epoch: int, best: float) -> SimpleNamespace:
-        return SimpleNamespace(state=RunState(epoch=epoch, best_valid=best), out=tmp_path, model=SimpleNamespace(
-            likelihood=Bernoulli()), data=SimpleNamespace(splits=SimpleNamespace(dim=64, kind="binary")))
+        return SimpleNamespace(
+            state=RunState(epoch=epoch, best_valid=best),
+            out=tmp_path,
+            model=SimpleNamespace(likelihood=Bernoulli()),
+            data=SimpleNamespace(splits=SimpleNamespace(dim=64, kind="binary")),
+        )
 
     assert last_good(run(0, float("inf"))) == "no checkpoint was written yet"
     (tmp_path / "best.pt").write_bytes(b"")
@@ -739,8 +1215,11 @@ def test_divergence_stops_with_a_clear_message(results, epochs):
     result = results[f"diverge-{epochs}"]
     lines = result.stderr.strip().splitlines()
     assert result.rc == 2 and "Traceback" not in result.stderr and len(lines) == 1, result.stderr
-    assert re.match(r"flowvae train: error: training diverged: .*no good weights were saved\. Lower --lr or set "
-                    r"--grad-clip$", lines[0]), lines[0]
+    assert re.match(
+        r"flowvae train: error: training diverged: .*no good weights were saved\. Lower --lr or set "
+        r"--grad-clip$",
+        lines[0],
+    ), lines[0]
     assert result.stdout == ""
     run = result.extra["dir"]
     assert (run / "checkpoint.pt").is_file() and not (run / "results.json").exists()  # kept for a look, no results
@@ -760,5 +1239,7 @@ def test_dataset_names_are_case_insensitive_and_files_follow_the_umask(results):
 def test_module_runtime(results):
     """Kept in view: the suite is meant to stay near a minute and a half on two free cores."""
     timed = sorted(((r.seconds, name) for name, r in results.items() if isinstance(r, Result)), reverse=True)
-    print(f"bad-input suite: {len(CASES)} cases and {len(SCENARIOS)} scenarios in {results['_seconds']:.0f} s; "
-          "slowest: " + ", ".join(f"{name} {seconds:.1f} s" for seconds, name in timed[:8]))
+    print(
+        f"bad-input suite: {len(CASES)} cases and {len(SCENARIOS)} scenarios in {results['_seconds']:.0f} s; "
+        "slowest: " + ", ".join(f"{name} {seconds:.1f} s" for seconds, name in timed[:8])
+    )

@@ -13,8 +13,20 @@ from flowvae.cli.option_help import HELP, choices
 from flowvae.config import config_fields
 from flowvae.progress import Throughput
 
-QUICK = ["--dataset", "digits", "--hidden", "8", "--latent-dim", "2", "--eval-samples", "2", "--epochs", "2",
-         "--threads", "1"]
+QUICK = [
+    "--dataset",
+    "digits",
+    "--hidden",
+    "8",
+    "--latent-dim",
+    "2",
+    "--eval-samples",
+    "2",
+    "--epochs",
+    "2",
+    "--threads",
+    "1",
+]
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:
@@ -50,7 +62,7 @@ def test_verbose_before_or_after_the_subcommand(where: str, tmp_path, capsys, mo
     flag = ["-v"]
     argv = flag + ["train", *QUICK, "--out", "run"] if where == "before" else ["train", "-v", *QUICK, "--out", "run"]
     root = logging.getLogger()
-    monkeypatch.setattr(root, "handlers", [])   # basicConfig configures afresh in each case
+    monkeypatch.setattr(root, "handlers", [])  # basicConfig configures afresh in each case
     level = root.level
     root.setLevel(logging.WARNING)
     try:
@@ -67,23 +79,23 @@ def test_plain_lines_when_not_a_terminal(tmp_path, capsys, monkeypatch) -> None:
     level = library.level
     library.setLevel(logging.WARNING)  # as without -v (setLevel also clears the loggers' caches)
     try:
-        assert main(["train", *QUICK, "--out", "run"]) == 0   # progress on (the default); stderr is captured
+        assert main(["train", *QUICK, "--out", "run"]) == 0  # progress on (the default); stderr is captured
     finally:
         library.setLevel(level)
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("epoch")]   # (a warning may come first)
+    lines = [line for line in err.splitlines() if line.startswith("epoch")]  # (a warning may come first)
     assert [line.split("  ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
     assert "\r" not in err and "\x1b" not in err and all(line.endswith("images/s") for line in lines)
 
 
 def test_throughput_is_windowed_not_since_the_epoch_began() -> None:
-    times = iter([0.0, 30.0, 31.0, 32.0, 33.0, 34.0])       # a 30 s first step (compilation), then 1 s steps
+    times = iter([0.0, 30.0, 31.0, 32.0, 33.0, 34.0])  # a 30 s first step (compilation), then 1 s steps
     t = Throughput(window=2.0, clock=times.__next__)
     t.add(100)
     assert t.images_per_second() == pytest.approx(100 / 30)
     for _ in range(4):
         t.add(100)
-    assert t.images_per_second() == pytest.approx(100.0)    # the first step has left the window
+    assert t.images_per_second() == pytest.approx(100.0)  # the first step has left the window
     assert t.seconds() == 34.0
 
 
@@ -94,4 +106,4 @@ def test_throughput_refreshes_once_a_second() -> None:
     for _ in range(5):
         t.add(10)
         shown.append(t.due())
-    assert shown == [True, False, True, False, True]   # at 0.2, 1.3 and 2.4: at least 1 s apart
+    assert shown == [True, False, True, False, True]  # at 0.2, 1.3 and 2.4: at least 1 s apart

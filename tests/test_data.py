@@ -80,18 +80,45 @@ def py2_pickle(data: np.ndarray) -> bytes:
         return b"K" + bytes([n]) if n < 256 else b"M" + struct.pack("<H", n)
 
     rows, cols = data.shape
-    return b"".join([
-        b"\x80\x02}(", string(b"batch_label"), string(b"training batch"),
-        string(b"labels"), b"](", integer(3), integer(4), b"e",
-        string(b"data"),
-        b"cnumpy.core.multiarray\n_reconstruct\n", b"cnumpy\nndarray\n",
-        integer(0), b"\x85", string(b"b"), b"\x87R",  # _reconstruct(ndarray, (0,), 'b')
-        b"(", integer(1), integer(rows), integer(cols), b"\x86",  # state: version, shape,
-        b"cnumpy\ndtype\n", string(b"u1"), integer(0), integer(1), b"\x87R",  # dtype('u1'),
-        b"(", integer(3), string(b"|"), b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff", integer(0), b"tb",
-        b"\x89", string(data.tobytes()), b"tb",  # not Fortran-ordered, raw bytes
-        b"u.",
-    ])
+    return b"".join(
+        [
+            b"\x80\x02}(",
+            string(b"batch_label"),
+            string(b"training batch"),
+            string(b"labels"),
+            b"](",
+            integer(3),
+            integer(4),
+            b"e",
+            string(b"data"),
+            b"cnumpy.core.multiarray\n_reconstruct\n",
+            b"cnumpy\nndarray\n",
+            integer(0),
+            b"\x85",
+            string(b"b"),
+            b"\x87R",  # _reconstruct(ndarray, (0,), 'b')
+            b"(",
+            integer(1),
+            integer(rows),
+            integer(cols),
+            b"\x86",  # state: version, shape,
+            b"cnumpy\ndtype\n",
+            string(b"u1"),
+            integer(0),
+            integer(1),
+            b"\x87R",  # dtype('u1'),
+            b"(",
+            integer(3),
+            string(b"|"),
+            b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff",
+            integer(0),
+            b"tb",
+            b"\x89",
+            string(data.tobytes()),
+            b"tb",  # not Fortran-ordered, raw bytes
+            b"u.",
+        ]
+    )
 
 
 def cifar_batch(n: int, offset: int) -> bytes:
@@ -104,7 +131,10 @@ def truncate(path: Path, keep: float = 0.5) -> None:
 
 
 def assert_splits(
-    s: DatasetSplits, kind: str, shape: tuple[int, int, int], sizes: tuple[int, int, int],
+    s: DatasetSplits,
+    kind: str,
+    shape: tuple[int, int, int],
+    sizes: tuple[int, int, int],
 ) -> None:
     assert isinstance(s, DatasetSplits)
     assert s.kind == kind
@@ -264,7 +294,10 @@ def test_binarized_mnist_npz_checksum(tmp_path: Path, monkeypatch: pytest.Monkey
     ],
 )
 def test_binarized_mnist_npz_bad_arrays(
-    tmp_path: Path, small_bmnist: dict[str, int], change, message: str,
+    tmp_path: Path,
+    small_bmnist: dict[str, int],
+    change,
+    message: str,
 ) -> None:
     arrays = bmnist_arrays(small_bmnist)
     change(arrays)
@@ -275,7 +308,9 @@ def test_binarized_mnist_npz_bad_arrays(
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "npy"])
 def test_binarized_mnist_npz_corrupt(
-    tmp_path: Path, small_bmnist: dict[str, int], damage: str,
+    tmp_path: Path,
+    small_bmnist: dict[str, int],
+    damage: str,
 ) -> None:
     path = tmp_path / "binarized_mnist.npz"
     np.savez_compressed(path, **bmnist_arrays(small_bmnist))
@@ -300,7 +335,9 @@ def test_binarized_mnist_amat(tmp_path: Path, small_bmnist: dict[str, int]) -> N
 
 
 def test_binarized_mnist_amat_download(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_bmnist: dict[str, int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    small_bmnist: dict[str, int],
 ) -> None:
     server = tmp_path / "server"
     server.mkdir()
@@ -324,7 +361,10 @@ def test_binarized_mnist_amat_download(
     ],
 )
 def test_binarized_mnist_amat_bad(
-    tmp_path: Path, small_bmnist: dict[str, int], damage: str, message: str,
+    tmp_path: Path,
+    small_bmnist: dict[str, int],
+    damage: str,
+    message: str,
 ) -> None:
     arrays = bmnist_arrays(small_bmnist)
     for split, rows in arrays.items():
@@ -360,7 +400,10 @@ def idx_images(n: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_mnist_idx(
-    tmp_path: Path, small_mnist: None, monkeypatch: pytest.MonkeyPatch, compress: bool,
+    tmp_path: Path,
+    small_mnist: None,
+    monkeypatch: pytest.MonkeyPatch,
+    compress: bool,
 ) -> None:
     train, test = idx_images(8), idx_images(3, 1)
     suffix = ".gz" if compress else ""
@@ -393,7 +436,11 @@ def test_mnist_gz_checksum_mismatch(tmp_path: Path, small_mnist: None) -> None:
     ],
 )
 def test_mnist_idx_bad(
-    tmp_path: Path, small_mnist: None, monkeypatch: pytest.MonkeyPatch, damage: str, message: str,
+    tmp_path: Path,
+    small_mnist: None,
+    monkeypatch: pytest.MonkeyPatch,
+    damage: str,
+    message: str,
 ) -> None:
     monkeypatch.setattr(mnist, "CHECKSUMS", {})  # check the parser, not the checksum
     d = tmp_path / "mnist"
@@ -437,7 +484,9 @@ def test_mnist_download(tmp_path: Path, small_mnist: None, monkeypatch: pytest.M
 
 
 def test_fashion_mnist_search_order(
-    tmp_path: Path, small_mnist: None, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    small_mnist: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     system = tmp_path / "system"
     write_idx(system / "train-images-idx3-ubyte.gz", np.full((8, 28, 28), 255, np.uint8), compress=True)
@@ -575,7 +624,11 @@ class _Boom:
     ],
 )
 def test_cifar10_bad_batches(
-    tmp_path: Path, small_cifar: None, capsys, replace: dict[str, bytes], message: str,
+    tmp_path: Path,
+    small_cifar: None,
+    capsys,
+    replace: dict[str, bytes],
+    message: str,
 ) -> None:
     fake_cifar(tmp_path / "cifar-10-python.tar.gz", **replace)
     with pytest.raises(DataError, match=message):
@@ -602,7 +655,9 @@ def test_cifar10_bad_archive(tmp_path: Path, small_cifar: None, damage: str) -> 
 
 
 def test_cifar10_download(
-    tmp_path: Path, small_cifar: None, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    small_cifar: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     src = fake_cifar(tmp_path / "served.tar.gz")
     monkeypatch.setattr(cifar10, "URL", src.as_uri())

@@ -11,13 +11,35 @@ from pathlib import Path
 import pytest
 import torch
 
-FLAGS = ["--dataset", "digits", "--hidden", "32", "--latent-dim", "4", "--flow", "iaf", "--flow-steps", "2",
-         "--flow-hidden", "16", "--eval-samples", "20", "--no-progress", "--threads", "1", "--device", "cpu"]
+FLAGS = [
+    "--dataset",
+    "digits",
+    "--hidden",
+    "32",
+    "--latent-dim",
+    "4",
+    "--flow",
+    "iaf",
+    "--flow-steps",
+    "2",
+    "--flow-hidden",
+    "16",
+    "--eval-samples",
+    "20",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 def flowvae_train(out: Path, epochs: int, workers: int, resume: bool = False, extra: tuple[str, ...] = ()) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}"] \
-        if workers > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}"]
+        if workers > 1
+        else [sys.executable]
+    )
     cmd = [*launcher, "-m", "flowvae", "train", *FLAGS, "--epochs", str(epochs), "--out", str(out), *extra]
     result = subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

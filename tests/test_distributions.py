@@ -55,6 +55,7 @@ def invertible_flow(name: str) -> F.Flow:
 
 # --- StandardNormal -------------------------------------------------------------------------------
 
+
 def test_standard_normal_is_a_distribution_that_moves_with_the_model():
     base = StandardNormal(DIM, batch_shape=(2,)).double()
     assert isinstance(base, D.Distribution) and isinstance(base, nn.Module)
@@ -64,8 +65,9 @@ def test_standard_normal_is_a_distribution_that_moves_with_the_model():
     reference = D.Independent(D.Normal(torch.zeros(2, DIM, dtype=f64), 1.0), 1)
     torch.testing.assert_close(base.log_prob(z), reference.log_prob(z))
     torch.testing.assert_close(base.entropy(), reference.entropy())
-    torch.testing.assert_close(base.log_prob(torch.zeros(DIM, dtype=f64)),
-                               torch.full((2,), -0.5 * DIM * math.log(2 * math.pi), dtype=f64))
+    torch.testing.assert_close(
+        base.log_prob(torch.zeros(DIM, dtype=f64)), torch.full((2,), -0.5 * DIM * math.log(2 * math.pi), dtype=f64)
+    )
     wide = base.expand((4, 2))
     assert wide.rsample().shape == (4, 2, DIM) and wide.loc.dtype == f64 and wide.mean.shape == (4, 2, DIM)
 
@@ -82,6 +84,7 @@ def test_standard_normal_validates_values_when_asked():
 
 
 # --- FlowDistribution as a Distribution ------------------------------------------------------------
+
 
 def test_flow_distribution_has_the_distribution_api_shapes_and_gradients():
     q = posterior(invertible_flow("iaf"))
@@ -106,8 +109,8 @@ def test_log_prob_of_rsample_equals_the_fused_path(name):
     torch.manual_seed(3)
     z = q.rsample((6,))
     torch.testing.assert_close(z, z_fused, rtol=0, atol=1e-12)
-    torch.testing.assert_close(q.log_prob(z), log_q, rtol=0, atol=1e-10)           # reused log-det
-    torch.testing.assert_close(q.log_prob(z.clone()), log_q, rtol=0, atol=1e-10)   # through flow.inverse
+    torch.testing.assert_close(q.log_prob(z), log_q, rtol=0, atol=1e-10)  # reused log-det
+    torch.testing.assert_close(q.log_prob(z.clone()), log_q, rtol=0, atol=1e-10)  # through flow.inverse
 
 
 @pytest.mark.parametrize("sample_shape", [(1,), (1, 1), (2,)])
@@ -135,18 +138,18 @@ def test_log_prob_reuses_a_log_det_only_for_the_identical_unmodified_sample():
     z = q.rsample((2,))
     torch.testing.assert_close(q.log_prob(z), log_q, rtol=0, atol=1e-10)
     with pytest.raises(NotImplementedError, match="no inverse"):
-        q.log_prob(z.detach().clone())              # same values, another tensor: not taken from the cache
+        q.log_prob(z.detach().clone())  # same values, another tensor: not taken from the cache
     z2 = q.rsample((2,))
     with pytest.raises(NotImplementedError, match="no inverse"):
-        q.log_prob(z)                               # the cache holds the last draw only
+        q.log_prob(z)  # the cache holds the last draw only
     q.log_prob(z2)
     with torch.no_grad():
-        next(flow.parameters()).add_(0.1)           # an optimizer step changes the density of z2
+        next(flow.parameters()).add_(0.1)  # an optimizer step changes the density of z2
     with pytest.raises(NotImplementedError, match="no inverse"):
         q.log_prob(z2)
     z3 = q.sample()
     with torch.no_grad():
-        z3.add_(1.0)                                # edited in place: no longer the sample drawn
+        z3.add_(1.0)  # edited in place: no longer the sample drawn
     with pytest.raises(NotImplementedError, match="no inverse"):
         q.log_prob(z3)
 
@@ -182,6 +185,7 @@ def test_expand_broadcasts_the_base_and_keeps_the_flow():
 
 # --- flowvae flows as torch Transforms -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", INVERTIBLE)
 def test_transformed_distribution_of_a_flow_agrees_with_flow_distribution_in_float64(name):
     q = posterior(invertible_flow(name))
@@ -192,8 +196,8 @@ def test_transformed_distribution_of_a_flow_agrees_with_flow_distribution_in_flo
     torch.manual_seed(5)
     y = transformed.rsample((3,))
     torch.testing.assert_close(y, z, rtol=0, atol=1e-12)
-    torch.testing.assert_close(transformed.log_prob(y), log_q, rtol=0, atol=1e-10)           # cached log-det
-    torch.testing.assert_close(transformed.log_prob(z.clone()), log_q, rtol=0, atol=1e-10)   # flow.inverse
+    torch.testing.assert_close(transformed.log_prob(y), log_q, rtol=0, atol=1e-10)  # cached log-det
+    torch.testing.assert_close(transformed.log_prob(z.clone()), log_q, rtol=0, atol=1e-10)  # flow.inverse
     other = q.base.sample((3,)) * 2.0
     torch.testing.assert_close(transformed.log_prob(other), q.log_prob(other.clone()), rtol=0, atol=1e-10)
 
@@ -208,12 +212,12 @@ def test_as_transform_reuses_a_log_det_only_for_the_identical_unmodified_input()
     y = t(x)
     ladj = t.log_abs_det_jacobian(x, y)
     assert len(calls) == 1 and ladj.shape == (BATCH,)
-    assert t.inv(y) is x and len(calls) == 1                 # the inverse of the value just produced
+    assert t.inv(y) is x and len(calls) == 1  # the inverse of the value just produced
     torch.testing.assert_close(t.log_abs_det_jacobian(x.clone(), y), ladj)
-    assert len(calls) == 2                                   # another tensor: recomputed, same value
+    assert len(calls) == 2  # another tensor: recomputed, same value
     with torch.no_grad():
         x.mul_(2.0)
-    torch.testing.assert_close(t.log_abs_det_jacobian(x, y), flow(x, None)[1])   # edited in place: recomputed
+    torch.testing.assert_close(t.log_abs_det_jacobian(x, y), flow(x, None)[1])  # edited in place: recomputed
     assert len(calls) == 4 and not torch.allclose(flow(x, None)[1], ladj)
     uncached = F.as_transform(flow, cache_size=0)
     calls.clear()
@@ -262,8 +266,9 @@ def test_pyro_svi_with_a_conditioned_flowvae_flow_guide_lowers_the_loss():
         pyro.module("flow", flow)
         loc, log_scale = pyro.param("loc", torch.zeros(2)), pyro.param("log_scale", torch.zeros(2))
         h = encoder(data.mean(0))
-        pyro.sample("z", dist.TransformedDistribution(dist.Normal(loc, log_scale.exp()).to_event(1),
-                                                      [F.as_transform(flow, h)]))
+        pyro.sample(
+            "z", dist.TransformedDistribution(dist.Normal(loc, log_scale.exp()).to_event(1), [F.as_transform(flow, h)])
+        )
 
     estimate = Trace_ELBO(num_particles=64, vectorize_particles=True)
     before = estimate.loss(model, guide)
@@ -278,6 +283,7 @@ def test_pyro_svi_with_a_conditioned_flowvae_flow_guide_lowers_the_loss():
 
 # --- torch / Pyro / zuko transforms as flowvae flows -----------------------------------------------
 
+
 def _sources():
     zuko = pytest.importorskip("zuko")
     pytest.importorskip("pyro")
@@ -287,15 +293,24 @@ def _sources():
         "zuko-nsf-context": (zuko.flows.NSF(DIM, context=CTX, transforms=2, hidden_features=(16, 16)).transform, CTX),
         "zuko-nsf": (zuko.flows.NSF(DIM, transforms=2, hidden_features=(16, 16)).transform, None),
         "pyro-spline-elementwise": (T.Spline(DIM, count_bins=4), None),
-        "pyro-conditional-spline-autoregressive": (T.conditional_spline_autoregressive(DIM, CTX, hidden_dims=[8, 8]),
-                                                   CTX),
-        "torch-affine": (D.AffineTransform(torch.zeros(DIM, dtype=f64), torch.linspace(0.5, 2.0, DIM, dtype=f64)),
-                         None),
+        "pyro-conditional-spline-autoregressive": (
+            T.conditional_spline_autoregressive(DIM, CTX, hidden_dims=[8, 8]),
+            CTX,
+        ),
+        "torch-affine": (
+            D.AffineTransform(torch.zeros(DIM, dtype=f64), torch.linspace(0.5, 2.0, DIM, dtype=f64)),
+            None,
+        ),
     }
 
 
-SOURCES = ["zuko-nsf-context", "zuko-nsf", "pyro-spline-elementwise", "pyro-conditional-spline-autoregressive",
-           "torch-affine"]
+SOURCES = [
+    "zuko-nsf-context",
+    "zuko-nsf",
+    "pyro-spline-elementwise",
+    "pyro-conditional-spline-autoregressive",
+    "torch-affine",
+]
 
 
 @pytest.mark.parametrize("name", SOURCES)
@@ -316,7 +331,7 @@ def test_from_transform_log_det_matches_the_autograd_jacobian_and_inverts(name):
     back, ladj_inverse = flow.inverse(y, h)
     torch.testing.assert_close(back, z, rtol=0, atol=1e-7)
     torch.testing.assert_close(ladj_inverse, -ladj, rtol=0, atol=1e-7)
-    q = FlowDistribution(posterior(None).base, flow, h)   # and it is a posterior flow like any other
+    q = FlowDistribution(posterior(None).base, flow, h)  # and it is a posterior flow like any other
     z_k, log_q = q.rsample_and_log_prob((2,))
     torch.testing.assert_close(q.log_prob(z_k.clone()), log_q, rtol=0, atol=1e-7)
 
@@ -353,13 +368,19 @@ def test_vae_with_a_zuko_spline_posterior_trains_on_digits():
     body = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ELU())
     decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ELU(), nn.Linear(hidden, 64), nn.Unflatten(1, (1, 8, 8)))
     nsf = zuko.flows.NSF(latent, context=hidden, transforms=2, hidden_features=(32, 32))
-    model = VAE(GaussianEncoder(body, feature_dim=hidden, latent_dim=latent), decoder,
-                build_likelihood("bernoulli", "binary"), latent, image_shape=(1, 8, 8),
-                flow=F.from_transform(nsf.transform, context_dim=hidden, features=latent))
+    model = VAE(
+        GaussianEncoder(body, feature_dim=hidden, latent_dim=latent),
+        decoder,
+        build_likelihood("bernoulli", "binary"),
+        latent,
+        image_shape=(1, 8, 8),
+        flow=F.from_transform(nsf.transform, context_dim=hidden, features=latent),
+    )
     assert any(p is q for p in model.parameters() for q in nsf.parameters())  # the spline's weights train
     test = digits.test[:64]
-    nll_before = objectives.importance_weighted_nll(model, test, samples=100,
-                                                    generator=torch.Generator().manual_seed(0))
+    nll_before = objectives.importance_weighted_nll(
+        model, test, samples=100, generator=torch.Generator().manual_seed(0)
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(60):
         batch = digits.train[torch.randint(len(digits.train), (64,))]

@@ -52,8 +52,11 @@ CASES = [
     Case("lu-linear-vector", lambda c: F.InvertibleConv1x1(DIM, event_dim=1), False),
     Case("permute", lambda c: F.Permute(DIM), False),
     Case("reverse", lambda c: F.Reverse(DIM), False),
-    Case("compose-mixed", lambda c: F.Compose(F.IAF(DIM, (8,), c), F.Reverse(DIM), F.Planar(DIM, c),
-                                              F.AffineCoupling(DIM, 8, c)), True),
+    Case(
+        "compose-mixed",
+        lambda c: F.Compose(F.IAF(DIM, (8,), c), F.Reverse(DIM), F.Planar(DIM, c), F.AffineCoupling(DIM, 8, c)),
+        True,
+    ),
     Case("planar-steps", lambda c: F.Planar(DIM, c, steps=3), False),
     Case("planar-steps-amortized", lambda c: F.Planar(DIM, c, steps=3), True),
     Case("iaf-steps", lambda c: F.IAF(DIM, (16, 16), c, steps=3), False),
@@ -65,12 +68,19 @@ CASES = [
     Case("coupling-image", lambda c: F.AffineCoupling(IMG[0], 8, c, event_dim=3), False, image=True),
     Case("coupling-image-context", lambda c: F.AffineCoupling(IMG[0], 8, c, event_dim=3, swap=True), True, image=True),
     Case("permute-image", lambda c: F.Permute(IMG[0], event_dim=3), False, image=True),
-    Case("glow-step", lambda c: F.Compose(F.ActNorm(IMG[0]), F.InvertibleConv1x1(IMG[0]),
-                                          F.AffineCoupling(IMG[0], 8, c, event_dim=3)), True, image=True),
+    Case(
+        "glow-step",
+        lambda c: F.Compose(
+            F.ActNorm(IMG[0]), F.InvertibleConv1x1(IMG[0]), F.AffineCoupling(IMG[0], 8, c, event_dim=3)
+        ),
+        True,
+        image=True,
+    ),
 ]
 for name in F.FLOW_NAMES[1:]:
-    CASES.append(Case(f"build-{name}",
-                      lambda c, name=name: F.build_flow(name, DIM, 2, c, hidden=12, reflections=3), True))
+    CASES.append(
+        Case(f"build-{name}", lambda c, name=name: F.build_flow(name, DIM, 2, c, hidden=12, reflections=3), True)
+    )
 
 
 def make_flow(case: Case, dtype=torch.float64, device="cpu", seed: int = 0) -> F.Flow:
@@ -80,8 +90,10 @@ def make_flow(case: Case, dtype=torch.float64, device="cpu", seed: int = 0) -> F
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    flow(torch.randn(8, *case.event_shape, dtype=dtype, device=device),
-         torch.randn(8, CTX, dtype=dtype, device=device) if case.conditional else None)  # data-dependent init
+    flow(
+        torch.randn(8, *case.event_shape, dtype=dtype, device=device),
+        torch.randn(8, CTX, dtype=dtype, device=device) if case.conditional else None,
+    )  # data-dependent init
     return flow.eval()
 
 
@@ -96,9 +108,11 @@ def jacobian_log_det(flow: F.Flow, z: torch.Tensor, h: torch.Tensor | None, dire
     fn = flow if direction == "forward" else flow.inverse
     out = []
     for i in range(z.shape[0]):
-        ctx = None if h is None else h[i:i + 1]
+        ctx = None if h is None else h[i : i + 1]
+
         def f(x, ctx=ctx):
             return fn(x.view(1, *z.shape[1:]), ctx)[0].reshape(-1)
+
         jac = torch.autograd.functional.jacobian(f, z[i].reshape(-1), vectorize=True)
         out.append(torch.linalg.slogdet(jac).logabsdet)
     return torch.stack(out)
@@ -113,8 +127,9 @@ def test_log_det_matches_autograd_jacobian(case):
     torch.testing.assert_close(log_abs_det, jacobian_log_det(flow, z, h), rtol=1e-7, atol=1e-8)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.make(CTX if c.conditional else None).has_inverse],
-                         ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.make(CTX if c.conditional else None).has_inverse], ids=lambda c: c.id
+)
 def test_inverse_round_trip_and_log_dets_cancel(case):
     flow = make_flow(case)
     z, h = inputs(case, batch=(4,))
@@ -203,8 +218,9 @@ def _one_step_flows(cls: type, context_dim: int | None, steps: int, order: str |
     def reverse(o):
         return "reversed" if o == "natural" else o[::-1]
 
-    return F.Compose(*(cls(DIM, (16, 12), context_dim, order=order if t % 2 == 0 else reverse(order))
-                       for t in range(steps))).double()
+    return F.Compose(
+        *(cls(DIM, (16, 12), context_dim, order=order if t % 2 == 0 else reverse(order)) for t in range(steps))
+    ).double()
 
 
 @pytest.mark.parametrize("cls", [F.IAF, F.MAF])
@@ -297,11 +313,18 @@ def test_bernoulli_made_learns_correlated_bits():
     assert loss.item() < entropy + 0.05
 
 
-@pytest.mark.parametrize("flow", [F.build_flow("iaf", DIM, 8, CTX, hidden=32), F.build_flow("planar", DIM, 32, CTX),
-                                  F.build_flow("planar", DIM, 32), F.build_flow("radial", DIM, 16, CTX),
-                                  F.build_flow("sylvester-orthogonal", DIM, 8, CTX),
-                                  F.build_flow("maf", DIM, 4, CTX, hidden=32)],
-                         ids=["iaf8", "planar32-amortized", "planar32", "radial16", "o-snf8", "maf4"])
+@pytest.mark.parametrize(
+    "flow",
+    [
+        F.build_flow("iaf", DIM, 8, CTX, hidden=32),
+        F.build_flow("planar", DIM, 32, CTX),
+        F.build_flow("planar", DIM, 32),
+        F.build_flow("radial", DIM, 16, CTX),
+        F.build_flow("sylvester-orthogonal", DIM, 8, CTX),
+        F.build_flow("maf", DIM, 4, CTX, hidden=32),
+    ],
+    ids=["iaf8", "planar32-amortized", "planar32", "radial16", "o-snf8", "maf4"],
+)
 def test_deep_stacks_stay_finite_under_extreme_inputs(flow):
     torch.manual_seed(1)
     with torch.no_grad():
@@ -339,8 +362,11 @@ def test_sylvester_triangular_factors_unpack_row_by_row_with_bounded_diagonal(co
 def test_flow_distribution_log_prob_agrees_with_sampling_path():
     torch.manual_seed(0)
     flow = make_flow(CASES[[c.id for c in CASES].index("iaf-context")])
-    mean, log_std, h = torch.randn(6, DIM, dtype=torch.float64), 0.1 * torch.randn(6, DIM, dtype=torch.float64), \
-        torch.randn(6, CTX, dtype=torch.float64)
+    mean, log_std, h = (
+        torch.randn(6, DIM, dtype=torch.float64),
+        0.1 * torch.randn(6, DIM, dtype=torch.float64),
+        torch.randn(6, CTX, dtype=torch.float64),
+    )
     q = FlowDistribution(diagonal_gaussian(mean, log_std), flow, h)
     z, log_q = q.rsample_and_log_prob((4,))
     assert z.shape == (4, 6, DIM) and log_q.shape == (4, 6)
@@ -361,8 +387,10 @@ def test_standard_normal_base_moves_with_the_model_and_matches_the_closed_form()
     z = base.sample((6,))
     assert z.shape == (6, DIM) and z.dtype == torch.float64
     torch.testing.assert_close(base.log_prob(z), standard_normal_log_prob(z))
-    torch.testing.assert_close(base.log_prob(torch.zeros(DIM, dtype=torch.float64)),
-                               torch.tensor(-0.5 * DIM * math.log(2 * math.pi), dtype=torch.float64))
+    torch.testing.assert_close(
+        base.log_prob(torch.zeros(DIM, dtype=torch.float64)),
+        torch.tensor(-0.5 * DIM * math.log(2 * math.pi), dtype=torch.float64),
+    )
     q = FlowDistribution(base.distribution(), F.Reverse(DIM))
     x, log_q = q.rsample_and_log_prob((4,))
     torch.testing.assert_close(q.log_prob(x), log_q)
@@ -470,8 +498,11 @@ def _one_step_planars_like(stack: F.Planar) -> F.Compose:
     if stack.steps == 1:
         old_layout = {f"flows.0.{name}": value for name, value in stack.state_dict().items()}
     else:
-        old_layout = {f"flows.{t}.{name}": (value[t] if ".values." in name else value.chunk(stack.steps)[t])
-                      for name, value in stack.state_dict().items() for t in range(stack.steps)}
+        old_layout = {
+            f"flows.{t}.{name}": (value[t] if ".values." in name else value.chunk(stack.steps)[t])
+            for name, value in stack.state_dict().items()
+            for t in range(stack.steps)
+        }
     steps.load_state_dict(old_layout)
     return steps
 

@@ -20,14 +20,28 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
 # Every architecture × no flow / a flow with context / a flow without (ResNet flows always read their context).
-MODEL_MATRIX = [(arch, flow, context) for arch, flow, context in itertools.product(
-    ("mlp", "conv", "gated", "ladder", "resnet"), ("none", "iaf"), (True, False))
-    if not (flow == "none" and not context) and not (arch == "resnet" and not context)]
+MODEL_MATRIX = [
+    (arch, flow, context)
+    for arch, flow, context in itertools.product(
+        ("mlp", "conv", "gated", "ladder", "resnet"), ("none", "iaf"), (True, False)
+    )
+    if not (flow == "none" and not context) and not (arch == "resnet" and not context)
+]
 
 
 def tiny_model(arch: str, flow: str, context: bool) -> torch.nn.Module:
-    config = ModelConfig(arch=arch, latent_dim=2 if arch == "resnet" else 4, layers=2, hidden=16, channels=8,
-                         feature_dim=16, flow=flow, flow_steps=1, flow_hidden=8, flow_context=context)
+    config = ModelConfig(
+        arch=arch,
+        latent_dim=2 if arch == "resnet" else 4,
+        layers=2,
+        hidden=16,
+        channels=8,
+        feature_dim=16,
+        flow=flow,
+        flow_steps=1,
+        flow_hidden=8,
+        flow_context=context,
+    )
     return build_model(config, (1, 8, 8), "binary")
 
 
@@ -54,8 +68,14 @@ def test_ladder_loads_a_checkpoint_with_unused_context_networks():
 def test_ddp_matches_one_process_for_every_architecture_and_flow():
     """Two gloo workers take three steps on halves of the batch for each model of the matrix, and end
     with the parameters of one process stepping on the whole batch (the worker script asserts it)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "ddp_matrix_worker.py")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "ddp_matrix_worker.py"),
+    ]
     env = os.environ | {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -77,15 +97,20 @@ def test_bf16_importance_weighted_nll_equals_fp32_on_the_same_noise():
     """Σ_pixels x·logit ≈ 800 nats summed in bf16 rounds by 4 nats a sample, and the log-mean-exp over K
     made that noise a 0.5 nats optimistic -log p(x); the likelihood now sums in float32."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="mlp", latent_dim=32, hidden=300, flow="iaf", flow_steps=2,
-                                    flow_hidden=320), (1, 28, 28), "binary")
+    model = build_model(
+        ModelConfig(arch="mlp", latent_dim=32, hidden=300, flow="iaf", flow_steps=2, flow_hidden=320),
+        (1, 28, 28),
+        "binary",
+    )
     g = torch.Generator().manual_seed(1)
     template = torch.bernoulli(torch.full((784,), 0.13), generator=g)
     with torch.no_grad():  # confident logits, as a trained model's: ±8 towards a template image
         model.decoder.net[-2].bias.copy_(8.0 * (2 * template - 1))
     x = ((template + torch.bernoulli(torch.full((20, 784), 0.02), generator=g)) % 2).view(20, 1, 28, 28)
-    nll = {precision: evaluate(model, x, batch_size=20, samples=200, chunk_size=100, seed=0,
-                               precision=precision)["nll"] for precision in ("fp32", "bf16")}
+    nll = {
+        precision: evaluate(model, x, batch_size=20, samples=200, chunk_size=100, seed=0, precision=precision)["nll"]
+        for precision in ("fp32", "bf16")
+    }
     assert nll["bf16"] == pytest.approx(nll["fp32"], abs=0.05)
 
 
@@ -101,8 +126,12 @@ def test_a_cuda_checkpoint_holds_and_restores_the_device_global_generator(monkey
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update(state=state, device=device))
     cuda = torch.device("cuda", 0)
     generators = {name: torch.Generator() for name in ("shuffle", "noise", "binarize")}
-    saved = {"torch": torch.get_rng_state(), "noise_device": "cuda", **device_rng_state(cuda),
-             **{name: g.get_state() for name, g in generators.items()}}
+    saved = {
+        "torch": torch.get_rng_state(),
+        "noise_device": "cuda",
+        **device_rng_state(cuda),
+        **{name: g.get_state() for name, g in generators.items()},
+    }
     restore_rng(saved, generators, cuda, TrainConfig(), RunState())
     assert torch.equal(restored["state"], torch.full((16,), 7, dtype=torch.uint8)) and restored["device"] == cuda
     assert device_rng_state(torch.device("cpu")) == {}
@@ -133,7 +162,7 @@ def test_workers_that_do_not_share_out_stop_before_any_work(tmp_path, shared):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    node0, node1 = tmp_path / "run", tmp_path / "other_node" / "run"   # one path, two "file systems"
+    node0, node1 = tmp_path / "run", tmp_path / "other_node" / "run"  # one path, two "file systems"
     node0.mkdir()
     node1.mkdir(parents=True)
     dirs = [str(node0), str(node0 if shared else node1)]
@@ -164,7 +193,7 @@ def test_masked_adamax_step_is_adamax_when_made_and_a_no_op_when_skipped(weight_
     ref_opt = AdamaxW(reference.parameters(), lr=0.01, foreach=True)
     for optimizer in (opt, ref_opt):
         set_weight_decay(optimizer, weight_decay)
-    for made in (False, True, True, False, True):   # a skipped first step too: t = 0, u = 0
+    for made in (False, True, True, False, True):  # a skipped first step too: t = 0, u = 0
         grads = [torch.randn_like(p) for p in ours.parameters()]
         before = {k: v.clone() for k, v in ours.state_dict().items()}
         state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in ours.parameters()]
@@ -201,10 +230,26 @@ def preset_config(name: str, out: Path, **overrides):
     d = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     model = d.pop("model")
     model.pop("likelihood", None)  # digits are binary
-    model |= dict(layers=2, channels=8, latent_dim=2 if model["arch"] == "resnet" else 4, hidden=16, flow_hidden=8,
-                  prior_flow_steps=1)
-    d |= dict(dataset="digits", device="cpu", compile=False, progress=False, epochs=1, max_minutes=0, threads=1,
-              eval_samples=0, out=str(out), model=model)
+    model |= dict(
+        layers=2,
+        channels=8,
+        latent_dim=2 if model["arch"] == "resnet" else 4,
+        hidden=16,
+        flow_hidden=8,
+        prior_flow_steps=1,
+    )
+    d |= dict(
+        dataset="digits",
+        device="cpu",
+        compile=False,
+        progress=False,
+        epochs=1,
+        max_minutes=0,
+        threads=1,
+        eval_samples=0,
+        out=str(out),
+        model=model,
+    )
     return TrainConfig.from_dict(d | overrides)
 
 
@@ -227,7 +272,7 @@ def test_a_training_epoch_of_each_preset_reads_the_device_only_at_its_end(tmp_pa
     from flowvae import distributed, training
 
     reads = []
-    for batch_size in (100, 50):   # 13 and 26 steps
+    for batch_size in (100, 50):  # 13 and 26 steps
         config = preset_config(preset, tmp_path / str(batch_size), batch_size=batch_size)
         run = training.start_run(config, False, distributed.Context(), torch.device("cpu"))
         with monkeypatch.context() as patch, HostReads() as counter:
@@ -256,8 +301,9 @@ def to_fake_cuda(module: torch.nn.Module) -> None:
     for m in module.modules():
         for name, p in m._parameters.items():
             if p is not None:
-                m._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="cuda"),
-                                                         p.requires_grad)
+                m._parameters[name] = torch.nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device="cuda"), p.requires_grad
+                )
         for name, b in m._buffers.items():
             if b is not None:
                 m._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device="cuda")
@@ -277,19 +323,27 @@ def test_the_fake_cuda_harness_catches_host_reads_and_cpu_tensors():
 
 # (arch, flow, prior, optimizer): every model family.  Not here: Householder and Householder-Sylvester
 # flows and MAF, whose Python indexing (v[..., k, :]) fake CUDA tensors refuse on a CPU-only build.
-FAKE_CUDA_MODELS = [("mlp", "iaf", "standard", "adam"), ("mlp", "sylvester-orthogonal", "standard", "adam"),
-                    ("mlp", "sylvester-triangular", "standard", "adam"), ("mlp", "coupling", "standard", "adamax"),
-                    ("mlp", "planar", "vamp", "adam"), ("mlp", "radial", "flow", "adam"),
-                    ("conv", "iaf", "standard", "adam"), ("gated", "planar", "flow", "adamax"),
-                    ("ladder", "none", "flow", "adam"), ("ladder", "iaf", "vamp", "adamax"),
-                    ("ladder", "sylvester-orthogonal", "standard", "adam"), ("resnet", "none", "standard", "adam"),
-                    ("resnet", "iaf", "standard", "adamax"), ("resnet", "glow", "flow", "adamax"),
-                    ("resnet", "coupling", "standard", "adam")]
+FAKE_CUDA_MODELS = [
+    ("mlp", "iaf", "standard", "adam"),
+    ("mlp", "sylvester-orthogonal", "standard", "adam"),
+    ("mlp", "sylvester-triangular", "standard", "adam"),
+    ("mlp", "coupling", "standard", "adamax"),
+    ("mlp", "planar", "vamp", "adam"),
+    ("mlp", "radial", "flow", "adam"),
+    ("conv", "iaf", "standard", "adam"),
+    ("gated", "planar", "flow", "adamax"),
+    ("ladder", "none", "flow", "adam"),
+    ("ladder", "iaf", "vamp", "adamax"),
+    ("ladder", "sylvester-orthogonal", "standard", "adam"),
+    ("resnet", "none", "standard", "adam"),
+    ("resnet", "iaf", "standard", "adamax"),
+    ("resnet", "glow", "flow", "adamax"),
+    ("resnet", "coupling", "standard", "adam"),
+]
 
 
 @pytest.mark.parametrize("arch,flow,prior,optimizer", FAKE_CUDA_MODELS)
-def test_the_pieces_of_a_training_step_and_of_the_iw_evaluation_stay_on_cuda(tmp_path, arch, flow, prior,
-                                                                                optimizer):
+def test_the_pieces_of_a_training_step_and_of_the_iw_evaluation_stay_on_cuda(tmp_path, arch, flow, prior, optimizer):
     """On fake CUDA: build → to cuda → optimizer, EMA and gradient guard → noise → training-mode forward
     → training_loss with free bits → importance_weighted_nll with an explicit chunk size.  A CPU tensor
     entering (beyond 0-dim ones) or a host read raises.  This torch build's fake CUDA tensors cannot run
@@ -301,9 +355,20 @@ def test_the_pieces_of_a_training_step_and_of_the_iw_evaluation_stay_on_cuda(tmp
     from flowvae.training.setup import build_ema
 
     config = preset_config("mnist_resnet_iaf_gpu", tmp_path, optimizer=optimizer)
-    config.model = ModelConfig(arch=arch, flow=flow, prior=prior, latent_dim=2 if arch == "resnet" else 4,
-                               layers=2, hidden=16, channels=8, feature_dim=16, flow_steps=1, flow_hidden=8,
-                               pseudo_inputs=5, prior_flow_steps=1)
+    config.model = ModelConfig(
+        arch=arch,
+        flow=flow,
+        prior=prior,
+        latent_dim=2 if arch == "resnet" else 4,
+        layers=2,
+        hidden=16,
+        channels=8,
+        feature_dim=16,
+        flow_steps=1,
+        flow_hidden=8,
+        pseudo_inputs=5,
+        prior_flow_steps=1,
+    )
     torch.manual_seed(0)
     model = build_model(config.model, (1, 8, 8), "binary")
     with torch.no_grad():  # as the trainer does; ActNorm then knows it is initialised
@@ -313,8 +378,16 @@ def test_the_pieces_of_a_training_step_and_of_the_iw_evaluation_stay_on_cuda(tmp
         cuda = torch.device("cuda", 0)
         ema = build_ema(config, model)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
-        guard = GradientGuard(model, build_optimizer(config, model, cuda), scaler, max_norm=0,
-                              skip_factor=50, device=cuda, ema=ema, ema_decay=config.ema)
+        guard = GradientGuard(
+            model,
+            build_optimizer(config, model, cuda),
+            scaler,
+            max_norm=0,
+            skip_factor=50,
+            device=cuda,
+            ema=ema,
+            ema_decay=config.ema,
+        )
         assert guard.fused == (optimizer == "adam") and guard.masked_adamax == (optimizer == "adamax")
         assert ema.n_averaged.device == cuda
         x = torch.bernoulli(torch.full((6, 1, 8, 8), 0.5, device="cuda"))
@@ -344,11 +417,16 @@ def test_cudnn_autotunes_the_bf16_presets_unless_deterministic(tmp_path, determi
 
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what --deterministic sets, undone after
 
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision(),
-             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    saved = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+    )
     try:
         config = preset_config("mnist_resnet_iaf_gpu", tmp_path, deterministic=deterministic, threads=0)
-        training.configure_backends(config, torch.device("cuda"))   # switches only: no GPU needed
+        training.configure_backends(config, torch.device("cuda"))  # switches only: no GPU needed
         assert torch.backends.cudnn.benchmark is not deterministic
         assert not torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
     finally:

@@ -22,9 +22,18 @@ def _setup(optimizer: str = "adam", ema_decay: float = 0.0, fp16: bool = False, 
     ema = None
     if ema_decay:
         from torch.optim.swa_utils import AveragedModel
+
         ema = AveragedModel(model, use_buffers=True)
-    guard = GradientGuard(model, opt, scaler, max_norm=0.0, skip_factor=skip_factor, device=torch.device("cpu"),
-                          ema=ema, ema_decay=ema_decay)
+    guard = GradientGuard(
+        model,
+        opt,
+        scaler,
+        max_norm=0.0,
+        skip_factor=skip_factor,
+        device=torch.device("cpu"),
+        ema=ema,
+        ema_decay=ema_decay,
+    )
     return model, opt, scaler, ema, guard
 
 
@@ -52,6 +61,7 @@ class _NoHostReads:
     def __enter__(self):
         def refuse(*_args, **_kwargs):
             raise AssertionError("the guard read a tensor on the host")
+
         for name in self.NAMES:
             self.monkeypatch.setattr(torch.Tensor, name, refuse)
 
@@ -69,8 +79,9 @@ def test_a_nan_gradient_is_skipped_on_the_device_with_fused_adam(monkeypatch, em
     with _NoHostReads(monkeypatch):
         made = guard.step(loss, 3)
     assert made.dtype == torch.bool and not made
-    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt, ema))), \
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt, ema))), (
         "parameters, Adam's moments and step count and the EMA are unchanged"
+    )
     assert guard.sync()[1:] == (1, 1)
     with _NoHostReads(monkeypatch):
         made = guard.step(_loss(model), 4)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from flowvae import objectives, training
-from flowvae.config import TrainConfig, load_yaml
+from flowvae.config import TrainConfig
+from flowvae.config_yaml import load_yaml
 from flowvae.evaluation import evaluate
 from flowvae.models import MODELS, LatentVariableModel, LogDensities, ModelConfig, build_model, draw_noise
 from flowvae.models.base import as_noise
@@ -21,10 +22,35 @@ from flowvae.models.likelihoods import Bernoulli, Gaussian
 from flowvae.training import epoch, gradient_guard
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-LADDER = dict(dataset="digits", arch="ladder", layers=2, hidden=32, latent_dim=4, flow="iaf", flow_steps=1,
-              flow_hidden=16, epochs=3, eval_samples=20, progress=False, threads=1)
-RESNET = dict(dataset="digits", arch="resnet", layers=2, channels=8, latent_dim=2, flow="iaf", flow_steps=1,
-              flow_hidden=8, epochs=2, eval_samples=5, progress=False, threads=1, batch_size=50)
+LADDER = dict(
+    dataset="digits",
+    arch="ladder",
+    layers=2,
+    hidden=32,
+    latent_dim=4,
+    flow="iaf",
+    flow_steps=1,
+    flow_hidden=16,
+    epochs=3,
+    eval_samples=20,
+    progress=False,
+    threads=1,
+)
+RESNET = dict(
+    dataset="digits",
+    arch="resnet",
+    layers=2,
+    channels=8,
+    latent_dim=2,
+    flow="iaf",
+    flow_steps=1,
+    flow_hidden=8,
+    epochs=2,
+    eval_samples=5,
+    progress=False,
+    threads=1,
+    batch_size=50,
+)
 
 
 def config(tmp_path: Path, base: dict = LADDER, **overrides) -> TrainConfig:
@@ -32,6 +58,7 @@ def config(tmp_path: Path, base: dict = LADDER, **overrides) -> TrainConfig:
 
 
 # ------------------------------------------------------------- a two-layer linear-Gaussian model
+
 
 class LinearGaussianHierarchy(LatentVariableModel):
     """z2 ~ N(0, I₂), z1 | z2 ~ N(A z2, s² I₃), x | z1 ~ N(W z1, σ² I₄): log p(x) in closed form.
@@ -52,11 +79,12 @@ class LinearGaussianHierarchy(LatentVariableModel):
         """Cov of (z2, z1, x), 9 × 9."""
         A, W = self.A.detach(), self.W.detach()
         c22 = torch.eye(2, dtype=torch.float64)
-        c12, c11 = A, A @ A.T + self.s ** 2 * torch.eye(3, dtype=torch.float64)
+        c12, c11 = A, A @ A.T + self.s**2 * torch.eye(3, dtype=torch.float64)
         cx2, cx1 = W @ A, W @ c11
-        cxx = W @ c11 @ W.T + self.sigma ** 2 * torch.eye(4, dtype=torch.float64)
-        return torch.cat([torch.cat([c22, c12.T, cx2.T], 1), torch.cat([c12, c11, cx1.T], 1),
-                          torch.cat([cx2, cx1, cxx], 1)])
+        cxx = W @ c11 @ W.T + self.sigma**2 * torch.eye(4, dtype=torch.float64)
+        return torch.cat(
+            [torch.cat([c22, c12.T, cx2.T], 1), torch.cat([c12, c11, cx1.T], 1), torch.cat([cx2, cx1, cxx], 1)]
+        )
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         cov = self.joint_covariance()[5:, 5:]
@@ -72,11 +100,11 @@ class LinearGaussianHierarchy(LatentVariableModel):
         noise = as_noise(self, noise) or draw_noise(self, samples, len(x))
         cov = self.joint_covariance()
         sxx_inv = torch.linalg.inv(cov[5:, 5:])
-        mean_z = (cov[:5, 5:] @ sxx_inv @ encoded.T).T                      # E[(z2, z1) | x], (B, 5)
+        mean_z = (cov[:5, 5:] @ sxx_inv @ encoded.T).T  # E[(z2, z1) | x], (B, 5)
         cov_z = cov[:5, :5] - cov[:5, 5:] @ sxx_inv @ cov[5:, :5]
         L = torch.linalg.cholesky(cov_z)
-        eps = torch.cat([noise["z2"], noise["z1"]], -1)                     # z2 first, as in L's order
-        z = mean_z + self.offset + eps @ L.T                                 # (K, B, 5)
+        eps = torch.cat([noise["z2"], noise["z1"]], -1)  # z2 first, as in L's order
+        z = mean_z + self.offset + eps @ L.T  # (K, B, 5)
         q = torch.distributions.MultivariateNormal(mean_z + self.offset, scale_tril=L)
         z2, z1 = z[..., :2], z[..., 2:]
         normal = torch.distributions.Normal
@@ -93,14 +121,14 @@ def test_importance_sampling_converges_to_the_closed_form_log_marginal_and_the_e
     exact = model.log_marginal(x)
     g = torch.Generator().manual_seed(2)
     K = 20000
-    log_w = model(x, samples=K, noise=draw_noise(model, K, 6, generator=g)).log_weight        # (K, 6)
+    log_w = model(x, samples=K, noise=draw_noise(model, K, 6, generator=g)).log_weight  # (K, 6)
     w = torch.exp(log_w - log_w.max(0).values)
-    standard_error = w.std(0) / (w.mean(0) * math.sqrt(K))                                   # of log p̂(x)
+    standard_error = w.std(0) / (w.mean(0) * math.sqrt(K))  # of log p̂(x)
     iw = -objectives.importance_weighted_nll(model, x, samples=K, chunk_size=3000, generator=g)
     assert ((iw - exact).abs() < 5 * standard_error + 1e-3).all(), (iw - exact, standard_error)
     elbo = log_w.mean(0)
     assert (elbo < exact - 1e-3).all(), "the ELBO is a strict lower bound when q is not the posterior"
-    iw_5 = torch.logsumexp(log_w[:5 * 4000].view(4000, 5, 6), 1).mean(0) - math.log(5)      # E[IWAE-5 bound]
+    iw_5 = torch.logsumexp(log_w[: 5 * 4000].view(4000, 5, 6), 1).mean(0) - math.log(5)  # E[IWAE-5 bound]
     assert (elbo < iw_5).all() and (iw_5 < exact).all(), "ELBO < IWAE-5 < log p(x)"
     exact_q = LinearGaussianHierarchy(offset=0.0)  # with the true posterior every weight is p(x)
     torch.testing.assert_close(exact_q(x, samples=7).log_weight, exact.expand(7, -1), atol=1e-9, rtol=0)
@@ -108,32 +136,40 @@ def test_importance_sampling_converges_to_the_closed_form_log_marginal_and_the_e
 
 # ---------------------------------------------------------------------- free bits per group
 
+
 def test_free_bits_floor_each_group_separately():
-    kl = torch.tensor([[[0.05, 3.0], [0.02, 5.0]]], requires_grad=True)       # (K=1, B=2, G=2)
+    kl = torch.tensor([[[0.05, 3.0], [0.02, 5.0]]], requires_grad=True)  # (K=1, B=2, G=2)
     zeros = torch.zeros(1, 2)
     ld = LogDensities(zeros, -kl.sum(-1), zeros, {"z": torch.zeros(1, 2, 8)}, kl_groups=kl, group_units=(4, 4))
     loss = objectives.training_loss(ld, beta=1.0, free_bits=0.5)
     loss.backward()
     # Group 0's batch-mean KL (0.035) is under its floor of 0.5 · 4 = 2 nats: no gradient; group 1's is not.
     assert torch.equal(kl.grad[..., 0], torch.zeros(1, 2)) and (kl.grad[..., 1] > 0).all()
-    assert loss.item() == pytest.approx((2.0 * 2 + 8.0) / 2)                   # floors are per group
+    assert loss.item() == pytest.approx((2.0 * 2 + 8.0) / 2)  # floors are per group
 
 
 def test_ladder_and_resnet_report_one_kl_group_per_layer_or_channel():
     x = torch.bernoulli(torch.full((3, 1, 8, 8), 0.4))
-    ladder = build_model(ModelConfig(arch="ladder", layers=3, latent_dim=4, hidden=16, flow="iaf", flow_steps=1,
-                                     flow_hidden=8), (1, 8, 8), "binary")
+    ladder = build_model(
+        ModelConfig(arch="ladder", layers=3, latent_dim=4, hidden=16, flow="iaf", flow_steps=1, flow_hidden=8),
+        (1, 8, 8),
+        "binary",
+    )
     ld = ladder(x, samples=2)
     assert ld.group_names == ("z3", "z2", "z1") and ld.group_units == (4, 4, 4)
     torch.testing.assert_close(ld.kl_groups.sum(-1), ld.kl)
-    resnet = build_model(ModelConfig(arch="resnet", layers=2, channels=8, latent_dim=3, flow="iaf", flow_steps=1,
-                                     flow_hidden=8), (1, 8, 8), "binary")
+    resnet = build_model(
+        ModelConfig(arch="resnet", layers=2, channels=8, latent_dim=3, flow="iaf", flow_steps=1, flow_hidden=8),
+        (1, 8, 8),
+        "binary",
+    )
     ld = resnet(x, samples=2)
     assert len(ld.group_names) == 2 * 3 and set(ld.group_units) == {1}
     torch.testing.assert_close(ld.kl_groups.sum(-1), ld.kl, rtol=1e-5, atol=1e-4)
 
 
 # ----------------------------------------------------------------------- through the trainer
+
 
 def test_ladder_trains_with_ema_evaluation_and_per_layer_diagnostics(tmp_path):
     results = training.train(config(tmp_path, ema=0.9, free_bits=0.05))
@@ -241,8 +277,7 @@ class TinyUserVAE(LatentVariableModel):
         normal = torch.distributions.Normal
         log_q = normal(mean, log_std.exp()).log_prob(z).sum(-1)
         logits = self.dec(z).unflatten(-1, self.image_shape)
-        return LogDensities(self.likelihood.log_prob(logits, x), normal(0.0, 1.0).log_prob(z).sum(-1), log_q,
-                            {"z": z})
+        return LogDensities(self.likelihood.log_prob(logits, x), normal(0.0, 1.0).log_prob(z).sum(-1), log_q, {"z": z})
 
     def sample(self, n, generator=None):
         z = torch.randn(n, self.latent, generator=generator, device=self.dec.weight.device)
@@ -275,6 +310,7 @@ def test_priors_train_and_resume_in_the_ladder(tmp_path):
 
 # ------------------------------------------------------------------------------- the presets
 
+
 def test_presets_are_valid_configs():
     for path in sorted(CONFIGS.glob("*.yaml")):
         cfg = TrainConfig.from_dict(load_yaml(path), source=str(path))
@@ -297,9 +333,22 @@ def test_cifar10_preset_runs_end_to_end_on_small_synthetic_files(tmp_path, monke
     fake_cifar(data_dir / "cifar-10-python.tar.gz", **batches, test_batch=cifar_batch(4, 99))
     preset = load_yaml(CONFIGS / "cifar10_resnet_iaf.yaml")
     preset["model"] |= {"layers": 2, "channels": 8, "latent_dim": 4, "flow_hidden": 8}  # the preset, shrunk for a CPU
-    cfg = TrainConfig.from_dict(preset | {"data_dir": str(data_dir), "out": str(tmp_path / "run"), "device": "cpu",
-                                          "precision": "fp32", "compile": False, "batch_size": 8, "epochs": 1,
-                                          "eval_samples": 3, "eval_batch_size": 4, "progress": False, "threads": 1})
+    cfg = TrainConfig.from_dict(
+        preset
+        | {
+            "data_dir": str(data_dir),
+            "out": str(tmp_path / "run"),
+            "device": "cpu",
+            "precision": "fp32",
+            "compile": False,
+            "batch_size": 8,
+            "epochs": 1,
+            "eval_samples": 3,
+            "eval_batch_size": 4,
+            "progress": False,
+            "threads": 1,
+        }
+    )
     results = training.train(cfg)
     assert results["model"]["likelihood"] == "discretized_logistic" and cfg.optimizer == "adamax"
     assert 0 < results["test"]["bits_per_dim"] < 20 and math.isfinite(results["test"]["neg_elbo_bits_per_dim"])

@@ -55,9 +55,9 @@ def closed_form_elbo(model: VAE, x: torch.Tensor) -> torch.Tensor:
     sigma2 = torch.exp(2 * 7.0 * torch.tanh(dec.raw_log_std / 7.0))
     var_q = torch.exp(2 * log_std)
     resid = x.flatten(1) - (mean @ w.T + b)
-    exp_sq = resid ** 2 + (var_q.unsqueeze(1) * w.unsqueeze(0) ** 2).sum(-1)   # E_q[(x - Wz - b)²] per x-dim
+    exp_sq = resid**2 + (var_q.unsqueeze(1) * w.unsqueeze(0) ** 2).sum(-1)  # E_q[(x - Wz - b)²] per x-dim
     log_lik = (-0.5 * exp_sq / sigma2 - 0.5 * torch.log(2 * math.pi * sigma2)).sum(-1)
-    log_prior = (-0.5 * (mean ** 2 + var_q) - 0.5 * math.log(2 * math.pi)).sum(-1)
+    log_prior = (-0.5 * (mean**2 + var_q) - 0.5 * math.log(2 * math.pi)).sum(-1)
     entropy = (0.5 * math.log(2 * math.pi * math.e) + log_std).sum(-1)
     return log_lik + log_prior + entropy
 
@@ -88,7 +88,7 @@ def posterior_vae(flow: flows.Flow | None = None, mean_shift: float = 0.0, std_s
         dec.linear.weight.copy_(q * torch.tensor([1.5, 0.7]))
         dec.raw_log_std.fill_(0.0)
         w, b = dec.linear.weight, dec.linear.bias
-        cov = torch.linalg.inv(torch.eye(2) + w.T @ w)   # diagonal because WᵀW is
+        cov = torch.linalg.inv(torch.eye(2) + w.T @ w)  # diagonal because WᵀW is
         gain = cov @ w.T
         model.encoder.mean.weight.copy_(gain)
         model.encoder.mean.bias.copy_(-gain @ b + mean_shift)
@@ -141,11 +141,14 @@ def test_iwae_bound_and_bits_per_dim():
     assert objectives.bits_per_dim(784 * math.log(2), 784) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("name,kind,data", [
-    ("bernoulli", "binary", torch.tensor([0.0, 1.0])),
-    ("categorical256", "8bit", torch.arange(256, dtype=torch.uint8)),
-    ("discretized_logistic", "8bit", torch.arange(256, dtype=torch.uint8)),
-])
+@pytest.mark.parametrize(
+    "name,kind,data",
+    [
+        ("bernoulli", "binary", torch.tensor([0.0, 1.0])),
+        ("categorical256", "8bit", torch.arange(256, dtype=torch.uint8)),
+        ("discretized_logistic", "8bit", torch.arange(256, dtype=torch.uint8)),
+    ],
+)
 def test_discrete_likelihoods_are_normalized(name, kind, data):
     lik = build_likelihood(name, kind)
     torch.manual_seed(0)
@@ -166,15 +169,30 @@ def test_likelihood_and_data_kind_must_agree():
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv", "gated"])
-@pytest.mark.parametrize("shape,likelihood,kind", [((1, 28, 28), "bernoulli", "binary"),
-                                                    ((1, 28, 20), "categorical256", "8bit"),
-                                                    ((3, 32, 32), "discretized_logistic", "8bit"),
-                                                    ((1, 8, 8), "gaussian", "8bit")])
+@pytest.mark.parametrize(
+    "shape,likelihood,kind",
+    [
+        ((1, 28, 28), "bernoulli", "binary"),
+        ((1, 28, 20), "categorical256", "8bit"),
+        ((3, 32, 32), "discretized_logistic", "8bit"),
+        ((1, 8, 8), "gaussian", "8bit"),
+    ],
+)
 def test_architectures_fit_every_image_shape(arch, shape, likelihood, kind):
     torch.set_default_dtype(torch.float32)
     try:
-        model = build_vae(arch, shape, 6, likelihood, hidden=16, feature_dim=16, flow="iaf", flow_steps=1,
-                          flow_hidden=8, data_kind=kind)
+        model = build_vae(
+            arch,
+            shape,
+            6,
+            likelihood,
+            hidden=16,
+            feature_dim=16,
+            flow="iaf",
+            flow_steps=1,
+            flow_hidden=8,
+            data_kind=kind,
+        )
         x = torch.randint(0, 256 if kind == "8bit" else 2, (2, *shape))
         x = x.to(torch.uint8 if kind == "8bit" else torch.float32)
         ld = model(x, samples=3)
@@ -193,8 +211,14 @@ def test_user_defined_encoder_and_decoder():
     try:
         body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh())
         decoder = nn.Sequential(nn.Linear(4, 64), nn.Unflatten(1, (1, 8, 8)))
-        model = VAE(GaussianEncoder(body, 32, 4), decoder, build_likelihood("bernoulli", "binary"), 4, (1, 8, 8),
-                    flows.build_flow("sylvester-householder", 4, 2, context_dim=32, reflections=2))
+        model = VAE(
+            GaussianEncoder(body, 32, 4),
+            decoder,
+            build_likelihood("bernoulli", "binary"),
+            4,
+            (1, 8, 8),
+            flows.build_flow("sylvester-householder", 4, 2, context_dim=32, reflections=2),
+        )
         x = torch.bernoulli(torch.full((5, 1, 8, 8), 0.5))
         loss = objectives.negative_elbo(model(x)).mean()
         loss.backward()
@@ -224,8 +248,15 @@ def test_flow_without_context_has_global_parameters(flow):
         torch.set_default_dtype(torch.float64)
 
 
-@pytest.mark.parametrize("params_shape, x_shape", [((4, 3, 1, 2, 5), (3, 1, 2, 5)), ((3, 1, 2, 5), (3, 1, 2, 5)),
-                                                   ((2, 4, 3, 1, 2, 5), (3, 1, 2, 5)), ((4, 3, 1, 2, 5), (1, 2, 5))])
+@pytest.mark.parametrize(
+    "params_shape, x_shape",
+    [
+        ((4, 3, 1, 2, 5), (3, 1, 2, 5)),
+        ((3, 1, 2, 5), (3, 1, 2, 5)),
+        ((2, 4, 3, 1, 2, 5), (3, 1, 2, 5)),
+        ((4, 3, 1, 2, 5), (1, 2, 5)),
+    ],
+)
 def test_bernoulli_log_prob_matches_torch_distributions_for_every_broadcast(params_shape, x_shape):
     torch.manual_seed(0)
     logits = torch.randn(params_shape, dtype=torch.float64) * 3
@@ -252,8 +283,10 @@ def test_cpu_importance_sampling_chunks_stay_below_the_mmap_threshold_that_the_c
 
     glibc_linux = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert reuse_freed_memory() is glibc_linux
-    for likelihood, shape, kind in (("bernoulli", (1, 28, 28), "binary"),
-                                    ("discretized_logistic", (3, 32, 32), "8bit")):
+    for likelihood, shape, kind in (
+        ("bernoulli", (1, 28, 28), "binary"),
+        ("discretized_logistic", (3, 32, 32), "8bit"),
+    ):
         model = build_vae("mlp", shape, 8, likelihood=likelihood, data_kind=kind)
         points, samples = auto_chunk_size(model, 100, 5000, decode_budget(torch.device("cpu")))
         output_bytes = points * samples * model.likelihood.params_per_pixel * math.prod(shape) * 4
@@ -267,8 +300,9 @@ def test_importance_weighted_estimate_does_not_depend_on_the_chunks(chunk_size, 
     model = posterior_vae(mean_shift=0.4, std_scale=1.4)
     x = torch.randn(7, 1, 1, 3)
     reference = objectives.importance_weighted_estimate(model, x, 333, 333, torch.Generator().manual_seed(3))
-    other = objectives.importance_weighted_estimate(model, x, 333, chunk_size, torch.Generator().manual_seed(3),
-                                                    points=points)
+    other = objectives.importance_weighted_estimate(
+        model, x, 333, chunk_size, torch.Generator().manual_seed(3), points=points
+    )
     for name in ("nll", "mc_se", "ess"):
         torch.testing.assert_close(getattr(other, name), getattr(reference, name), rtol=1e-12, atol=1e-12)
 
@@ -276,12 +310,14 @@ def test_importance_weighted_estimate_does_not_depend_on_the_chunks(chunk_size, 
 def test_importance_weighted_standard_error_matches_the_spread_of_repeated_estimates():
     model = posterior_vae(mean_shift=0.4, std_scale=1.4)
     x = torch.randn(6, 1, 1, 3) * 2
-    estimates = [objectives.importance_weighted_estimate(model, x, 100, 40, torch.Generator().manual_seed(seed))
-                 for seed in range(400)]
+    estimates = [
+        objectives.importance_weighted_estimate(model, x, 100, 40, torch.Generator().manual_seed(seed))
+        for seed in range(400)
+    ]
     spread = torch.stack([e.nll for e in estimates]).std(0)
     predicted = torch.stack([e.mc_se for e in estimates]).mean(0)
     ratio = predicted / spread
-    assert ((ratio > 0.8) & (ratio < 1.25)).all(), ratio   # 400 repeats: the spread itself is within ±8 %
+    assert ((ratio > 0.8) & (ratio < 1.25)).all(), ratio  # 400 repeats: the spread itself is within ±8 %
     ess = torch.stack([e.ess for e in estimates])
     assert ((ess > 1) & (ess < 100)).all()
 
@@ -301,7 +337,7 @@ def test_evaluate_reports_the_standard_errors_and_the_effective_sample_size():
     model = posterior_vae(mean_shift=0.4, std_scale=1.4)
     x = torch.randn(20, 1, 1, 3) * 2
     results = evaluate(model, x, batch_size=20, samples=50, seed=5)
-    generator = torch.Generator().manual_seed(5 * 1_000_003)       # batch 0's generator
+    generator = torch.Generator().manual_seed(5 * 1_000_003)  # batch 0's generator
     neg_elbo = objectives.negative_elbo(model(x, noise=draw_noise(model, 1, 20, generator=generator)))
     estimate = objectives.importance_weighted_estimate(model, x, 50, 50, generator)
     assert results["nll"] == pytest.approx(estimate.nll.mean().item(), rel=1e-6)

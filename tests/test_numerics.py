@@ -51,8 +51,13 @@ def test_discretized_logistic_bin_masses_are_exact(dtype, rtol, atol):
     params = torch.stack([mean, log_scale], -1).view(-1, 2, 1, 1)
     x = lik.prepare(pixel.to(torch.uint8).view(-1, 1, 1, 1), dtype=dtype)
     got = lik.log_prob(params, x)
-    exact = torch.tensor([exact_discretized_logistic(m, s, xi) for m, s, xi
-                          in zip(mean.tolist(), log_scale.tolist(), x.flatten().tolist())], dtype=torch.float64)
+    exact = torch.tensor(
+        [
+            exact_discretized_logistic(m, s, xi)
+            for m, s, xi in zip(mean.tolist(), log_scale.tolist(), x.flatten().tolist())
+        ],
+        dtype=torch.float64,
+    )
     assert got.dtype == dtype and torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), exact, rtol=rtol, atol=atol)
 
@@ -110,12 +115,13 @@ def test_gaussian_on_8bit_data_is_dequantized_so_bits_per_dim_bound_minus_log_P(
     dim, log_std = x[0].numel(), -6.9
     params = sharp_gaussian_at_bin_centres(x, log_std)
     generator = torch.Generator().manual_seed(0)
-    draws = torch.stack([lik.log_prob(params, lik.prepare(x, dtype=torch.float64, generator=generator))
-                         for _ in range(16)])
+    draws = torch.stack(
+        [lik.log_prob(params, lik.prepare(x, dtype=torch.float64, generator=generator)) for _ in range(16)]
+    )
     nll = -draws.mean() + lik.discrete_nats_offset(dim)
     assert nll / (dim * math.log(2)) >= 0.0
     # E_u[-log N((x + u)/256; centre, σ²)] = log σ + ½ log 2π + (1/256)²/(24 σ²) per pixel, exactly.
-    expected = dim * (log_std + 0.5 * math.log(2 * math.pi) + 1 / (24 * 256 ** 2 * math.exp(2 * log_std)))
+    expected = dim * (log_std + 0.5 * math.log(2 * math.pi) + 1 / (24 * 256**2 * math.exp(2 * log_std)))
     standard_error = draws.std() / math.sqrt(len(draws))
     assert abs(-draws.mean().item() - expected) < 4 * standard_error
     exact_minus_log_P = -dim * math.log(math.erf(0.5 / 256 / math.exp(log_std) / math.sqrt(2)))
@@ -129,8 +135,9 @@ def test_gaussian_dequantization_stays_in_the_bin_follows_the_generator_and_the_
     assert y.dtype == torch.float64
     u = y * 256 - x.double()
     assert ((u >= 0) & (u < 1)).all() and u.std() > 0.2  # one uniform draw per pixel
-    torch.testing.assert_close(lik.prepare(x, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), y,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        lik.prepare(x, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), y, rtol=0, atol=0
+    )
     assert not torch.equal(lik.prepare(x, dtype=torch.float64), lik.prepare(x, dtype=torch.float64))
     assert lik.prepare(x).dtype == torch.float32
 

@@ -22,10 +22,29 @@ from flowvae.models.likelihoods import Likelihood, build_likelihood
 from flowvae.models.networks import GatedLinear, MLPDecoder
 from flowvae.training import loop
 
-TINY = {"dataset": "digits", "arch": "mlp", "hidden": 32, "latent_dim": 4, "epochs": 2, "eval_samples": 5,
-        "progress": False, "threads": 1}
-TINY_FLAGS = ["--dataset", "digits", "--hidden", "32", "--latent-dim", "4", "--eval-samples", "5", "--no-progress",
-              "--threads", "1"]
+TINY = {
+    "dataset": "digits",
+    "arch": "mlp",
+    "hidden": 32,
+    "latent_dim": 4,
+    "epochs": 2,
+    "eval_samples": 5,
+    "progress": False,
+    "threads": 1,
+}
+TINY_FLAGS = [
+    "--dataset",
+    "digits",
+    "--hidden",
+    "32",
+    "--latent-dim",
+    "4",
+    "--eval-samples",
+    "5",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def tiny(tmp_path: Path, **overrides) -> TrainConfig:
@@ -33,6 +52,7 @@ def tiny(tmp_path: Path, **overrides) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------- a linear-Gaussian model
+
 
 class FixedGaussian(Likelihood):
     """log N(x; params, s² I) over the "pixels" of a (1, 1, D) image."""
@@ -59,14 +79,14 @@ def linear_gaussian(at_optimum: bool, seed: int = 0) -> tuple[VAE, torch.Tensor]
     q, _ = torch.linalg.qr(torch.randn(X_DIM, Z_DIM, generator=g, dtype=torch.float64))
     W = q * torch.tensor([1.5, 0.8], dtype=torch.float64)
     b = torch.randn(X_DIM, generator=g, dtype=torch.float64)
-    sigma = torch.linalg.inv(torch.eye(Z_DIM, dtype=torch.float64) + W.T @ W / NOISE_STD ** 2)
+    sigma = torch.linalg.inv(torch.eye(Z_DIM, dtype=torch.float64) + W.T @ W / NOISE_STD**2)
     encoder = GaussianEncoder(nn.Flatten(), X_DIM, Z_DIM).double()
     decoder = nn.Sequential(nn.Linear(Z_DIM, X_DIM), nn.Unflatten(-1, (1, 1, X_DIM))).double()
     with torch.no_grad():
         decoder[0].weight.copy_(W)
         decoder[0].bias.copy_(b)
-        encoder.mean.weight.copy_(sigma @ W.T / NOISE_STD ** 2)
-        encoder.mean.bias.copy_(-sigma @ W.T @ b / NOISE_STD ** 2)
+        encoder.mean.weight.copy_(sigma @ W.T / NOISE_STD**2)
+        encoder.mean.bias.copy_(-sigma @ W.T @ b / NOISE_STD**2)
         encoder.log_std.weight.zero_()
         # undo the ±8 soft clamp
         encoder.log_std.bias.copy_(8 * torch.atanh(0.5 * torch.log(torch.diagonal(sigma)) / 8))
@@ -79,8 +99,9 @@ def linear_gaussian(at_optimum: bool, seed: int = 0) -> tuple[VAE, torch.Tensor]
     return model, x
 
 
-def gradient_draws(model: VAE, x: torch.Tensor, draws: int, samples: int, objective: str, gradients: list[str],
-                   beta: float = 1.0) -> dict[str, torch.Tensor]:
+def gradient_draws(
+    model: VAE, x: torch.Tensor, draws: int, samples: int, objective: str, gradients: list[str], beta: float = 1.0
+) -> dict[str, torch.Tensor]:
     """``draws`` single-batch gradient estimates of every parameter (flattened), (draws, P) per
     estimator; all estimators see the same noise in each draw (paired)."""
     g = torch.Generator().manual_seed(1)
@@ -96,9 +117,17 @@ def gradient_draws(model: VAE, x: torch.Tensor, draws: int, samples: int, object
     return {name: torch.stack(v) for name, v in out.items()}
 
 
-@pytest.mark.parametrize("objective, samples, estimator, beta", [
-    ("elbo", 1, "stl", 1.0), ("elbo", 1, "stl", 0.3), ("iwae", 5, "dreg", 1.0), ("iwae", 5, "dreg", 0.5),
-    ("elbo", 4, "stl", 1.0), ("elbo", 3, "dreg", 1.0)])
+@pytest.mark.parametrize(
+    "objective, samples, estimator, beta",
+    [
+        ("elbo", 1, "stl", 1.0),
+        ("elbo", 1, "stl", 0.3),
+        ("iwae", 5, "dreg", 1.0),
+        ("iwae", 5, "dreg", 0.5),
+        ("elbo", 4, "stl", 1.0),
+        ("elbo", 3, "dreg", 1.0),
+    ],
+)
 def test_path_gradients_are_unbiased_on_a_linear_gaussian_model(objective, samples, estimator, beta):
     """The mean over 1500 draws of the STL/DReG gradient equals the mean of the plain reparameterized
     gradient of the same objective: their paired difference is within 4 standard errors of 0 in every
@@ -141,15 +170,23 @@ def test_path_log_densities_have_the_same_values():
 
 # ------------------------------------------------------------------------------- the IWAE objective
 
+
 def small(arch: str, **kw) -> nn.Module:
     options = {"arch": arch, "hidden": 16, "latent_dim": 3, "layers": 2, "channels": 8} | kw
     shape = (1, 8, 8)
     return build_model(ModelConfig(**options), shape, "binary").double()
 
 
-@pytest.mark.parametrize("arch, options", [("mlp", {}), ("mlp", {"flow": "iaf", "flow_steps": 2}),
-                                           ("ladder", {}), ("ladder", {"prior": "vamp", "pseudo_inputs": 4}),
-                                           ("resnet", {})])
+@pytest.mark.parametrize(
+    "arch, options",
+    [
+        ("mlp", {}),
+        ("mlp", {"flow": "iaf", "flow_steps": 2}),
+        ("ladder", {}),
+        ("ladder", {"prior": "vamp", "pseudo_inputs": 4}),
+        ("resnet", {}),
+    ],
+)
 def test_iwae_loss_is_the_iwae_bound_for_every_model(arch, options):
     model = small(arch, **options)
     x = torch.bernoulli(torch.full((5, 1, 8, 8), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(0))
@@ -192,9 +229,21 @@ def test_biased_combinations_are_refused_by_the_loss():
 
 # ------------------------------------------------------------------ configuration and command line
 
-NEW_FLAGS = ["--objective", "--train-samples", "--gradient", "--weight-decay", "--input-noise", "--output-bias-init",
-             "--lr-schedule", "--lr-floor", "--activation", "--dropout", "--posterior-log-var-min",
-             "--posterior-log-var-max", "--pseudo-inputs"]
+NEW_FLAGS = [
+    "--objective",
+    "--train-samples",
+    "--gradient",
+    "--weight-decay",
+    "--input-noise",
+    "--output-bias-init",
+    "--lr-schedule",
+    "--lr-floor",
+    "--activation",
+    "--dropout",
+    "--posterior-log-var-min",
+    "--posterior-log-var-max",
+    "--pseudo-inputs",
+]
 
 
 def test_help_lists_every_new_option(capsys):
@@ -203,36 +252,51 @@ def test_help_lists_every_new_option(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for flag in NEW_FLAGS:
         assert flag in text, flag
-    for words in ("Burda et al. 2016", "sticking the landing", "decoupled weight decay", "encoder's input", "gated",
-                  "dropout probability", "logit(mean training pixel)", "log variance",
-                  "pseudo-inputs (mixture components) of --prior vamp", "--max-minutes"):
+    for words in (
+        "Burda et al. 2016",
+        "sticking the landing",
+        "decoupled weight decay",
+        "encoder's input",
+        "gated",
+        "dropout probability",
+        "logit(mean training pixel)",
+        "log variance",
+        "pseudo-inputs (mixture components) of --prior vamp",
+        "--max-minutes",
+    ):
         assert words in text, words
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--objective", "vi"], "objective must be one of elbo, iwae"),
-    (["--train-samples", "0"], "train_samples must be >= 1"),
-    (["--gradient", "score"], "gradient must be one of reparam, stl, dreg"),
-    (["--gradient", "stl", "--objective", "iwae", "--train-samples", "4"], "biased for --objective iwae"),
-    (["--gradient", "dreg", "--free-bits", "0.1"], "free-bits"),
-    (["--gradient", "dreg", "--compile"], "dreg does not work with --compile"),
-    (["--gradient", "stl", "--flow", "iaf"], "--gradient stl is not implemented for the IAF flow posterior"),
-    (["--gradient", "dreg", "--arch", "ladder"], "--gradient dreg is not implemented for the posterior of LadderVAE"),
-    (["--weight-decay", "-0.1"], "weight_decay must be in [0, 1)"),
-    (["--weight-decay", "nan"], "weight_decay must be finite"),
-    (["--input-noise", "-1"], "input_noise must be >= 0"),
-    (["--dropout", "1"], "dropout must be in [0, 1)"),
-    (["--activation", "relu"], "activation must be elu or gated"),
-    (["--arch", "conv", "--dropout", "0.1"], "arch must be one of mlp, ladder for --activation and --dropout"),
-    (["--arch", "conv", "--output-bias-init"], "for --output-bias-init"),
-    (["--posterior-log-var-max", "2"], "must be given together"),
-    (["--posterior-log-var-min", "3", "--posterior-log-var-max", "2"], "must be below posterior_log_var_max"),
-    (["--arch", "resnet", "--posterior-log-var-min", "-6", "--posterior-log-var-max", "2"], "must not be resnet"),
-    (["--lr-schedule", "linear"], "lr_schedule must be one of constant, cosine, exponential"),
-    (["--lr-schedule", "cosine", "--lr-floor", "0.1"], "lr_floor must be in (0, lr)"),
-    (["--lr-schedule", "cosine", "--lr-decay", "0.5"], "must be constant when lr_decay < 1"),
-    (["--pseudo-inputs", "0", "--prior", "vamp"], "pseudo_inputs must be > 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--objective", "vi"], "objective must be one of elbo, iwae"),
+        (["--train-samples", "0"], "train_samples must be >= 1"),
+        (["--gradient", "score"], "gradient must be one of reparam, stl, dreg"),
+        (["--gradient", "stl", "--objective", "iwae", "--train-samples", "4"], "biased for --objective iwae"),
+        (["--gradient", "dreg", "--free-bits", "0.1"], "free-bits"),
+        (["--gradient", "dreg", "--compile"], "dreg does not work with --compile"),
+        (["--gradient", "stl", "--flow", "iaf"], "--gradient stl is not implemented for the IAF flow posterior"),
+        (
+            ["--gradient", "dreg", "--arch", "ladder"],
+            "--gradient dreg is not implemented for the posterior of LadderVAE",
+        ),
+        (["--weight-decay", "-0.1"], "weight_decay must be in [0, 1)"),
+        (["--weight-decay", "nan"], "weight_decay must be finite"),
+        (["--input-noise", "-1"], "input_noise must be >= 0"),
+        (["--dropout", "1"], "dropout must be in [0, 1)"),
+        (["--activation", "relu"], "activation must be elu or gated"),
+        (["--arch", "conv", "--dropout", "0.1"], "arch must be one of mlp, ladder for --activation and --dropout"),
+        (["--arch", "conv", "--output-bias-init"], "for --output-bias-init"),
+        (["--posterior-log-var-max", "2"], "must be given together"),
+        (["--posterior-log-var-min", "3", "--posterior-log-var-max", "2"], "must be below posterior_log_var_max"),
+        (["--arch", "resnet", "--posterior-log-var-min", "-6", "--posterior-log-var-max", "2"], "must not be resnet"),
+        (["--lr-schedule", "linear"], "lr_schedule must be one of constant, cosine, exponential"),
+        (["--lr-schedule", "cosine", "--lr-floor", "0.1"], "lr_floor must be in (0, lr)"),
+        (["--lr-schedule", "cosine", "--lr-decay", "0.5"], "must be constant when lr_decay < 1"),
+        (["--pseudo-inputs", "0", "--prior", "vamp"], "pseudo_inputs must be > 0"),
+    ],
+)
 def test_bad_values_are_one_line_errors_and_leave_nothing(tmp_path, capsys, flags, message):
     out = tmp_path / "run"
     assert main(["train", *TINY_FLAGS, "--epochs", "1", *flags, "--out", str(out)]) == 2
@@ -242,6 +306,7 @@ def test_bad_values_are_one_line_errors_and_leave_nothing(tmp_path, capsys, flag
 
 
 # ------------------------------------------------------------------------------ the options, one by one
+
 
 def test_gated_linear_is_a_sigmoid_gated_product():
     layer = GatedLinear(5, 3)
@@ -369,12 +434,23 @@ def test_a_time_budget_shortens_the_schedule(tmp_path):
     assert run.state.lr_total_steps == pytest.approx(3 * steps)
     training.end_epoch(run, training.train_epoch(run))
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(
-        schedules.scheduled_lr("exponential", 1e-3, 1e-5, 2 * steps, 3 * steps))
+        schedules.scheduled_lr("exponential", 1e-3, 1e-5, 2 * steps, 3 * steps)
+    )
 
 
-ALL_ON = {"objective": "iwae", "train_samples": 3, "gradient": "dreg", "weight_decay": 0.01, "input_noise": 0.1,
-          "output_bias_init": True, "lr_schedule": "cosine", "activation": "gated", "dropout": 0.1,
-          "posterior_log_var_min": -6.0, "posterior_log_var_max": 2.0}
+ALL_ON = {
+    "objective": "iwae",
+    "train_samples": 3,
+    "gradient": "dreg",
+    "weight_decay": 0.01,
+    "input_noise": 0.1,
+    "output_bias_init": True,
+    "lr_schedule": "cosine",
+    "activation": "gated",
+    "dropout": 0.1,
+    "posterior_log_var_min": -6.0,
+    "posterior_log_var_max": 2.0,
+}
 
 
 def test_every_option_resumes_bit_identically(tmp_path, monkeypatch):
@@ -408,17 +484,40 @@ def test_resume_refuses_another_architecture_option_and_applies_a_new_weight_dec
 
 
 def test_a_ladder_with_40_plus_40_latents_and_a_vamp_prior_trains_with_iwae(tmp_path):
-    results = training.train(tiny(tmp_path, arch="ladder", layers=2, latent_dim=40, prior="vamp", pseudo_inputs=7,
-                                  objective="iwae", train_samples=2, epochs=1))
+    results = training.train(
+        tiny(
+            tmp_path,
+            arch="ladder",
+            layers=2,
+            latent_dim=40,
+            prior="vamp",
+            pseudo_inputs=7,
+            objective="iwae",
+            train_samples=2,
+            epochs=1,
+        )
+    )
     assert results["model"]["latent_dim"] == 40 and results["diagnostics"]["units_per_latent"] == {"z1": 40, "z2": 40}
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert ckpt["model"]["prior.pseudo_logits"].shape == (7, 1, 8, 8)
     assert math.isfinite(results["test"]["nll"])
 
 
-@pytest.mark.parametrize("options", [{"gradient": "stl"}, {"gradient": "stl", "train_samples": 4},
-                                     {"objective": "iwae", "train_samples": 4, "gradient": "dreg",
-                                      "warmup_epochs": 1.0, "prior": "vamp", "pseudo_inputs": 5}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"gradient": "stl"},
+        {"gradient": "stl", "train_samples": 4},
+        {
+            "objective": "iwae",
+            "train_samples": 4,
+            "gradient": "dreg",
+            "warmup_epochs": 1.0,
+            "prior": "vamp",
+            "pseudo_inputs": 5,
+        },
+    ],
+)
 def test_path_gradient_runs_train_end_to_end(tmp_path, options):
     results = training.train(tiny(tmp_path, epochs=2, **options))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -14,16 +14,24 @@ import pytest
 from flowvae import parallelism
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-PROBE = ("import json, os, sys; {first}; import torch; "
-         "print(json.dumps({{'policy': os.environ.get('OMP_WAIT_POLICY'), 'spin': os.environ.get('GOMP_SPINCOUNT'),"
-         " 'threads': torch.get_num_threads()}}))")
+PROBE = (
+    "import json, os, sys; {first}; import torch; "
+    "print(json.dumps({{'policy': os.environ.get('OMP_WAIT_POLICY'), 'spin': os.environ.get('GOMP_SPINCOUNT'),"
+    " 'threads': torch.get_num_threads()}}))"
+)
 HOG = "while True: pass"
 
 
 def probe(first: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
-    done = subprocess.run([sys.executable, "-c", PROBE.format(first=first)], env=clean | env | {"PYTHONPATH": SRC},
-                          capture_output=True, text=True, check=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(first=first)],
+        env=clean | env | {"PYTHONPATH": SRC},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return json.loads(done.stdout)
 
 
@@ -67,11 +75,17 @@ def test_the_policy_follows_the_other_runnable_threads(monkeypatch, tmp_path, ot
     assert environ == expected
 
 
-@pytest.mark.parametrize("files, expected", [
-    ({"cpu.max": "150000 100000\n"}, 1.5), ({"cpu.max": "max 100000\n"}, None),
-    ({"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, 3.0),
-    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
-    ({"cpu.max": "garbage"}, None), ({}, None)])
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, 3.0),
+        ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),
+    ],
+)
 def test_cgroup_cpu_quota(tmp_path, files, expected):
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ def test_log_prob_integrates_to_one_in_2d(name):
     assert density.shape == grid.shape[:2] and density.dtype == torch.float64
     edge = torch.cat([density[0], density[-1], density[:, 0], density[:, -1]]).max()
     assert edge < 1e-8, "the grid should hold all the mass"
-    assert abs(density.sum().item() * step ** 2 - 1.0) < 1e-3
+    assert abs(density.sum().item() * step**2 - 1.0) < 1e-3
     # the samples follow the same density: their mean and covariance match the quadrature's
     mass = density / density.sum()
     mean = (mass[..., None] * grid).sum((0, 1))
@@ -104,8 +104,10 @@ def test_flow_prior_is_base_density_plus_autograd_log_det(family, event_shape):
     log_p = prior.log_prob(z)
     assert log_p.shape == (3,)
     for i in range(3):
+
         def to_base(x):
             return prior.flow.inverse(x.view(1, *event_shape))[0].reshape(-1)
+
         jac = torch.autograd.functional.jacobian(to_base, z[i].reshape(-1), vectorize=True)
         expected = standard_normal_log_prob(to_base(z[i].reshape(-1))) + torch.linalg.slogdet(jac).logabsdet
         torch.testing.assert_close(log_p[i], expected, rtol=1e-10, atol=1e-10)
@@ -185,8 +187,10 @@ def test_vamp_prior_learns_pseudo_inputs_only_and_keeps_the_encoder_outside():
     assert prior.pseudo_logits.grad.abs().sum() > 0 and encoder[1].weight.grad.abs().sum() > 0
     assert torch.isfinite(prior.sample(11)).all() and prior.sample(11).shape == (11, 3)
     init = torch.rand(5, *IMAGE)
-    torch.testing.assert_close(VampPrior(5, IMAGE, lambda u: encoder(u).chunk(2, -1), init,
-                                         latent_dim=3).pseudo_inputs, init.clamp(1e-3, 1 - 1e-3))
+    torch.testing.assert_close(
+        VampPrior(5, IMAGE, lambda u: encoder(u).chunk(2, -1), init, latent_dim=3).pseudo_inputs,
+        init.clamp(1e-3, 1 - 1e-3),
+    )
 
 
 def test_vamp_prior_samples_follow_the_mixture():
@@ -208,10 +212,12 @@ def test_spatial_flow_prior_round_trips():
     assert log_p.shape == (6,) and torch.isfinite(log_p).all()
     u = torch.randn(6, 4, 4, 4, dtype=torch.float64)
     z, log_abs_det = prior.flow(u)  # sampling direction
-    torch.testing.assert_close(prior.log_prob(z), standard_normal_log_prob(u.flatten(1)) - log_abs_det,
-                               rtol=1e-10, atol=1e-9)
-    torch.testing.assert_close(prior.sample(3, torch.Generator().manual_seed(5)),
-                               prior.sample(3, torch.Generator().manual_seed(5)))
+    torch.testing.assert_close(
+        prior.log_prob(z), standard_normal_log_prob(u.flatten(1)) - log_abs_det, rtol=1e-10, atol=1e-9
+    )
+    torch.testing.assert_close(
+        prior.sample(3, torch.Generator().manual_seed(5)), prior.sample(3, torch.Generator().manual_seed(5))
+    )
 
 
 class LinearFlow(F.Flow):
@@ -225,8 +231,9 @@ class LinearFlow(F.Flow):
         return z @ self.matrix.T, torch.linalg.slogdet(self.matrix).logabsdet.expand(z.shape[:-1])
 
     def inverse(self, z, context=None):
-        return torch.linalg.solve(self.matrix, z.unsqueeze(-1)).squeeze(-1), \
-            -torch.linalg.slogdet(self.matrix).logabsdet.expand(z.shape[:-1])
+        return torch.linalg.solve(self.matrix, z.unsqueeze(-1)).squeeze(-1), -torch.linalg.slogdet(
+            self.matrix
+        ).logabsdet.expand(z.shape[:-1])
 
 
 def test_importance_weighted_estimate_with_flow_prior_converges_to_exact_log_marginal():
@@ -237,18 +244,18 @@ def test_importance_weighted_estimate_with_flow_prior_converges_to_exact_log_mar
     sigma = 0.5
     prior = FlowPrior((2,), LinearFlow(a))
     prior_cov = a @ a.T
-    marginal_cov = w @ prior_cov @ w.T + sigma ** 2 * torch.eye(3, dtype=torch.float64)
+    marginal_cov = w @ prior_cov @ w.T + sigma**2 * torch.eye(3, dtype=torch.float64)
     marginal = D.MultivariateNormal(torch.zeros(3, dtype=torch.float64), marginal_cov)
-    x = marginal.sample((4,))                                                          # (B, 3)
+    x = marginal.sample((4,))  # (B, 3)
     exact = marginal.log_prob(x)
 
-    post_cov = torch.linalg.inv(torch.linalg.inv(prior_cov) + w.T @ w / sigma ** 2)
-    post_mean = x @ w @ post_cov / sigma ** 2                                          # (B, 2)
+    post_cov = torch.linalg.inv(torch.linalg.inv(prior_cov) + w.T @ w / sigma**2)
+    post_mean = x @ w @ post_cov / sigma**2  # (B, 2)
 
     def log_weights(q: D.Distribution, samples: int) -> torch.Tensor:
-        z = q.sample((samples,))                                                       # (K, B, 2)
+        z = q.sample((samples,))  # (K, B, 2)
         log_lik = D.Normal(z @ w.T, sigma).log_prob(x).sum(-1)
-        return log_lik + prior.log_prob(z) - q.log_prob(z)                             # (K, B)
+        return log_lik + prior.log_prob(z) - q.log_prob(z)  # (K, B)
 
     torch.manual_seed(1)
     exact_posterior = D.MultivariateNormal(post_mean, post_cov)
@@ -284,8 +291,9 @@ def test_standard_prior_is_unit_gaussian_over_any_event_shape():
 def test_priors_follow_device_and_dtype_and_score_in_float32(name, device):
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(IMAGE), 4))
-    prior = build_prior(name, (2,), steps=2, hidden=8, n_pseudo=3, image_shape=IMAGE,
-                        encode=lambda u: encoder(u).chunk(2, -1))
+    prior = build_prior(
+        name, (2,), steps=2, hidden=8, n_pseudo=3, image_shape=IMAGE, encode=lambda u: encoder(u).chunk(2, -1)
+    )
     encoder.to(device)
     prior.to(device)
     z = torch.randn(3, 2, device=device)

@@ -21,8 +21,17 @@ from flowvae.flows import build_flow
 from flowvae.models import build_vae
 
 PNG = b"\x89PNG\r\n\x1a\n"
-TINY = dict(dataset="digits", hidden=32, latent_dim=2, flow="planar", flow_steps=2, epochs=2, eval_samples=10,
-            progress=False, threads=1)
+TINY = dict(
+    dataset="digits",
+    hidden=32,
+    latent_dim=2,
+    flow="planar",
+    flow_steps=2,
+    epochs=2,
+    eval_samples=10,
+    progress=False,
+    threads=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +70,18 @@ def test_metrics_csv_and_jsonl_read_the_same_and_lr_changes_are_found(runs, tmp_
     from_jsonl = report.read_metrics(diagonal / "metrics.jsonl")
     assert from_csv == from_jsonl and [r["epoch"] for r in from_csv] == [1, 2, 3]
     assert from_csv[0]["beta"] < 1.0  # the warm-up shows on the β axis
-    rows = [{"epoch": e, "train_loss": 50 - e, "valid_neg_elbo": 52 - e, "valid_kl": 3.0, "valid_kl_group1": 1.0,
-             "lr": lr, "future_key": "x"} for e, lr in zip(range(1, 9), [1e-3] * 3 + [5e-4] * 4 + [2.5e-4])]
+    rows = [
+        {
+            "epoch": e,
+            "train_loss": 50 - e,
+            "valid_neg_elbo": 52 - e,
+            "valid_kl": 3.0,
+            "valid_kl_group1": 1.0,
+            "lr": lr,
+            "future_key": "x",
+        }
+        for e, lr in zip(range(1, 9), [1e-3] * 3 + [5e-4] * 4 + [2.5e-4])
+    ]
     assert report.lr_changes(rows) == [(3.0, 5e-4), (7.0, 2.5e-4)]
     report.plot_curves(rows, tmp_path / "curves.png")  # no beta or reconstruction column: drawn without them
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG
@@ -102,8 +121,9 @@ def test_compare_flattens_nested_configs_and_shows_a_run_still_training(tmp_path
     for name, flow in (("a", "iaf"), ("b", "planar")):
         run = tmp_path / name
         run.mkdir()
-        (run / "config.yaml").write_text(yaml.safe_dump({"model": {"latent_dim": 2, "flow": flow}, "lr": 1e-3},
-                                                         sort_keys=False))
+        (run / "config.yaml").write_text(
+            yaml.safe_dump({"model": {"latent_dim": 2, "flow": flow}, "lr": 1e-3}, sort_keys=False)
+        )
         (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "valid_neg_elbo": 40.0}) + "\n")
     (tmp_path / "a" / "results.json").write_text(json.dumps({"test": {"nll": 30.0, "bits_per_dim": 0.5}}))
     comparison = report.compare_runs([tmp_path / "a", tmp_path / "b"])
@@ -114,12 +134,15 @@ def test_compare_flattens_nested_configs_and_shows_a_run_still_training(tmp_path
     assert "| iaf | 30.00 | 0.500 | 1 |" in markdown and "| planar |  |  | 1 |" in markdown
 
 
-@pytest.mark.parametrize("problem,message", [
-    ("missing", "run directory {run} does not exist"),
-    ("no_config", "{run} is not a flowvae run directory (no config.yaml)"),
-    ("bad_results", "{run}: results.json is unreadable"),
-    ("bad_yaml", "is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "problem,message",
+    [
+        ("missing", "run directory {run} does not exist"),
+        ("no_config", "{run} is not a flowvae run directory (no config.yaml)"),
+        ("bad_results", "{run}: results.json is unreadable"),
+        ("bad_yaml", "is not valid YAML"),
+    ],
+)
 def test_compare_errors_name_the_directory(runs, tmp_path, capsys, problem, message):
     run = tmp_path / "broken"
     if problem != "missing":
@@ -173,7 +196,7 @@ class LinearGaussianVAE(nn.Module):
 
     def exact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """p(z|x) = N(μ, Σ) and log p(x) for one image x (1, 1, 3)."""
-        W, s2 = self.W.detach(), self.sigma ** 2
+        W, s2 = self.W.detach(), self.sigma**2
         cov = torch.linalg.inv(torch.eye(2, dtype=W.dtype) + W.T @ W / s2)
         mean = cov @ W.T @ (x.reshape(3) - self.b.detach()) / s2
         marginal = torch.distributions.MultivariateNormal(self.b.detach(), W @ W.T + s2 * torch.eye(3, dtype=W.dtype))
@@ -183,8 +206,16 @@ class LinearGaussianVAE(nn.Module):
 def _gaussian_kl(m: torch.Tensor, s: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> float:
     """KL(N(m, diag s²) ‖ N(μ, Σ))."""
     precision, diff = torch.linalg.inv(cov), mu - m
-    return 0.5 * (torch.trace(precision @ torch.diag(s ** 2)) + diff @ precision @ diff - 2
-                  + torch.logdet(cov) - torch.log(s ** 2).sum()).item()
+    return (
+        0.5
+        * (
+            torch.trace(precision @ torch.diag(s**2))
+            + diff @ precision @ diff
+            - 2
+            + torch.logdet(cov)
+            - torch.log(s**2).sum()
+        ).item()
+    )
 
 
 @pytest.mark.parametrize("box", [None, (-4.0, 4.0, -4.0, 4.0)], ids=["auto_box", "given_box"])
@@ -194,8 +225,9 @@ def test_posterior_grid_matches_the_linear_gaussian_closed_form(box):
     exact = [model.exact(x[b]) for b in range(2)]
     # q: a diagonal Gaussian near, not at, the true posterior, so the KL is well above its MC error
     model.q_mean = torch.stack([mu + torch.tensor([0.3, -0.2], dtype=torch.float64) for mu, _, _ in exact])
-    model.q_std = torch.stack([cov.diagonal().sqrt() * torch.tensor([1.3, 0.8], dtype=torch.float64)
-                               for _, cov, _ in exact])
+    model.q_std = torch.stack(
+        [cov.diagonal().sqrt() * torch.tensor([1.3, 0.8], dtype=torch.float64) for _, cov, _ in exact]
+    )
     grids = report.posterior_grid(model, x, grid=150, samples=20000, box=box)
     for b, (g, (mu, cov, log_px)) in enumerate(zip(grids, exact)):
         area = (g.z1[1] - g.z1[0]) * (g.z2[1] - g.z2[0])
@@ -217,8 +249,9 @@ def test_q_on_the_warped_mesh_is_the_flows_exact_density():
     torch.manual_seed(0)
     flow = build_flow("iaf", 2, 2, context_dim=3, hidden=8).double()
     context = torch.randn(2, 3, dtype=torch.float64)
-    model = LinearGaussianVAE(torch.randn(2, 2, dtype=torch.float64), torch.rand(2, 2, dtype=torch.float64) + 0.3,
-                              flow, context)
+    model = LinearGaussianVAE(
+        torch.randn(2, 2, dtype=torch.float64), torch.rand(2, 2, dtype=torch.float64) + 0.3, flow, context
+    )
     x = torch.zeros(2, 1, 1, 3, dtype=torch.float64)
     grids = report.posterior_grid(model, x, grid=30, samples=500)
     for b, g in enumerate(grids):
@@ -231,8 +264,10 @@ def test_q_on_the_warped_mesh_is_the_flows_exact_density():
 def test_posterior_command_draws_the_figure(runs, tmp_path, capsys):
     planar, _ = runs
     out = tmp_path / "posterior.png"
-    assert main(["posterior", "--run", str(planar), "--n", "2", "--grid", "40", "--samples", "200",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["posterior", "--run", str(planar), "--n", "2", "--grid", "40", "--samples", "200", "--out", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert out.read_bytes()[:8] == PNG and printed.count("KL(q‖p(z|x))") == 2 and "(MC, 200 samples)" in printed
 
@@ -256,8 +291,9 @@ def test_manifold_grid_and_traversal_decode_the_prior_quantiles(runs, tmp_path):
     assert (tmp_path / "m.png").read_bytes()[:8] == PNG
 
     values = report.prior_quantiles(5)
-    assert values[2] == 0 and values[4].item() == pytest.approx(torch.distributions.Normal(0, 1).icdf(
-        torch.tensor(0.9)).item(), abs=1e-6)
+    assert values[2] == 0 and values[4].item() == pytest.approx(
+        torch.distributions.Normal(0, 1).icdf(torch.tensor(0.9)).item(), abs=1e-6
+    )
     model = build_vae("mlp", (1, 8, 8), 2, hidden=8).eval()
     images, _ = report.manifold_images(model, 5)
     with torch.no_grad():  # row 0 is the top (largest z2), column 4 the largest z1

@@ -40,11 +40,28 @@ def flat_jacobian(fn, z: torch.Tensor) -> torch.Tensor:
     return torch.autograd.functional.jacobian(lambda v: fn(v.view(1, *z.shape))[0].reshape(-1), z.reshape(-1))
 
 
-def tiny_model(flow: str = "iaf", steps: int = 1, layers: int = 3, shape=(1, 8, 8), likelihood=None,
-               dtype=torch.float32, seed: int = 0, **kwargs) -> ResNetVAE:
+def tiny_model(
+    flow: str = "iaf",
+    steps: int = 1,
+    layers: int = 3,
+    shape=(1, 8, 8),
+    likelihood=None,
+    dtype=torch.float32,
+    seed: int = 0,
+    **kwargs,
+) -> ResNetVAE:
     torch.manual_seed(seed)
-    model = build_resnet_vae(shape, likelihood or Bernoulli(), layers=layers, channels=8, latent_channels=3,
-                             flow=flow, flow_steps=steps, flow_hidden=8, **kwargs)
+    model = build_resnet_vae(
+        shape,
+        likelihood or Bernoulli(),
+        layers=layers,
+        channels=8,
+        latent_channels=3,
+        flow=flow,
+        flow_steps=steps,
+        flow_hidden=8,
+        **kwargs,
+    )
     return model.to(dtype)
 
 
@@ -52,13 +69,14 @@ def binary_images(n: int, shape=(1, 8, 8), seed: int = 0) -> torch.Tensor:
     """Bernoulli images with structure to learn: a bright band on a dark background."""
     g = torch.Generator().manual_seed(seed)
     p = torch.full(shape, 0.1)
-    p[:, shape[1] // 4: shape[1] // 2] = 0.9
+    p[:, shape[1] // 4 : shape[1] // 2] = 0.9
     return torch.bernoulli(p.expand(n, *shape), generator=g)
 
 
 # ---------------------------------------------------------------------------------------------
 # (a) ConvIAF: autoregressive over channels, exact log-det, inverse
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("order", ["natural", "reversed"])
 def test_conv_iaf_jacobian_is_triangular_in_its_channel_order_and_log_det_is_exact(order):
@@ -80,8 +98,8 @@ def test_conv_iaf_jacobian_is_triangular_in_its_channel_order_and_log_det_is_exa
 @pytest.mark.parametrize("order", ["natural", "reversed"])
 def test_conv_iaf_inverse_round_trips_and_broadcasts_context_over_samples(order):
     flow = perturbed(ConvIAF(C, 12, CTX, order=order).double(), scale=0.5)
-    z = torch.randn(2, 5, C, HW, HW, dtype=torch.float64)          # (K, B, C, H, W)
-    context = torch.randn(5, CTX, HW, HW, dtype=torch.float64)      # (B, Cc, H, W)
+    z = torch.randn(2, 5, C, HW, HW, dtype=torch.float64)  # (K, B, C, H, W)
+    context = torch.randn(5, CTX, HW, HW, dtype=torch.float64)  # (B, Cc, H, W)
     y, ladj = flow(z, context)
     assert y.shape == z.shape and ladj.shape == (2, 5)
     x, ladj_inverse = flow.inverse(y, context)
@@ -110,6 +128,7 @@ def test_conv_iaf_starts_near_identity_and_rejects_bad_shapes():
 # ---------------------------------------------------------------------------------------------
 # (b), (c) the model protocol
 # ---------------------------------------------------------------------------------------------
+
 
 def test_log_densities_shapes_and_kl_groups_sum_to_log_q_minus_log_p():
     model, x = tiny_model(), binary_images(2)
@@ -181,6 +200,7 @@ def test_bad_inputs_raise_one_line_errors():
 # (d) Glow-style and coupling posteriors
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("flow", ["glow", "coupling", "iaf"])
 def test_each_layers_posterior_flow_has_an_exact_log_det_and_an_inverse(flow):
     model = perturbed(tiny_model(flow, steps=2, dtype=torch.float64), scale=0.2)
@@ -223,6 +243,7 @@ def test_glow_style_posterior_model_is_finite_and_consistent(flow):
 # (e), (f) learning and data-dependent initialisation
 # ---------------------------------------------------------------------------------------------
 
+
 def test_adam_steps_lower_the_negative_elbo():
     model, x = tiny_model(layers=2), binary_images(16)
     model.initialise(x)
@@ -243,8 +264,10 @@ def test_data_dependent_init_normalises_pre_activations_on_the_batch():
     model, x = tiny_model(layers=3), binary_images(32)
     captured: dict[str, torch.Tensor] = {}
     watched = {"input": model.input_conv, "deep": model.layers[0].down_out, "heads": model.layers[1].up_in}
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: captured.__setitem__(name, out.detach()))
-             for name, m in watched.items()]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, name=name: captured.__setitem__(name, out.detach()))
+        for name, m in watched.items()
+    ]
 
     def stats(name):
         out = captured[name]
@@ -271,6 +294,7 @@ def test_data_dependent_init_normalises_pre_activations_on_the_batch():
 # ---------------------------------------------------------------------------------------------
 # (g) sampling, 8-bit data, odd sizes, autocast
 # ---------------------------------------------------------------------------------------------
+
 
 def test_sample_returns_reproducible_images_in_the_unit_interval():
     model = tiny_model()

@@ -32,21 +32,38 @@ from flowvae.data.cache import download
 from flowvae.models import build_model
 from flowvae.training import prepare_data, resume_differences
 
-QUICK = ["--dataset", "digits", "--hidden", "8", "--latent-dim", "2", "--eval-samples", "2", "--epochs", "1",
-         "--no-progress", "--threads", "1"]
+QUICK = [
+    "--dataset",
+    "digits",
+    "--hidden",
+    "8",
+    "--latent-dim",
+    "2",
+    "--eval-samples",
+    "2",
+    "--epochs",
+    "1",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 DECOY = "user notes, keep\n"
 
 
 def _env() -> dict[str, str]:
     path = os.environ.get("PYTHONPATH", "")
-    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": SRC + (os.pathsep + path if path else ""),
-                         "PYTHONWARNINGS": "ignore"}
+    return os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": SRC + (os.pathsep + path if path else ""),
+        "PYTHONWARNINGS": "ignore",
+    }
 
 
 def flowvae(argv: list[str], prefix: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-m", "flowvae", *argv], env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "flowvae", *argv], env=_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -85,6 +102,7 @@ def run(trained, tmp_path) -> Path:
 
 
 # -------------------------------------------------------------------------------- 1. symbolic links
+
 
 @pytest.mark.parametrize("resume", [False, True])
 def test_1_a_symlinked_lock_is_refused_and_its_target_untouched(run, tmp_path, capsys, resume):
@@ -133,6 +151,7 @@ def test_1_a_symlinked_tensorboard_directory_is_refused(run, tmp_path, capsys):
 
 # ------------------------------------------------------------------- 2. a failed resume changes nothing
 
+
 @pytest.mark.parametrize("problem", ["tensorboard is a file", "no tensorboard package"])
 def test_2_a_failed_resume_leaves_config_yaml_byte_for_byte(run, capsys, monkeypatch, problem):
     if problem == "tensorboard is a file":
@@ -147,6 +166,7 @@ def test_2_a_failed_resume_leaves_config_yaml_byte_for_byte(run, capsys, monkeyp
 
 
 # --------------------------------------------------------------------------------- 3. a full disk
+
 
 def test_3_disk_full_keeps_best_behind_the_checkpoint_and_names_the_file(run, capsys, monkeypatch):
     """An injected ENOSPC on the first write of best.pt during a resume (where a small tmpfs cannot be
@@ -218,6 +238,7 @@ def test_3_a_real_full_disk_leaves_a_consistent_resumable_run(trained, small_tmp
 
 # ------------------------------------------------------------------ 4. no directories outside the run
 
+
 def test_4_a_failed_download_removes_the_directories_it_created(tmp_path):
     missing = tmp_path / "no" / "such" / "data"
     with pytest.raises(DataError):
@@ -233,14 +254,32 @@ def test_4_train_with_a_missing_data_dir_leaves_no_directory(tmp_path, capsys, m
         raise urllib.error.URLError("offline (test)")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    rc, err = run_cli(capsys, "train", *QUICK, "--dataset", "binarized_mnist", "--data-dir",
-                      str(tmp_path / "typo" / "data"), "--out", str(tmp_path / "run"))
+    rc, err = run_cli(
+        capsys,
+        "train",
+        *QUICK,
+        "--dataset",
+        "binarized_mnist",
+        "--data-dir",
+        str(tmp_path / "typo" / "data"),
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert rc == 2 and "could not download" in one_line(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("bad", [["--lr", "-1"], ["--lr", "nan"], ["--hidden", "0"], ["--anneal-steps", "-5"],
-                                 ["--flow-steps", "1000000"], ["--flow", "iaf", "--hidden", "0"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--lr", "-1"],
+        ["--lr", "nan"],
+        ["--hidden", "0"],
+        ["--anneal-steps", "-5"],
+        ["--flow-steps", "1000000"],
+        ["--flow", "iaf", "--hidden", "0"],
+    ],
+)
 def test_4_toy_errors_leave_no_out_directory(tmp_path, capsys, bad):
     out = tmp_path / "toy" / "out"
     rc, err = run_cli(capsys, "toy", "--iterations", "2", "--eval-samples", "10", "--out", str(out), *bad)
@@ -250,20 +289,34 @@ def test_4_toy_errors_leave_no_out_directory(tmp_path, capsys, bad):
 
 # ----------------------------------------------------------------- 5. posterior and manifold figures
 
-ARCH_OPTIONS = {"mlp": {}, "conv": {"feature_dim": 8}, "gated": {"feature_dim": 8},
-                "ladder": {"layers": 2}, "resnet": {"layers": 1, "channels": 4}}
+ARCH_OPTIONS = {
+    "mlp": {},
+    "conv": {"feature_dim": 8},
+    "gated": {"feature_dim": 8},
+    "ladder": {"layers": 2},
+    "resnet": {"layers": 1, "channels": 4},
+}
 
 
 def _untrained_run(directory: Path, arch: str, latent_dim: int) -> Path:
     """A run directory (config.yaml, best.pt) of an untrained model: what the figure commands read."""
-    config = TrainConfig.from_dict({"dataset": "digits", "hidden": 8, "latent_dim": latent_dim, "arch": arch,
-                                    **ARCH_OPTIONS[arch], "out": str(directory)}).validate()
+    config = TrainConfig.from_dict(
+        {
+            "dataset": "digits",
+            "hidden": 8,
+            "latent_dim": latent_dim,
+            "arch": arch,
+            **ARCH_OPTIONS[arch],
+            "out": str(directory),
+        }
+    ).validate()
     data = prepare_data(config)
     model = build_model(config.model, data.splits.image_shape, data.splits.kind)
     directory.mkdir(parents=True)
     (directory / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    torch.save({"format": 2, "model": model.state_dict(), "config": config.to_dict(), "epoch": 1},
-               directory / "best.pt")
+    torch.save(
+        {"format": 2, "model": model.state_dict(), "config": config.to_dict(), "epoch": 1}, directory / "best.pt"
+    )
     return directory
 
 
@@ -290,6 +343,7 @@ def test_5_posterior_and_manifold_draw_or_refuse_in_one_line(tmp_path, capsys, a
 
 # --------------------------------------------------------------- 6. an unwritable TensorBoard directory
 
+
 def test_6_an_unwritable_tensorboard_directory_is_one_line_without_a_thread_traceback(run):
     (run / "tensorboard").mkdir()
     (run / "tensorboard").chmod(0o555)
@@ -304,6 +358,7 @@ def test_6_an_unwritable_tensorboard_directory_is_one_line_without_a_thread_trac
 
 
 # ------------------------------------------------------------------------------ 7. config files
+
 
 @pytest.mark.parametrize("kind", ["/dev/urandom", "fifo", "/dev/zero", "large"])
 def test_7_a_config_must_be_a_regular_file_of_sensible_size(tmp_path, kind):
@@ -323,6 +378,7 @@ def test_7_a_config_must_be_a_regular_file_of_sensible_size(tmp_path, kind):
 
 # ---------------------------------------------------------------------------- 8. evaluate's K
 
+
 def test_8_evaluate_bounds_the_importance_samples(trained, capsys):
     rc, err = run_cli(capsys, "evaluate", "--run", str(trained), "--samples", "1000000000", "--limit", "1")
     assert rc == 2 and "--samples must be at most 100000" in one_line(err)
@@ -331,6 +387,7 @@ def test_8_evaluate_bounds_the_importance_samples(trained, capsys):
 
 
 # ------------------------------------------------------------------------ 9. EMA switched on at resume
+
 
 def test_9_ema_switched_on_at_resume_starts_from_the_resumed_weights(run, capsys, caplog):
     before = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -348,14 +405,16 @@ def test_9_ema_switched_on_at_resume_starts_from_the_resumed_weights(run, capsys
 
 # ----------------------------------------------------------------------------- 10. names and case
 
+
 def test_10_names_are_normalised_where_the_config_is_read():
     args = cli.build_parser().parse_args(["train", "--arch", "Resnet", "--flow", "GLOW", "--prior", "Standard"])
     config = config_from_args(args)
     assert (config.model.arch, config.model.flow, config.model.prior) == ("resnet", "glow", "standard")
     saved = TrainConfig.from_dict({"model": {"arch": "LADDER"}}).to_dict()
     assert saved["model"]["arch"] == "ladder"
-    refused, _ = resume_differences({**saved, "model": {**saved["model"], "arch": "LADDER"}},
-                                    TrainConfig.from_dict({"model": {"arch": "ladder"}}))
+    refused, _ = resume_differences(
+        {**saved, "model": {**saved["model"], "arch": "LADDER"}}, TrainConfig.from_dict({"model": {"arch": "ladder"}})
+    )
     assert refused == []
     args = cli.build_parser().parse_args(["train", "--arch", "Resnet", "--flow", "planar"])
     with pytest.raises(ConfigError, match="must be one of none, iaf, glow, coupling for arch resnet"):
@@ -363,6 +422,7 @@ def test_10_names_are_normalised_where_the_config_is_read():
 
 
 # ------------------------------------------------------------------------ 11. our own debris
+
 
 def _debris(run: Path, best_epoch: int = 1) -> Path:
     """What a kill during the first writes leaves: config.yaml, best.pt, metrics, a stale temporary."""
@@ -410,14 +470,18 @@ def test_11_anything_else_is_not_taken_for_debris(run, capsys, foreign):
 
 # --------------------------------------------------------------------- 12. options without effect
 
-@pytest.mark.parametrize("flags, option", [
-    (["--arch", "mlp", "--layers", "3"], "--layers"),
-    (["--prior", "standard", "--prior-flow", "coupling"], "--prior-flow"),
-    (["--flow", "none", "--flow-steps", "8"], "--flow-steps"),
-    (["--arch", "resnet", "--hidden", "100"], "--hidden"),
-    (["--pseudo-inputs", "10"], "--pseudo-inputs"),
-    (["--flow-hidden", "16"], "--flow-hidden"),
-])
+
+@pytest.mark.parametrize(
+    "flags, option",
+    [
+        (["--arch", "mlp", "--layers", "3"], "--layers"),
+        (["--prior", "standard", "--prior-flow", "coupling"], "--prior-flow"),
+        (["--flow", "none", "--flow-steps", "8"], "--flow-steps"),
+        (["--arch", "resnet", "--hidden", "100"], "--hidden"),
+        (["--pseudo-inputs", "10"], "--pseudo-inputs"),
+        (["--flow-hidden", "16"], "--flow-hidden"),
+    ],
+)
 def test_12_options_without_effect_are_named(flags, option):
     args = cli.build_parser().parse_args(["train", *flags])
     config = config_from_args(args)
@@ -426,8 +490,23 @@ def test_12_options_without_effect_are_named(flags, option):
 
 
 def test_12_options_with_effect_are_not_named(tmp_path):
-    for flags in (["--arch", "ladder", "--layers", "3", "--prior", "flow", "--prior-flow", "coupling", "--flow",
-                   "iaf", "--flow-steps", "2"], ["--prior", "flow", "--flow-hidden", "16"]):
+    for flags in (
+        [
+            "--arch",
+            "ladder",
+            "--layers",
+            "3",
+            "--prior",
+            "flow",
+            "--prior-flow",
+            "coupling",
+            "--flow",
+            "iaf",
+            "--flow-steps",
+            "2",
+        ],
+        ["--prior", "flow", "--flow-hidden", "16"],
+    ):
         args = cli.build_parser().parse_args(["train", *flags])
         assert no_effect(config_from_args(args), given_options(args)) == []
     path = tmp_path / "run.yaml"  # a config file's keys count as given
@@ -441,8 +520,19 @@ def test_12_the_trainer_warns_once_the_run_has_started_and_an_error_stays_one_li
     assert rc == 0, err
     assert "--layers has no effect here" in caplog.text and "--tf32 has no effect on cpu" in caplog.text
     caplog.clear()
-    rc, err = run_cli(capsys, "train", *QUICK, "--layers", "3", "--prior", "vamp", "--arch", "resnet",
-                      "--out", str(tmp_path / "other"))
+    rc, err = run_cli(
+        capsys,
+        "train",
+        *QUICK,
+        "--layers",
+        "3",
+        "--prior",
+        "vamp",
+        "--arch",
+        "resnet",
+        "--out",
+        str(tmp_path / "other"),
+    )
     assert rc == 2 and "vamp prior needs vector latents" in one_line(err) and "no effect" not in caplog.text
 
 
@@ -463,11 +553,16 @@ def test_12_a_model_key_that_is_not_a_mapping_is_refused(tmp_path, capsys, value
 
 # ---------------------------------------------------------------------------------- 13. SIGTERM
 
+
 def test_13_sigterm_ends_training_like_ctrl_c_with_a_resumable_run(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "flowvae", "train", *QUICK, "--epochs", "100000", "--patience",
-                             "0", "--out", str(run)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowvae", "train", *QUICK, "--epochs", "100000", "--patience", "0", "--out", str(run)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:

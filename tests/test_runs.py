@@ -23,10 +23,33 @@ from flowvae.data import DataError
 from flowvae.models import VAE, GaussianEncoder, build_likelihood
 from flowvae.training import CheckpointError
 
-TINY = {"epochs": 1, "hidden": 16, "latent_dim": 2, "eval_samples": 5, "progress": False, "threads": 1,
-        "batch_size": 50, "eval_batch_size": 50}
-QUICK = ["--hidden", "16", "--latent-dim", "2", "--eval-samples", "5", "--epochs", "1", "--no-progress",
-         "--threads", "1", "--batch-size", "50", "--eval-batch-size", "50"]
+TINY = {
+    "epochs": 1,
+    "hidden": 16,
+    "latent_dim": 2,
+    "eval_samples": 5,
+    "progress": False,
+    "threads": 1,
+    "batch_size": 50,
+    "eval_batch_size": 50,
+}
+QUICK = [
+    "--hidden",
+    "16",
+    "--latent-dim",
+    "2",
+    "--eval-samples",
+    "5",
+    "--epochs",
+    "1",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--batch-size",
+    "50",
+    "--eval-batch-size",
+    "50",
+]
 
 
 def binary_images(n: int, side: int = 8, seed: int = 0) -> np.ndarray:
@@ -77,8 +100,13 @@ class TinyVAE(VAE):
     def __init__(self) -> None:
         body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ELU())
         decoder = nn.Sequential(nn.Linear(2, 32), nn.ELU(), nn.Linear(32, 64), nn.Unflatten(1, (1, 8, 8)))
-        super().__init__(GaussianEncoder(body, feature_dim=32, latent_dim=2), decoder,
-                         build_likelihood("bernoulli", "binary"), 2, image_shape=(1, 8, 8))
+        super().__init__(
+            GaussianEncoder(body, feature_dim=32, latent_dim=2),
+            decoder,
+            build_likelihood("bernoulli", "binary"),
+            2,
+            image_shape=(1, 8, 8),
+        )
 
 
 def test_fit_trains_a_users_own_model(tmp_path: Path) -> None:
@@ -95,8 +123,9 @@ def test_fit_trains_a_users_own_model(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
-def test_cli_run_works_after_its_data_is_deleted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture) -> None:
+def test_cli_run_works_after_its_data_is_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pngs").mkdir()
     for i, x in enumerate(binary_images(100)):
@@ -109,12 +138,30 @@ def test_cli_run_works_after_its_data_is_deleted(tmp_path: Path, monkeypatch: py
     capsys.readouterr()
     assert main(["sample", "--run", "run", "--n", "4", "--out", "s.png"]) == 0
     assert main(["manifold", "--run", "run", "--n", "3", "--out", "m.png"]) == 0
-    assert main(["posterior", "--run", "run", "--data", "other.npy", "--n", "1", "--grid", "16",
-                 "--samples", "10", "--out", "p.png"]) == 0
+    assert (
+        main(
+            [
+                "posterior",
+                "--run",
+                "run",
+                "--data",
+                "other.npy",
+                "--n",
+                "1",
+                "--grid",
+                "16",
+                "--samples",
+                "10",
+                "--out",
+                "p.png",
+            ]
+        )
+        == 0
+    )
     assert main(["evaluate", "--run", "run", "--data", "other.npy", "--samples", "3", "--output", "e.json"]) == 0
     assert json.loads(Path("e.json").read_text())["points"] == 30
     assert main(["evaluate", "--run", "run", "--data", "digits", "--samples", "2", "--output", "d.json"]) == 0
-    assert json.loads(Path("d.json").read_text())["points"] == 250    # a registered data set's test split
+    assert json.loads(Path("d.json").read_text())["points"] == 250  # a registered data set's test split
     assert all(Path(name).is_file() for name in ("s.png", "m.png", "p.png"))
     capsys.readouterr()
     for argv, expected in (

@@ -44,11 +44,17 @@ def test_the_navigation_names_existing_pages() -> None:
 
 def test_site_builds_strictly(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     api = (tmp_path / "site" / "api" / "runs" / "index.html").read_text()
-    assert "load_run" in api and "TrainedRun" in api     # the API reference is rendered from the docstrings
+    assert "load_run" in api and "TrainedRun" in api  # the API reference is rendered from the docstrings
     assert "build_flow" in (tmp_path / "site" / "api" / "flows" / "index.html").read_text()
 
 
@@ -73,7 +79,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(flowvae.__path__, "flowva
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)   # examples that write files write them here
+    monkeypatch.chdir(tmp_path)  # examples that write files write them here
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {name} failed (see the output)"

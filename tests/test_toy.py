@@ -47,16 +47,19 @@ def _w3(z1):
 def _reference(name, z1, z2):
     if name == "u1":
         r = math.hypot(z1, z2)
-        return 0.5 * ((r - 2) / 0.4) ** 2 - math.log(math.exp(-0.5 * ((z1 - 2) / 0.6) ** 2)
-                                                     + math.exp(-0.5 * ((z1 + 2) / 0.6) ** 2))
+        return 0.5 * ((r - 2) / 0.4) ** 2 - math.log(
+            math.exp(-0.5 * ((z1 - 2) / 0.6) ** 2) + math.exp(-0.5 * ((z1 + 2) / 0.6) ** 2)
+        )
     if name == "u2":
         return 0.5 * ((z2 - _w1(z1)) / 0.4) ** 2
     if name == "u3":
-        return -math.log(math.exp(-0.5 * ((z2 - _w1(z1)) / 0.35) ** 2)
-                         + math.exp(-0.5 * ((z2 - _w1(z1) + _w2(z1)) / 0.35) ** 2))
+        return -math.log(
+            math.exp(-0.5 * ((z2 - _w1(z1)) / 0.35) ** 2) + math.exp(-0.5 * ((z2 - _w1(z1) + _w2(z1)) / 0.35) ** 2)
+        )
     if name == "u4":
-        return -math.log(math.exp(-0.5 * ((z2 - _w1(z1)) / 0.4) ** 2)
-                         + math.exp(-0.5 * ((z2 - _w1(z1) + _w3(z1)) / 0.35) ** 2))
+        return -math.log(
+            math.exp(-0.5 * ((z2 - _w1(z1)) / 0.4) ** 2) + math.exp(-0.5 * ((z2 - _w1(z1) + _w3(z1)) / 0.35) ** 2)
+        )
     raise KeyError(name)
 
 
@@ -72,7 +75,7 @@ def test_paper_energies_match_the_formulas(name, energy):
     torch.testing.assert_close(TARGETS[name](z), expected, rtol=1e-12, atol=1e-12)
     # ... and U2–U4 get a soft wall ½ ((|z1| − 4) / 0.2)² outside it.
     far = torch.tensor([[5.0, 0.3], [-4.5, -1.0]], dtype=torch.float64)
-    wall = 0.0 if name == "u1" else torch.tensor([0.5 * 25.0, 0.5 * 2.5 ** 2], dtype=torch.float64)
+    wall = 0.0 if name == "u1" else torch.tensor([0.5 * 25.0, 0.5 * 2.5**2], dtype=torch.float64)
     torch.testing.assert_close(TARGETS[name](far), energy(far) + wall, rtol=1e-12, atol=1e-12)
 
 
@@ -122,7 +125,7 @@ def test_closed_form_log_z_matches_quadrature():
     assert TARGETS["mog2"].log_z == pytest.approx(math.log(2 * 2 * math.pi * 0.25))
     assert TARGETS["mog8"].log_z == pytest.approx(math.log(8 * 2 * math.pi * 0.09))
     assert TARGETS["banana"].log_z == pytest.approx(math.log(2 * math.pi * 0.5))
-    assert TARGETS["gaussian"].log_z == pytest.approx(math.log(2 * math.pi * math.sqrt(0.5 * 0.6 - 0.3 ** 2)))
+    assert TARGETS["gaussian"].log_z == pytest.approx(math.log(2 * math.pi * math.sqrt(0.5 * 0.6 - 0.3**2)))
 
 
 def test_unknown_target_is_a_clear_error():
@@ -163,8 +166,9 @@ def test_fit_matches_a_correlated_gaussian():
     assert m["ess_fraction"] > 0.97 and abs(m["is_log_z_error"]) < 5e-3
     z = flow_samples(flow, 100_000, seed=3).double()
     torch.testing.assert_close(z.mean(0), torch.tensor([1.0, -0.5], dtype=torch.float64), atol=0.03, rtol=0)
-    torch.testing.assert_close(torch.cov(z.T), torch.tensor([[0.5, 0.3], [0.3, 0.6]], dtype=torch.float64),
-                               atol=0.03, rtol=0)
+    torch.testing.assert_close(
+        torch.cov(z.T), torch.tensor([[0.5, 0.3], [0.3, 0.6]], dtype=torch.float64), atol=0.03, rtol=0
+    )
 
 
 def test_log_z_of_a_well_separated_mixture_by_importance_sampling():
@@ -212,8 +216,22 @@ def _parse(argv):
 
 def test_cli_single_fit_writes_its_files(tmp_path):
     out = tmp_path / "run"
-    args = _parse(["--target", "mog2", "--flow", "planar", "--flow-steps", "2", "--iterations", "50",
-                   "--eval-samples", "2000", "--out", str(out)])
+    args = _parse(
+        [
+            "--target",
+            "mog2",
+            "--flow",
+            "planar",
+            "--flow-steps",
+            "2",
+            "--iterations",
+            "50",
+            "--eval-samples",
+            "2000",
+            "--out",
+            str(out),
+        ]
+    )
     assert args.no_anneal is False and args.grid is False
     assert toy_cli.run(args) == 0
     for name in ("metrics.json", "metrics.md", "density.png"):
@@ -225,9 +243,28 @@ def test_cli_single_fit_writes_its_files(tmp_path):
 
 
 def test_cli_grid_writes_a_figure_and_a_table(tmp_path):
-    args = _parse(["--grid", "--grid-targets", "u1", "u3", "--grid-flows", "radial", "--grid-steps", "1", "2",
-                   "--iterations", "20", "--eval-samples", "1000", "--workers", "1", "--no-anneal",
-                   "--out", str(tmp_path)])
+    args = _parse(
+        [
+            "--grid",
+            "--grid-targets",
+            "u1",
+            "u3",
+            "--grid-flows",
+            "radial",
+            "--grid-steps",
+            "1",
+            "2",
+            "--iterations",
+            "20",
+            "--eval-samples",
+            "1000",
+            "--workers",
+            "1",
+            "--no-anneal",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert toy_cli.run(args) == 0
     assert (tmp_path / "grid.png").stat().st_size > 0
     rows = json.loads((tmp_path / "metrics.json").read_text())["rows"]

@@ -21,10 +21,38 @@ from flowvae.data import DataError, DatasetSplits
 from flowvae.models import build_model
 from flowvae.training import epoch, safeguards, setup
 
-TINY = dict(dataset="digits", arch="mlp", hidden=32, latent_dim=4, flow="iaf", flow_steps=2, flow_hidden=16,
-            epochs=3, eval_samples=20, progress=False, threads=1)
-TINY_FLAGS = ["--dataset", "digits", "--hidden", "32", "--latent-dim", "4", "--flow", "iaf", "--flow-steps", "2",
-              "--flow-hidden", "16", "--eval-samples", "20", "--no-progress", "--threads", "1"]
+TINY = dict(
+    dataset="digits",
+    arch="mlp",
+    hidden=32,
+    latent_dim=4,
+    flow="iaf",
+    flow_steps=2,
+    flow_hidden=16,
+    epochs=3,
+    eval_samples=20,
+    progress=False,
+    threads=1,
+)
+TINY_FLAGS = [
+    "--dataset",
+    "digits",
+    "--hidden",
+    "32",
+    "--latent-dim",
+    "4",
+    "--flow",
+    "iaf",
+    "--flow-steps",
+    "2",
+    "--flow-hidden",
+    "16",
+    "--eval-samples",
+    "20",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def tiny(tmp_path: Path, **overrides) -> TrainConfig:
@@ -34,8 +62,16 @@ def tiny(tmp_path: Path, **overrides) -> TrainConfig:
 def test_train_writes_every_artifact(tmp_path):
     results = training.train(tiny(tmp_path, warmup_epochs=1.5, free_bits=0.01))
     run = tmp_path / "run"
-    for name in ("config.yaml", "checkpoint.pt", "best.pt", "metrics.jsonl", "metrics.csv", "samples.png",
-                 "reconstructions.png", "results.json"):
+    for name in (
+        "config.yaml",
+        "checkpoint.pt",
+        "best.pt",
+        "metrics.jsonl",
+        "metrics.csv",
+        "samples.png",
+        "reconstructions.png",
+        "results.json",
+    ):
         assert (run / name).stat().st_size > 0, name
     assert json.loads((run / "results.json").read_text()) == json.loads(json.dumps(results))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -113,8 +149,19 @@ def test_checkpoint_problems_are_one_line_errors(tmp_path):
     saved = torch.load(Path(config.out) / "checkpoint.pt", weights_only=True)
     # A format-1 checkpoint (flat config, from before hierarchical models and flow_context) still loads.
     flat = TrainConfig.from_dict(saved["config"]).flat()
-    for key in ("flow_context", "layers", "channels", "rank", "prior", "prior_flow", "prior_flow_steps",
-                "pseudo_inputs", "optimizer", "ema", "grad_skip"):
+    for key in (
+        "flow_context",
+        "layers",
+        "channels",
+        "rank",
+        "prior",
+        "prior_flow",
+        "prior_flow_steps",
+        "pseudo_inputs",
+        "optimizer",
+        "ema",
+        "grad_skip",
+    ):
         del flat[key]
     saved["config"], saved["format"] = flat, 1
     torch.save(saved, tmp_path / "old.pt")
@@ -143,7 +190,7 @@ def test_a_planar_run_saved_as_one_step_modules_evaluates_and_refuses_to_resume_
     old = {}
     for key, value in saved["model"].items():
         if key.startswith("flow.params."):
-            name = key[len("flow."):]
+            name = key[len("flow.") :]
             parts = value.unbind(0) if ".values." in name else value.chunk(3)
             old |= {f"flow.flows.{t}.{name}": part.clone() for t, part in enumerate(parts)}
         else:
@@ -169,10 +216,16 @@ def test_nan_data_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("field,value,message", [("lr", -1.0, "lr=-1.0"), ("flow", "nice", "flow must be one of"),
-                                                 ("dataset", "imagenet", "dataset must be one of"),
-                                                 ("epochs", 0, "epochs must be > 0"),
-                                                 ("lr_decay", 1.5, "lr_decay must be in")])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("lr", -1.0, "lr=-1.0"),
+        ("flow", "nice", "flow must be one of"),
+        ("dataset", "imagenet", "dataset must be one of"),
+        ("epochs", 0, "epochs must be > 0"),
+        ("lr_decay", 1.5, "lr_decay must be in"),
+    ],
+)
 def test_bad_config_values_are_named(field, value, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_dict({field: value}).validate()
@@ -180,16 +233,44 @@ def test_bad_config_values_are_named(field, value, message):
 
 def test_cli_train_evaluate_sample_and_yaml_config(tmp_path, capsys):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"dataset": "digits", "latent_dim": 4, "hidden": 32, "flow": "planar",
-                                      "flow_steps": 3, "epochs": 5, "eval_samples": 10, "progress": False}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": "digits",
+                "latent_dim": 4,
+                "hidden": 32,
+                "flow": "planar",
+                "flow_steps": 3,
+                "epochs": 5,
+                "eval_samples": 10,
+                "progress": False,
+            }
+        )
+    )
     out = tmp_path / "run"
     assert main(["train", "--config", str(config), "--epochs", "2", "--out", str(out), "--threads", "1"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["nll_samples"] == 10 and printed["test_nll"] > 0 and printed["test_nll_mc_se"] >= 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["epochs"] == 2 and saved["model"]["flow"] == "planar"   # flag overrides the file
-    assert main(["evaluate", "--run", str(out), "--samples", "7", "--split", "valid", "--limit", "30",
-                 "--output", str(tmp_path / "eval.json")]) == 0
+    assert saved["epochs"] == 2 and saved["model"]["flow"] == "planar"  # flag overrides the file
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(out),
+                "--samples",
+                "7",
+                "--split",
+                "valid",
+                "--limit",
+                "30",
+                "--output",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert evaluation["nll_samples"] == 7 and evaluation["split"] == "valid" and evaluation["points"] == 30
     capsys.readouterr()
@@ -197,12 +278,15 @@ def test_cli_train_evaluate_sample_and_yaml_config(tmp_path, capsys):
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["train", "--lr", "abc"], "lr must be float"),
-    (["train", "--flow", "nice"], "flow must be one of"),
-    (["train", "--config", "/nonexistent.yaml"], "does not exist"),
-    (["evaluate", "--run", "/nonexistent"], "not a flowvae run directory"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--lr", "abc"], "lr must be float"),
+        (["train", "--flow", "nice"], "flow must be one of"),
+        (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+        (["evaluate", "--run", "/nonexistent"], "not a flowvae run directory"),
+    ],
+)
 def test_cli_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -224,8 +308,12 @@ def test_cli_rejects_unknown_yaml_keys(tmp_path, capsys):
 
 
 def test_module_entry_point_help():
-    result = subprocess.run([sys.executable, "-m", "flowvae", "--help"], capture_output=True, text=True,
-                            env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    result = subprocess.run(
+        [sys.executable, "-m", "flowvae", "--help"],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONWARNINGS": "ignore"},
+    )
     assert result.returncode == 0 and "train" in result.stdout and "toy" in result.stdout
 
 
@@ -233,6 +321,7 @@ def test_bf16_autocast_trains_and_keeps_densities_in_float32(tmp_path):
     results = training.train(tiny(tmp_path, epochs=2, precision="bf16"))
     assert all(torch.isfinite(torch.tensor(results["test"][k])) for k in ("neg_elbo", "nll"))
     from flowvae.models import build_vae
+
     model = build_vae("mlp", (1, 8, 8), 4, hidden=16, flow="iaf", flow_steps=2, flow_hidden=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ld = model(torch.bernoulli(torch.full((3, 1, 8, 8), 0.5)))
@@ -248,7 +337,7 @@ def test_lr_decays_on_plateau_and_resume_keeps_it(tmp_path, monkeypatch):
         return result | {"neg_elbo": result["neg_elbo"] + 100.0 * len(calls)}
 
     monkeypatch.setattr(epoch, "evaluate", worsening_evaluate)
-    monkeypatch.setattr(safeguards, "DIVERGED_EPOCHS", 10 ** 9)  # the fake plateau is not a divergence
+    monkeypatch.setattr(safeguards, "DIVERGED_EPOCHS", 10**9)  # the fake plateau is not a divergence
     config = tiny(tmp_path, epochs=3, lr=1e-3, lr_decay=0.5, lr_patience=2, patience=0)
     training.train(config)
     config.epochs = 6
@@ -268,8 +357,14 @@ def test_trainer_tensorboard_events_continue_across_a_resume_without_duplicates(
     steps = torch.load(Path(config.out) / "checkpoint.pt", weights_only=True)["state"]["step"]
     events = EventAccumulator(str(Path(config.out) / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, steps + 1))
-    assert {"train/kl", "train/reconstruction", "train/lr", "valid/neg_elbo", "valid/kl",
-            "epoch/skipped_updates"} <= set(events.Tags()["scalars"])
+    assert {
+        "train/kl",
+        "train/reconstruction",
+        "train/lr",
+        "valid/neg_elbo",
+        "valid/kl",
+        "epoch/skipped_updates",
+    } <= set(events.Tags()["scalars"])
     assert len(events.Scalars("valid/neg_elbo")) == 2 and "samples" in events.Tags()["images"]
     assert (Path(config.out) / "curves.png").stat().st_size > 0
 
@@ -291,8 +386,18 @@ def test_resume_of_a_checkpoint_saved_on_another_device_type_reseeds_and_says_so
 def test_deterministic_flag_trains_and_repeats_exactly(tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        cmd = [sys.executable, "-m", "flowvae", "train", *TINY_FLAGS, "--epochs", "1", "--deterministic",
-               "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flowvae",
+            "train",
+            *TINY_FLAGS,
+            "--epochs",
+            "1",
+            "--deterministic",
+            "--out",
+            str(out),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-1000:]
     a, b = (_model_tensors(out / "checkpoint.pt") for out in outs)

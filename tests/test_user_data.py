@@ -24,8 +24,23 @@ from flowvae.data import DataError, DatasetSplits
 from flowvae.data.files import detect_kind, load_images_for, load_path, splits_from_arrays
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-QUICK = ["--hidden", "8", "--latent-dim", "2", "--eval-samples", "2", "--epochs", "1", "--no-progress",
-         "--threads", "1", "--eval-batch-size", "50", "--batch-size", "50"]
+QUICK = [
+    "--hidden",
+    "8",
+    "--latent-dim",
+    "2",
+    "--eval-samples",
+    "2",
+    "--epochs",
+    "1",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--eval-batch-size",
+    "50",
+    "--batch-size",
+    "50",
+]
 
 
 def binary_images(n: int = 60, side: int = 8, seed: int = 0) -> np.ndarray:
@@ -40,11 +55,14 @@ def write_pngs(folder: Path, images: np.ndarray, mode: str = "L") -> Path:
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, str]]:
-    return {str(p.relative_to(root)): (p.stat().st_mode, hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
-                                       else "") for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mode, hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "")
+        for p in sorted(root.rglob("*"))
+    }
 
 
 # ------------------------------------------------------------------------------------ reading data
+
 
 def test_registered_names_win_over_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flowvae.data.files import is_data_path
@@ -80,7 +98,7 @@ def test_npz_with_splits_and_single_array(tmp_path: Path) -> None:
     assert torch.equal(s.valid[:, 0], torch.from_numpy(x[30:40]).float())
     np.savez(tmp_path / "one.npz", images=x)
     assert len(load_path(tmp_path / "one.npz").train) == 40
-    np.savez(tmp_path / "train_only.npz", train=x)   # valid and test cut from train
+    np.savez(tmp_path / "train_only.npz", train=x)  # valid and test cut from train
     assert (len(load_path(tmp_path / "train_only.npz").test)) == 5
 
 
@@ -154,8 +172,10 @@ def test_images_for_a_trained_run(tmp_path: Path) -> None:
 
 # -------------------------------------------------------------------------- the command line trains
 
-def test_train_on_npy_and_png_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture) -> None:
+
+def test_train_on_npy_and_png_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)
     np.save("x.npy", binary_images(100))
     write_pngs(tmp_path / "pngs", (binary_images(60, side=6) * 255).astype(np.uint8))
@@ -171,6 +191,7 @@ def test_train_on_npy_and_png_folder(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 # ----------------------------------------------------------------------------------- the bad input
 
+
 def _npy(name: str, x: np.ndarray):
     return lambda root: np.save(root / name, x)
 
@@ -181,6 +202,7 @@ def _pngs(sizes: list[tuple[int, int]], modes: list[str] | None = None, name: st
         for i, (h, w) in enumerate(sizes):
             mode = (modes or ["L"] * len(sizes))[i]
             Image.fromarray(np.zeros((h, w), dtype=np.uint8)).convert(mode).save(root / name / f"{i:02d}.png")
+
     return make
 
 
@@ -213,13 +235,28 @@ INF[5, 0, 0] = np.inf
 BAD = [  # (id, setup, dataset, extra flags, expected in the message)
     ("binary-0-255", _npy("x.npy", BIN * 255), "x.npy", ["--data-kind", "binary"], "binary needs values 0 and 1"),
     ("8bit-above-255", _npy("x.npy", np.full((20, 8, 8), 300, np.int16)), "x.npy", [], "fit no data kind"),
-    ("8bit-above-255-forced", _npy("x.npy", np.full((20, 8, 8), 300, np.int16)), "x.npy",
-     ["--data-kind", "8bit"], "8bit needs integers 0..255"),
-    ("8bit-non-integer", _npy("x.npy", np.full((20, 8, 8), 0.5, np.float32)), "x.npy", ["--data-kind", "8bit"],
-     "non-integer 0.5"),
+    (
+        "8bit-above-255-forced",
+        _npy("x.npy", np.full((20, 8, 8), 300, np.int16)),
+        "x.npy",
+        ["--data-kind", "8bit"],
+        "8bit needs integers 0..255",
+    ),
+    (
+        "8bit-non-integer",
+        _npy("x.npy", np.full((20, 8, 8), 0.5, np.float32)),
+        "x.npy",
+        ["--data-kind", "8bit"],
+        "non-integer 0.5",
+    ),
     ("float-above-one", _npy("x.npy", np.full((20, 8, 8), 3.5)), "x.npy", [], "fit no data kind"),
-    ("grayscale-above-one", _npy("x.npy", np.full((20, 8, 8), 3.5)), "x.npy", ["--data-kind", "grayscale"],
-     "grayscale needs floats in [0, 1]"),
+    (
+        "grayscale-above-one",
+        _npy("x.npy", np.full((20, 8, 8), 3.5)),
+        "x.npy",
+        ["--data-kind", "grayscale"],
+        "grayscale needs floats in [0, 1]",
+    ),
     ("negative", _npy("x.npy", -np.ones((20, 8, 8), np.int8)), "x.npy", [], "fit no data kind"),
     ("nan", _npy("x.npy", NAN), "x.npy", [], "NaN"),
     ("inf-npz", _npz("x.npz", train=INF), "x.npz", [], "infinite"),
@@ -228,16 +265,31 @@ BAD = [  # (id, setup, dataset, extra flags, expected in the message)
     ("corrupt-png", _corrupt_png, "imgs", [], "01.png is not a readable image"),
     ("16-bit-png", _sixteen_bit, "imgs", [], "not supported"),
     ("empty-folder", lambda root: (root / "imgs").mkdir(), "imgs", [], "holds no PNG or JPEG images"),
-    ("folder-without-images", lambda root: ((root / "imgs").mkdir(), (root / "imgs" / "a.txt").write_text("x")),
-     "imgs", [], "holds no PNG or JPEG images"),
+    (
+        "folder-without-images",
+        lambda root: ((root / "imgs").mkdir(), (root / "imgs" / "a.txt").write_text("x")),
+        "imgs",
+        [],
+        "holds no PNG or JPEG images",
+    ),
     ("npz-without-keys", _npz("x.npz", a=BIN, b=BIN), "x.npz", [], "holds a, b; expected arrays train"),
     ("npz-empty", lambda root: np.savez(root / "x.npz"), "x.npz", [], "holds no arrays"),
-    ("npz-mixed-shapes", _npz("x.npz", train=BIN, valid=binary_images(5, side=6)), "x.npz", [],
-     "different image shapes"),
+    (
+        "npz-mixed-shapes",
+        _npz("x.npz", train=BIN, valid=binary_images(5, side=6)),
+        "x.npz",
+        [],
+        "different image shapes",
+    ),
     ("npz-mixed-dtypes", _npz("x.npz", train=BIN, valid=BIN.astype(np.float32)), "x.npz", [], "different dtypes"),
     ("truncated-npy", _truncated_npy, "t.npy", [], "not a readable .npy"),
-    ("pickled-npy", lambda root: np.save(root / "x.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
-     "x.npy", [], "not a readable .npy"),
+    (
+        "pickled-npy",
+        lambda root: np.save(root / "x.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
+        "x.npy",
+        [],
+        "not a readable .npy",
+    ),
     ("text-as-npy", lambda root: (root / "x.npy").write_text("hello"), "x.npy", [], "not a readable .npy"),
     ("one-dimensional", _npy("x.npy", np.zeros(10)), "x.npy", [], "got shape (10,)"),
     ("five-channels", _npy("x.npy", np.zeros((4, 5, 6, 7))), "x.npy", [], "got shape (4, 5, 6, 7)"),
@@ -249,15 +301,15 @@ BAD = [  # (id, setup, dataset, extra flags, expected in the message)
     ("not-a-data-file", lambda root: (root / "x.csv").write_text("1,2"), "./x.csv", [], "give a folder"),
     ("bad-kind", _npy("x.npy", BIN), "x.npy", ["--data-kind", "color"], "data_kind must be binary"),
     ("valid-fraction-zero", _npy("x.npy", BIN), "x.npy", ["--valid-fraction", "0"], "valid_fraction must be in (0, 1)"),
-    ("fractions-sum", _npy("x.npy", BIN), "x.npy", ["--valid-fraction", "0.5", "--test-fraction", "0.5"],
-     "below 1"),
+    ("fractions-sum", _npy("x.npy", BIN), "x.npy", ["--valid-fraction", "0.5", "--test-fraction", "0.5"], "below 1"),
     ("fraction-not-number", _npy("x.npy", BIN), "x.npy", ["--test-fraction", "a lot"], "test_fraction must be float"),
 ]
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
-def test_bad_data_is_one_line_and_writes_nothing(case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture) -> None:
+def test_bad_data_is_one_line_and_writes_nothing(
+    case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     _, setup, dataset, extra, expected = case
     monkeypatch.chdir(tmp_path)
     setup(tmp_path)
@@ -274,15 +326,33 @@ def test_bad_data_is_one_line_and_writes_nothing(case, tmp_path: Path, monkeypat
 def test_bad_data_through_the_real_command(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", BIN * 255)
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "flowvae", "train", "--dataset", "x.npy", "--data-kind", "binary",
-                           *QUICK, "--out", "runs/bad"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowvae",
+            "train",
+            "--dataset",
+            "x.npy",
+            "--data-kind",
+            "binary",
+            *QUICK,
+            "--out",
+            "runs/bad",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().count("\n") == 0 and "binary needs values 0 and 1 only, found 255" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
 
 
 # ------------------------------------------------------------------- evaluate --data against a run
+
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -304,9 +374,9 @@ EVALUATE_BAD = [  # (id, setup, --data, expected)
 
 
 @pytest.mark.parametrize("case", EVALUATE_BAD, ids=[c[0] for c in EVALUATE_BAD])
-def test_evaluate_bad_data_is_one_line_and_writes_nothing(case, trained_run: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_bad_data_is_one_line_and_writes_nothing(
+    case, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     _, setup, data, expected = case
     monkeypatch.chdir(tmp_path)
     setup(tmp_path)

@@ -47,8 +47,9 @@ def gaussian_log_density(eps: torch.Tensor, log_std: torch.Tensor) -> torch.Tens
     return -0.5 * eps * eps - log_std - 0.5 * LOG_2PI
 
 
-def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor,
-                      dims: int | tuple[int, ...] = -1) -> torch.Tensor:
+def gaussian_log_prob(
+    z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor, dims: int | tuple[int, ...] = -1
+) -> torch.Tensor:
     """log N(z; μ, diag exp(log σ)²) summed over ``dims``: the last axis (vectors, (…, D) -> (…)) by default,
     or ``(-2, -1)`` for the per-channel density of spatial latents ((…, C, H, W) -> (…, C)).
 
@@ -68,18 +69,23 @@ def validate_value(dist: D.Distribution, value: torch.Tensor) -> None:
     event = dist.event_shape
     split = value.dim() - len(event)
     if split < 0 or value.shape[split:] != event:
-        raise ValueError(f"{name}.log_prob expects a value of shape (..., {', '.join(map(str, event))}), "
-                         f"got {tuple(value.shape)}")
+        raise ValueError(
+            f"{name}.log_prob expects a value of shape (..., {', '.join(map(str, event))}), got {tuple(value.shape)}"
+        )
     try:
         torch.broadcast_shapes(value.shape[:split], dist.batch_shape)
     except RuntimeError:
-        raise ValueError(f"{name}.log_prob: value of shape {tuple(value.shape)} does not broadcast with batch shape "
-                         f"{tuple(dist.batch_shape)}") from None
+        raise ValueError(
+            f"{name}.log_prob: value of shape {tuple(value.shape)} does not broadcast with batch shape "
+            f"{tuple(dist.batch_shape)}"
+        ) from None
     support = dist.support
     assert support is not None, f"{name} declares no support"
     if not bool(support.check(value).all()):  # a device sync: why validation is optional
-        raise ValueError(f"{name}.log_prob got a value of shape {tuple(value.shape)} with entries outside the "
-                         f"support {dist.support} (NaN for real vectors)")
+        raise ValueError(
+            f"{name}.log_prob got a value of shape {tuple(value.shape)} with entries outside the "
+            f"support {dist.support} (NaN for real vectors)"
+        )
 
 
 class StandardNormal(nn.Module, D.Distribution):
@@ -94,8 +100,7 @@ class StandardNormal(nn.Module, D.Distribution):
     has_rsample = True
     loc: torch.Tensor  # a buffer
 
-    def __init__(self, *shape: int, batch_shape: Shape = (),
-                 validate_args: bool | None = None) -> None:
+    def __init__(self, *shape: int, batch_shape: Shape = (), validate_args: bool | None = None) -> None:
         nn.Module.__init__(self)
         if any(not isinstance(n, int) or n < 1 for n in shape):
             raise ValueError(f"StandardNormal expects positive integer sizes, got {shape}")
@@ -177,13 +182,20 @@ class FlowDistribution(D.Distribution):
 
     arg_constraints: dict[str, constraints.Constraint] = {}
 
-    def __init__(self, base: D.Distribution, flow: Flow | None = None, context: torch.Tensor | None = None,
-                 validate_args: bool | None = None) -> None:
+    def __init__(
+        self,
+        base: D.Distribution,
+        flow: Flow | None = None,
+        context: torch.Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
         if not isinstance(base, D.Distribution):
             raise TypeError(f"FlowDistribution expects a torch Distribution as base, got {type(base).__name__}")
         if flow is not None and flow.event_dim != len(base.event_shape):
-            raise ValueError(f"{type(flow).__name__} has event_dim {flow.event_dim} but the base has event shape "
-                             f"{tuple(base.event_shape)}; use D.Independent to reinterpret batch dimensions")
+            raise ValueError(
+                f"{type(flow).__name__} has event_dim {flow.event_dim} but the base has event shape "
+                f"{tuple(base.event_shape)}; use D.Independent to reinterpret batch dimensions"
+            )
         self.base, self.flow, self.context = base, flow, context
         super().__init__(base.batch_shape, base.event_shape, validate_args)  # the flow checks h when it runs
         self._cache = IdentityCache(self._watched)
@@ -211,8 +223,9 @@ class FlowDistribution(D.Distribution):
         new._validate_args = self._validate_args
         return new
 
-    def rsample_and_log_prob(self, sample_shape: Shape = (), noise: torch.Tensor | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rsample_and_log_prob(
+        self, sample_shape: Shape = (), noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """z_K and log q(z_K), (*sample_shape, *batch, D) and (*sample_shape, *batch).
 
         ``noise`` ε (standard normal, of z's shape) fixes the draw of a location-scale base:
@@ -231,7 +244,7 @@ class FlowDistribution(D.Distribution):
         flow = self.flow
         assert flow is not None, "called only with a flow"
         shape = self.batch_shape + self.event_shape
-        lead = z0.shape[:z0.dim() - len(shape)]
+        lead = z0.shape[: z0.dim() - len(shape)]
         if not lead or any(n != 1 for n in lead) or self.context is None:
             return flow(z0, self.context)
         z, ladj = flow(z0.reshape(shape), self.context)
@@ -264,8 +277,10 @@ class FlowDistribution(D.Distribution):
             z0, ladj = hit
             return self.base.log_prob(z0) - ladj
         if not self.flow.has_inverse:
-            raise NotImplementedError(f"{type(self.flow).__name__} has no inverse, so FlowDistribution.log_prob can "
-                                      "score only the tensor its rsample just returned; use rsample_and_log_prob")
+            raise NotImplementedError(
+                f"{type(self.flow).__name__} has no inverse, so FlowDistribution.log_prob can "
+                "score only the tensor its rsample just returned; use rsample_and_log_prob"
+            )
         z0, ladj_inverse = self.flow.inverse(value, self.context)
         return self.base.log_prob(z0) + ladj_inverse
 

@@ -19,12 +19,12 @@ from flowvae.models.base import LatentVariableModel, draw_noise
 
 # While importance sampling, at most this many elements of decoder output (times an activation
 # factor for convolutional decoders) and at most MAX_ROWS latent samples are held at once.
-DECODE_BUDGET = 2 ** 25
+DECODE_BUDGET = 2**25
 # On a CPU: float32 decoder outputs of at most 3/4 of the mmap threshold that reuse_freed_memory
 # sets (24 MiB), so that each chunk's largest temporaries come from reused heap memory.
-MMAP_THRESHOLD_BYTES = 32 * 2 ** 20
+MMAP_THRESHOLD_BYTES = 32 * 2**20
 CPU_DECODE_BUDGET = MMAP_THRESHOLD_BYTES * 3 // 4 // 4
-MAX_ROWS = 2 ** 14
+MAX_ROWS = 2**14
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -52,7 +52,7 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)) and bool(mallopt(m_trim_threshold, 2 ** 30))
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)) and bool(mallopt(m_trim_threshold, 2**30))
 
 
 def decode_budget(device: torch.device) -> int:
@@ -67,8 +67,9 @@ def decode_budget(device: torch.device) -> int:
     return max(DECODE_BUDGET, free // (4 * 4 * 4))
 
 
-def auto_chunk_size(model: LatentVariableModel, batch_size: int, samples: int,
-                    budget: int = DECODE_BUDGET) -> tuple[int, int]:
+def auto_chunk_size(
+    model: LatentVariableModel, batch_size: int, samples: int, budget: int = DECODE_BUDGET
+) -> tuple[int, int]:
     """(points, samples) per importance-sampling chunk, so that points · samples rows of decoder
     output stay within ``budget`` elements (× an activation factor for convolutional decoders) and
     :data:`MAX_ROWS` rows; a batch larger than the rows allowed is split into smaller sets of points."""
@@ -86,10 +87,21 @@ def _batch_generator(seed: int | None, index: int, device: torch.device) -> torc
 
 
 @torch.no_grad()
-def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int = 100, samples: int = 0,
-             chunk_size: int | None = None, device: torch.device | str = "cpu", progress: bool = False,
-             desc: str = "eval", seed: int | None = None, context: Context = Context(),
-             precision: str = "fp32", compile: bool = False) -> dict[str, Any]:
+def evaluate(
+    model: LatentVariableModel,
+    data: torch.Tensor,
+    *,
+    batch_size: int = 100,
+    samples: int = 0,
+    chunk_size: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "eval",
+    seed: int | None = None,
+    context: Context = Context(),
+    precision: str = "fp32",
+    compile: bool = False,
+) -> dict[str, Any]:
     """The one evaluation of a model on ``data`` (N, C, H, W), used by training, ``flowvae evaluate``
     and the benchmarks alike.
 
@@ -135,11 +147,10 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
         points, auto_chunk = auto_chunk_size(model, batch_size, samples, decode_budget(device))
         chunk_size = chunk_size or auto_chunk
     score = torch.compile(model.log_densities) if compile and samples else None
-    starts = list(range(0, len(data), batch_size))[context.rank::context.world_size]
-    for start in tqdm(starts, desc=desc, disable=not progress or not context.is_main, leave=False,
-                      unit="batch"):
+    starts = list(range(0, len(data), batch_size))[context.rank :: context.world_size]
+    for start in tqdm(starts, desc=desc, disable=not progress or not context.is_main, leave=False, unit="batch"):
         raise_pending()
-        x = data[start:start + batch_size].to(device)
+        x = data[start : start + batch_size].to(device)
         generator = _batch_generator(seed, start // batch_size, device)
         noise = None if generator is None else draw_noise(model, 1, len(x), generator=generator, device=device)
         with autocast(device, precision):
@@ -157,9 +168,9 @@ def evaluate(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int 
     n = len(data)
     values = (totals / n).tolist()
     results: dict[str, Any] = dict(zip(names, values))
-    moments = dict(zip(auxiliary, values[len(names):len(names) + len(auxiliary)]))
+    moments = dict(zip(auxiliary, values[len(names) : len(names) + len(auxiliary)]))
     results["neg_elbo_data_se"] = _standard_error(results["neg_elbo"], moments["neg_elbo_squares"], n)
-    results["kl_groups"] = dict(zip(group_names, values[len(names) + len(auxiliary):]))
+    results["kl_groups"] = dict(zip(group_names, values[len(names) + len(auxiliary) :]))
     if samples:
         results["nll_samples"] = samples
         results["nll_mc_se"] = math.sqrt(moments["nll_mc_variance"] / n)
@@ -178,13 +189,20 @@ def _standard_error(mean: float, mean_square: float, n: int) -> float:
     """Standard error of a mean over n data points, from the means of the values and their squares."""
     if n < 2:
         return float("nan")
-    return math.sqrt(max(mean_square - mean ** 2, 0.0) * n / (n - 1) / n)
+    return math.sqrt(max(mean_square - mean**2, 0.0) * n / (n - 1) / n)
 
 
 @torch.no_grad()
-def posterior_diagnostics(model: LatentVariableModel, data: torch.Tensor, *, batch_size: int = 100,
-                          samples: int = 16, device: torch.device | str = "cpu", threshold: float = 0.01,
-                          seed: int = 0) -> dict[str, Any]:
+def posterior_diagnostics(
+    model: LatentVariableModel,
+    data: torch.Tensor,
+    *,
+    batch_size: int = 100,
+    samples: int = 16,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.01,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Active units (Burda et al. 2016) of each latent variable of the model: unit u is active if
     Var_x(E_q[z_u | x]) > ``threshold``, with E_q estimated from ``samples`` posterior samples
     (flows make q non-Gaussian, hierarchies make it depend on the layers above)."""
@@ -193,12 +211,17 @@ def posterior_diagnostics(model: LatentVariableModel, data: torch.Tensor, *, bat
     device = torch.device(device)
     means: dict[str, list[torch.Tensor]] = {}
     for index, start in enumerate(range(0, len(data), batch_size)):
-        x = data[start:start + batch_size].to(device)
+        x = data[start : start + batch_size].to(device)
         noise = draw_noise(model, samples, len(x), generator=_batch_generator(seed, index, device), device=device)
         for name, z in model(x, samples, noise).latents.items():
             means.setdefault(name, []).append(z.double().mean(0).flatten(1))
     model.train(was_training)
     active = {name: int((torch.cat(m).var(0) > threshold).sum()) for name, m in means.items()}
     units = {name: int(m[0].shape[1]) for name, m in means.items()}
-    return {"active_units": sum(active.values()), "units": sum(units.values()), "active_threshold": threshold,
-            "active_units_per_latent": active, "units_per_latent": units}
+    return {
+        "active_units": sum(active.values()),
+        "units": sum(units.values()),
+        "active_threshold": threshold,
+        "active_units_per_latent": active,
+        "units_per_latent": units,
+    }

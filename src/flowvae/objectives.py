@@ -43,8 +43,9 @@ def negative_elbo(ld: LogDensities, beta: float = 1.0) -> torch.Tensor:
     return -(ld.log_likelihood - beta * ld.kl).mean(0)
 
 
-def elbo_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
-              normalizer: float | None = None) -> torch.Tensor:
+def elbo_loss(
+    ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0, normalizer: float | None = None
+) -> torch.Tensor:
     """Scalar loss: the negative ELBO with KL weight β (warm-up) and free bits, summed over the
     batch and divided by ``normalizer`` (default: the batch size, i.e. the batch mean).
 
@@ -64,7 +65,7 @@ def elbo_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
     """
     batch = ld.kl.shape[-1]
     assert ld.kl_groups is not None  # LogDensities.__post_init__ sets it
-    kl = ld.kl_groups.mean(0).sum(0)                                    # (G,), summed over the batch
+    kl = ld.kl_groups.mean(0).sum(0)  # (G,), summed over the batch
     if free_bits > 0:
         kl = kl.clamp_min(_kl_floor(ld, free_bits, kl))
     return (-ld.log_likelihood.mean(0).sum() + beta * kl.sum()) / (batch if normalizer is None else normalizer)
@@ -82,8 +83,9 @@ def _kl_floor(ld: LogDensities, free_bits: float, kl: torch.Tensor) -> torch.Ten
     return free_bits * batch * units
 
 
-def iwae_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
-              normalizer: float | None = None) -> torch.Tensor:
+def iwae_loss(
+    ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0, normalizer: float | None = None
+) -> torch.Tensor:
     """Scalar loss: −log (1/K) Σ_k w_k^β per data point (Burda et al. 2016), with the annealed
     weights log w^β = log p(x|z) + β (log p(z) − log q(z|x)) of :func:`annealed_log_weight`,
     summed over the batch and divided by ``normalizer`` (default: the batch size).
@@ -94,11 +96,11 @@ def iwae_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
     K > 1 adds back the average pull that drags the group's KL below its floor.
     """
     batch, samples = ld.kl.shape[-1], ld.kl.shape[0]
-    bound = torch.logsumexp(annealed_log_weight(ld, beta), 0) - math.log(samples)      # (B,)
+    bound = torch.logsumexp(annealed_log_weight(ld, beta), 0) - math.log(samples)  # (B,)
     loss = -bound.sum()
     if free_bits > 0:
         assert ld.kl_groups is not None  # LogDensities.__post_init__ sets it
-        kl = ld.kl_groups.mean(0).sum(0)                                                # (G,)
+        kl = ld.kl_groups.mean(0).sum(0)  # (G,)
         loss = loss + beta * torch.relu(_kl_floor(ld, free_bits, kl) - kl).sum()
     return loss / (batch if normalizer is None else normalizer)
 
@@ -122,8 +124,10 @@ def gradient_problem(objective: str, samples: int, gradient: str, free_bits: flo
     if gradient == "stl" and objective == "iwae" and samples > 1:
         return "--gradient stl is biased for --objective iwae with --train-samples > 1; use --gradient dreg"
     if gradient != "reparam" and free_bits > 0:
-        return f"--gradient {gradient} is not unbiased with --free-bits > 0 (the floor depends on the sample); " \
-               "use --gradient reparam or --free-bits 0"
+        return (
+            f"--gradient {gradient} is not unbiased with --free-bits > 0 (the floor depends on the sample); "
+            "use --gradient reparam or --free-bits 0"
+        )
     return None
 
 
@@ -132,9 +136,14 @@ def annealed_log_weight(ld: LogDensities, beta: float = 1.0) -> torch.Tensor:
     return ld.log_likelihood - beta * ld.kl
 
 
-def training_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
-                  normalizer: float | None = None, objective: str = "elbo", gradient: str = "reparam"
-                  ) -> torch.Tensor:
+def training_loss(
+    ld: LogDensities,
+    beta: float = 1.0,
+    free_bits: float = 0.0,
+    normalizer: float | None = None,
+    objective: str = "elbo",
+    gradient: str = "reparam",
+) -> torch.Tensor:
     """The scalar training loss for ``objective`` 'elbo' (:func:`elbo_loss`) or 'iwae'
     (:func:`iwae_loss`), with the gradient estimator ``gradient``.
 
@@ -147,8 +156,9 @@ def training_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
     the ELBO, and at K = 1, 'dreg' is 'stl'.
     """
     if objective not in OBJECTIVES or gradient not in GRADIENTS:
-        raise ValueError(f"objective must be one of {OBJECTIVES} and gradient one of {GRADIENTS}, "
-                         f"got {objective!r} and {gradient!r}")
+        raise ValueError(
+            f"objective must be one of {OBJECTIVES} and gradient one of {GRADIENTS}, got {objective!r} and {gradient!r}"
+        )
     samples = ld.log_likelihood.shape[0]
     problem = gradient_problem(objective, samples, gradient, free_bits)
     if problem:
@@ -156,7 +166,7 @@ def training_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
     if gradient == "dreg" and objective == "iwae" and samples > 1 and torch.is_grad_enabled():
         # E[Σ_k w̃_k ∂_φ log q(z_k)] = E[Σ_k (w̃_k − w̃_k²) ∂log w_k^β/∂z_k ∂z_k/∂φ] (Tucker et al. 2018),
         # so the bound's −β·(score term) becomes a path term: each z_k's gradient is scaled by 1 − β + β w̃_k.
-        weights = torch.softmax(annealed_log_weight(ld, beta).detach(), 0)          # w̃ (K, B)
+        weights = torch.softmax(annealed_log_weight(ld, beta).detach(), 0)  # w̃ (K, B)
         factor = (1 - beta) + beta * weights
         for z in ld.latents.values():
             if z.requires_grad:
@@ -165,8 +175,6 @@ def training_loss(ld: LogDensities, beta: float = 1.0, free_bits: float = 0.0,
     if objective == "iwae":
         return iwae_loss(ld, beta, free_bits, normalizer)
     return elbo_loss(ld, beta, free_bits, normalizer)
-
-
 
 
 # Importance samples are drawn this many at a time for all the batch's data points, in order, so an
@@ -192,16 +200,23 @@ class _NoiseStream:
     """The noise of K posterior draws of B data points, drawn :data:`NOISE_BLOCK` samples at a time
     and handed out in chunks of any size."""
 
-    def __init__(self, model: LatentVariableModel, batch: int, samples: int, generator: torch.Generator | None,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        model: LatentVariableModel,
+        batch: int,
+        samples: int,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> None:
         self.model, self.batch, self.left, self.generator, self.device = model, batch, samples, generator, device
         self.buffer: Noise = {}
 
     def take(self, k: int) -> Noise:
         blocks, held = [self.buffer] if self.buffer else [], self._held()
         while held < k:
-            block = draw_noise(self.model, min(NOISE_BLOCK, self.left), self.batch, generator=self.generator,
-                               device=self.device)
+            block = draw_noise(
+                self.model, min(NOISE_BLOCK, self.left), self.batch, generator=self.generator, device=self.device
+            )
             self.left -= min(NOISE_BLOCK, self.left)
             blocks.append(block)
             held += next(iter(block.values())).shape[0]
@@ -214,10 +229,15 @@ class _NoiseStream:
 
 
 @torch.no_grad()
-def importance_weighted_estimate(model: LatentVariableModel, x: torch.Tensor, samples: int = 5000,
-                                 chunk_size: int = 500, generator: torch.Generator | None = None,
-                                 score: Callable[..., LogDensities] | None = None,
-                                 points: int | None = None) -> ImportanceWeightedEstimate:
+def importance_weighted_estimate(
+    model: LatentVariableModel,
+    x: torch.Tensor,
+    samples: int = 5000,
+    chunk_size: int = 500,
+    generator: torch.Generator | None = None,
+    score: Callable[..., LogDensities] | None = None,
+    points: int | None = None,
+) -> ImportanceWeightedEstimate:
     """-log p(x) for x (B, C, H, W) with K = ``samples`` importance samples, its Monte Carlo
     standard error and the effective sample size (see :class:`ImportanceWeightedEstimate`).
 
@@ -253,9 +273,14 @@ def importance_weighted_estimate(model: LatentVariableModel, x: torch.Tensor, sa
     return ImportanceWeightedEstimate(nll=-(total - math.log(samples)), mc_se=mc_se, ess=ess)
 
 
-def importance_weighted_nll(model: LatentVariableModel, x: torch.Tensor, samples: int = 5000, chunk_size: int = 500,
-                            generator: torch.Generator | None = None,
-                            score: Callable[..., LogDensities] | None = None) -> torch.Tensor:
+def importance_weighted_nll(
+    model: LatentVariableModel,
+    x: torch.Tensor,
+    samples: int = 5000,
+    chunk_size: int = 500,
+    generator: torch.Generator | None = None,
+    score: Callable[..., LogDensities] | None = None,
+) -> torch.Tensor:
     """-log p(x) ≈ -log (1/K) Σ_k w_k for x (B, C, H, W) with K = ``samples``: (B,) float64 nats.
 
     The ``nll`` of :func:`importance_weighted_estimate`, which says how the samples are drawn.

@@ -36,15 +36,18 @@ class AdamaxW(torch.optim.Adamax):
 
 
 @OPTIMIZERS.register("adam")
-def _adam(parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float,
-          device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda"),
-                            weight_decay=weight_decay, decoupled_weight_decay=True)
+def _adam(
+    parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
+    return torch.optim.Adam(
+        parameters, lr=lr, fused=device.type in ("cpu", "cuda"), weight_decay=weight_decay, decoupled_weight_decay=True
+    )
 
 
 @OPTIMIZERS.register("adamax")
-def _adamax(parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float,
-            device: torch.device) -> torch.optim.Optimizer:
+def _adamax(
+    parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
     optimizer = AdamaxW(parameters, lr=lr, foreach=True)
     set_weight_decay(optimizer, weight_decay)
     return optimizer

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-PROBES, PROBE_INTERVAL_S = 5, 0.01   # /proc/loadavg read 5 times over 40 ms: the median runnable count
+PROBES, PROBE_INTERVAL_S = 5, 0.01  # /proc/loadavg read 5 times over 40 ms: the median runnable count
 
 
 def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> float:
@@ -82,8 +82,11 @@ def other_runnable() -> float:
     return float(statistics.median(counts))
 
 
-def apply_thread_defaults(environ: MutableMapping[str, str] = os.environ, cgroup_root: Path = CGROUP_ROOT,
-                          runnable: Callable[[], float] = other_runnable) -> dict[str, str]:
+def apply_thread_defaults(
+    environ: MutableMapping[str, str] = os.environ,
+    cgroup_root: Path = CGROUP_ROOT,
+    runnable: Callable[[], float] = other_runnable,
+) -> dict[str, str]:
     """Before torch is loaded: ``OMP_WAIT_POLICY=PASSIVE`` when the machine is busy (``runnable``
     other threads plus torch's threads exceed the CPUs), unless the user chose a wait policy;
     ``OMP_NUM_THREADS`` from a cgroup CPU quota below the visible CPUs, unless the user set it.
@@ -128,7 +131,12 @@ def warn_if_oversubscribed(threads: int, runnable: Callable[[], float] = other_r
     others, cpus = runnable(), available_cpus()
     if others + threads <= cpus + 0.5:
         return False
-    logger.warning("warning: the machine is busy (%g other runnable threads on %g CPUs) and torch's %d threads "
-                   "spin-wait for each other: training can run many times slower; set OMP_WAIT_POLICY=PASSIVE "
-                   "(import flowvae before torch does it) or --threads 1", others, cpus, threads)
+    logger.warning(
+        "warning: the machine is busy (%g other runnable threads on %g CPUs) and torch's %d threads "
+        "spin-wait for each other: training can run many times slower; set OMP_WAIT_POLICY=PASSIVE "
+        "(import flowvae before torch does it) or --threads 1",
+        others,
+        cpus,
+        threads,
+    )
     return True

@@ -26,7 +26,7 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> n
     for i in range(n):
         r, col = divmod(i, cols)
         top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, top: top + h, left: left + w] = images[i]
+        grid[:, top : top + h, left : left + w] = images[i]
     array = grid.permute(1, 2, 0).numpy()
     return array[..., 0] if c == 1 else array
 

@@ -9,8 +9,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TextIO
 
-WINDOW_S = 10.0      # images/s is measured over the last this many seconds
-REFRESH_S = 1.0      # the bar's loss and images/s are refreshed this often
+WINDOW_S = 10.0  # images/s is measured over the last this many seconds
+REFRESH_S = 1.0  # the bar's loss and images/s are refreshed this often
 
 
 def is_terminal(stream: TextIO | None = None) -> bool:
@@ -34,11 +34,12 @@ class Throughput:
     100.0
     """
 
-    def __init__(self, window: float = WINDOW_S, refresh: float = REFRESH_S,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, window: float = WINDOW_S, refresh: float = REFRESH_S, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.window, self.refresh, self.clock = window, refresh, clock
         self.start = clock()
-        self.marks: deque[tuple[float, int]] = deque([(self.start, 0)])   # (time, images so far)
+        self.marks: deque[tuple[float, int]] = deque([(self.start, 0)])  # (time, images so far)
         self.images = 0
         self.shown = -float("inf")
 

@@ -26,12 +26,14 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator (or call on an object): add the object under ``name``."""
+
         def add(item: T) -> T:
             key = name.lower()
             if key in self._items and self._items[key] is not item:  # the same object again is harmless
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[key] = item
             return item
+
         return add
 
     def __getitem__(self, name: str) -> T:

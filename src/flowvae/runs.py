@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from flowvae.config import ConfigError, TrainConfig, load_yaml
+from flowvae.config import ConfigError, TrainConfig
+from flowvae.config_yaml import load_yaml
 from flowvae.data import DataError, DatasetSplits
 from flowvae.data.files import ARRAYS, is_data_path, load_images_for, splits_from_arrays
 from flowvae.evaluation import evaluate
@@ -56,7 +57,7 @@ class TrainedRun:
     data: dict[str, Any]
     device: torch.device
     checkpoint: str
-    splits: DatasetSplits | None = field(default=None, repr=False)   # the arrays given to fit()
+    splits: DatasetSplits | None = field(default=None, repr=False)  # the arrays given to fit()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -80,31 +81,44 @@ class TrainedRun:
             try:
                 data = prepare_data(self.config, self.splits)
             except DataError as err:
-                raise DataError(f"the run's own data cannot be read: {err} (score other images with --data PATH, "
-                                "or path= in Python)") from None
+                raise DataError(
+                    f"the run's own data cannot be read: {err} (score other images with --data PATH, "
+                    "or path= in Python)"
+                ) from None
             return {"train": data.train_eval, "valid": data.valid, "test": data.test}[split]
         if not is_data_path(str(path)):  # a registered data set's split
             images = _registered_split(str(path), split, self.config.data_dir, self.config.seed)
             if images.shape[1:] != self.image_shape or _kind_of(images) not in (self.kind, "binary"):
-                raise DataError(f"data set {path} holds {_kind_of(images)} images of shape {tuple(images.shape[1:])} "
-                                f"(C, H, W) but the run was trained on {self.kind} images of shape {self.image_shape}")
+                raise DataError(
+                    f"data set {path} holds {_kind_of(images)} images of shape {tuple(images.shape[1:])} "
+                    f"(C, H, W) but the run was trained on {self.kind} images of shape {self.image_shape}"
+                )
             return images
         images = load_images_for(path, self.kind, self.image_shape, split)
         if self.kind == "grayscale":
             images = torch.bernoulli(images, generator=torch.Generator().manual_seed(self.config.seed + 1))
         return images
 
-    def evaluate(self, split: str = "test", *, samples: int | None = None, path: str | Path | None = None,
-                 progress: bool = False) -> dict[str, Any]:
+    def evaluate(
+        self, split: str = "test", *, samples: int | None = None, path: str | Path | None = None, progress: bool = False
+    ) -> dict[str, Any]:
         """:func:`flowvae.evaluation.evaluate` with the run's settings: ``samples`` K defaults to
         the run's ``eval_samples`` for the test split and 0 (no -log p(x)) for the others, so the
         numbers equal ``results.json``'s for the run's own data."""
         config = self.config
         if samples is None:
             samples = config.eval_samples if split == "test" else 0
-        return evaluate(self.model, self.images(split, path), batch_size=config.eval_batch_size, samples=samples,
-                        device=self.device, seed=config.seed, precision=config.precision, progress=progress,
-                        desc=f"{split} -log p(x), K={samples}")
+        return evaluate(
+            self.model,
+            self.images(split, path),
+            batch_size=config.eval_batch_size,
+            samples=samples,
+            device=self.device,
+            seed=config.seed,
+            precision=config.precision,
+            progress=progress,
+            desc=f"{split} -log p(x), K={samples}",
+        )
 
 
 def _registered_split(name: str, split: str, data_dir: str | None, seed: int) -> torch.Tensor:
@@ -130,8 +144,14 @@ def run_config(path: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(load_yaml(run / "config.yaml"), source=str(run / "config.yaml"))
 
 
-def load_run(path: str | Path, checkpoint: str = "best", device: str | torch.device | None = None, *,
-             model: LatentVariableModel | None = None, data_dir: str | None = None) -> TrainedRun:
+def load_run(
+    path: str | Path,
+    checkpoint: str = "best",
+    device: str | torch.device | None = None,
+    *,
+    model: LatentVariableModel | None = None,
+    data_dir: str | None = None,
+) -> TrainedRun:
     """Load the run in ``path``: its model with the ``'best'`` (``best.pt``) or ``'last'``
     (``checkpoint.pt``) weights on ``device`` (default: the run's), its config and results.
 
@@ -163,8 +183,10 @@ def load_run(path: str | Path, checkpoint: str = "best", device: str | torch.dev
         model = build_model(config.model, tuple(data["image_shape"]), data["kind"])
         recorded = data.get("model_class")
         if recorded is not None and recorded != model_class(model):
-            raise CheckpointError(f"{run} was trained on a model of your own ({recorded}); load it with "
-                                  f"flowvae.load_run({str(run)!r}, model=...)")
+            raise CheckpointError(
+                f"{run} was trained on a model of your own ({recorded}); load it with "
+                f"flowvae.load_run({str(run)!r}, model=...)"
+            )
     load_weights(model, saved["model"], file)
     target = resolve_device(str(device) if device is not None else config.device)
     results = None
@@ -176,9 +198,15 @@ def load_run(path: str | Path, checkpoint: str = "best", device: str | torch.dev
     return TrainedRun(run, model.to(target).eval(), config, results, data, target, checkpoint)
 
 
-def fit(config_or_model: TrainConfig | dict[str, Any] | LatentVariableModel | None = None, train: Any = None,
-        valid: Any = None, test: Any = None, *, resume: bool = False,
-        **options: Any) -> tuple[LatentVariableModel, TrainedRun]:
+def fit(
+    config_or_model: TrainConfig | dict[str, Any] | LatentVariableModel | None = None,
+    train: Any = None,
+    valid: Any = None,
+    test: Any = None,
+    *,
+    resume: bool = False,
+    **options: Any,
+) -> tuple[LatentVariableModel, TrainedRun]:
     """Train a model as ``flowvae train`` does and return ``(model, run)``.
 
     Args:
@@ -208,8 +236,9 @@ def fit(config_or_model: TrainConfig | dict[str, Any] | LatentVariableModel | No
     elif config_or_model is None or model is not None:
         values = TrainConfig().to_dict()
     else:
-        raise TypeError(f"fit() takes a TrainConfig, a dict or a LatentVariableModel, "
-                        f"got {type(config_or_model).__name__}")
+        raise TypeError(
+            f"fit() takes a TrainConfig, a dict or a LatentVariableModel, got {type(config_or_model).__name__}"
+        )
     flat = TrainConfig.from_dict(values, source="fit").flat()
     config = TrainConfig.from_dict(flat | options, source="fit")
     splits: DatasetSplits | None = None
@@ -218,8 +247,16 @@ def fit(config_or_model: TrainConfig | dict[str, Any] | LatentVariableModel | No
             raise DataError("give valid and test inside the folder or .npz of train, not as arrays beside a path")
         config.dataset = str(train)
     elif train is not None:
-        splits = splits_from_arrays(train, valid, test, kind=config.data_kind, valid_fraction=config.valid_fraction,
-                                    test_fraction=config.test_fraction, seed=config.seed, name=ARRAYS)
+        splits = splits_from_arrays(
+            train,
+            valid,
+            test,
+            kind=config.data_kind,
+            valid_fraction=config.valid_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+            name=ARRAYS,
+        )
         config = dataclasses.replace(config, dataset=ARRAYS)
     config.validate()
     train_run(config, resume=resume, splits=splits, model=model)

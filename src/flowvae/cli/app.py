@@ -55,8 +55,12 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """``flowvae``'s parser with every subcommand: train, evaluate, sample, toy, curves, compare,
     posterior, manifold."""
-    parser = Parser(prog="flowvae", description="VAEs with normalizing-flow posteriors.",
-                    epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog="flowvae",
+        description="VAEs with normalizing-flow posteriors.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -68,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_commands.add_subcommands(sub)  # curves, compare, posterior, manifold
     for subparser in sub.choices.values():  # -v after the subcommand too (flowvae train -v ...)
-        subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                               help="log every epoch (and more) to stderr")
+        subparser.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log every epoch (and more) to stderr",
+        )
     return parser
 
 
@@ -92,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(err, MemoryError) and not re.search(r"out of memory|can't allocate memory", str(err)):
             raise  # a bug: the traceback is wanted
         size = re.search(r"allocate (\d+) bytes", str(err))
-        tried = f" (tried to allocate {int(size.group(1)) / 2 ** 30:.1f} GiB)" if size else ""
-        return _fail(args, f"out of memory{tried}: make the model smaller (--hidden, --channels, --latent-dim, "
-                           "--flow-steps, ...) or lower --batch-size / --eval-batch-size")
+        tried = f" (tried to allocate {int(size.group(1)) / 2**30:.1f} GiB)" if size else ""
+        return _fail(
+            args,
+            f"out of memory{tried}: make the model smaller (--hidden, --channels, --latent-dim, "
+            "--flow-steps, ...) or lower --batch-size / --eval-batch-size",
+        )
     except OSError as err:  # a file-system problem that no earlier check caught
         where = f"{err.filename}: " if err.filename else ""
         return _fail(args, f"{where}{err.strerror or err}")

@@ -27,8 +27,9 @@ def check_output_file(path: str | Path, flag: str, suffix: str | None = None) ->
     if target.exists() and not target.is_file():
         raise ConfigError(f"{flag} {path} exists and is not a regular file")
     if suffix and target.suffix.lower() != suffix:
-        raise ConfigError(f"{flag} {path}: this file is written as {suffix[1:].upper()}; "
-                          f"give a name ending in {suffix}")
+        raise ConfigError(
+            f"{flag} {path}: this file is written as {suffix[1:].upper()}; give a name ending in {suffix}"
+        )
     ancestor = existing_ancestor(target)
     if not ancestor.is_dir():
         raise ConfigError(f"{flag} {path}: {ancestor} is not a directory")
@@ -38,12 +39,17 @@ def check_output_file(path: str | Path, flag: str, suffix: str | None = None) ->
         raise ConfigError(f"{flag} {path}: cannot write in {ancestor} ({err.strerror})") from None
 
 
-def add_run_arguments(p: argparse.ArgumentParser,
-                      data_dir_help: str = "where the run's registered data set is") -> None:
+def add_run_arguments(
+    p: argparse.ArgumentParser, data_dir_help: str = "where the run's registered data set is"
+) -> None:
     """``--run``, ``--checkpoint``, ``--device`` and ``--data-dir``: a trained run to load."""
     p.add_argument("--run", required=True, help="run directory written by flowvae train")
-    p.add_argument("--checkpoint", choices=("best", "last", "checkpoint"), default="best",
-                   help="best.pt (best validation -ELBO) or the last epoch's checkpoint.pt (last or checkpoint)")
+    p.add_argument(
+        "--checkpoint",
+        choices=("best", "last", "checkpoint"),
+        default="best",
+        help="best.pt (best validation -ELBO) or the last epoch's checkpoint.pt (last or checkpoint)",
+    )
     p.add_argument("--device", default=None, help="default: the run's device")
     p.add_argument("--data-dir", default=None, help=data_dir_help)
 

@@ -14,9 +14,16 @@ def markdown() -> str:
     os.environ["COLUMNS"] = "100"  # argparse wraps at the terminal's width: fix it for a stable page
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    parts = ["# Command-line reference", "",
-             "Generated from the parser by `python -m flowvae.cli.docs > docs/cli.md`; every option of every "
-             "subcommand, with its description and default.", "", "```text", parser.format_help().rstrip(), "```"]
+    parts = [
+        "# Command-line reference",
+        "",
+        "Generated from the parser by `python -m flowvae.cli.docs > docs/cli.md`; every option of every "
+        "subcommand, with its description and default.",
+        "",
+        "```text",
+        parser.format_help().rstrip(),
+        "```",
+    ]
     for name, subparser in sub.choices.items():
         parts += ["", f"## flowvae {name}", "", "```text", subparser.format_help().rstrip(), "```"]
     return "\n".join(parts) + "\n"

@@ -21,7 +21,7 @@ HELP: dict[str, str] = {
     "dataset": "a registered data set, or a folder of PNG/JPEG images, a .npy or a .npz file of your own",
     "data_dir": "where registered data sets are read and downloaded to; unset: $FLOWVAE_DATA, else ~/.cache/flowvae",
     "data_kind": "how to read a --dataset PATH's values; unset: detected from them (0/1 binary, floats in "
-                 "[0, 1] grayscale, integers 0..255 8bit)",
+    "[0, 1] grayscale, integers 0..255 8bit)",
     "valid_fraction": "share of a --dataset PATH's images held out for validation when it has no valid split",
     "test_fraction": "share of a --dataset PATH's images held out for the test when it has no test split",
     # the optimisation
@@ -30,7 +30,7 @@ HELP: dict[str, str] = {
     "optimizer": "the optimizer",
     "lr": "learning rate",
     "lr_decay": "multiply the learning rate by this after every --lr-patience epochs without a better "
-                "validation -ELBO (1: never)",
+    "validation -ELBO (1: never)",
     "lr_patience": "epochs without a better validation -ELBO before the learning rate decays",
     "warmup_epochs": "KL weight beta rises linearly from 0 to 1 over this many epochs (0: beta = 1 throughout)",
     "free_bits": "floor on each KL group, in nats per latent unit (0: off)",
@@ -38,11 +38,11 @@ HELP: dict[str, str] = {
     "max_minutes": "wall-clock budget of the training loop in minutes (the final evaluation comes after it)",
     "grad_clip": "clip the gradient norm to this (0: off)",
     "grad_skip": "skip an update whose gradient norm is above this many times its running level "
-                 "(0: skip only non-finite ones)",
+    "(0: skip only non-finite ones)",
     "ema": "evaluate an exponential moving average of the weights with this decay, e.g. 0.999 (0: off)",
     # evaluation
     "eval_samples": "K importance samples per test image for the final -log p(x); K=5000 is costly (on digits "
-                    "it took as long as about 80 training epochs): lower it for quick runs",
+    "it took as long as about 80 training epochs): lower it for quick runs",
     "eval_batch_size": "images per evaluation batch",
     # the machine
     "seed": "seeds the weights, the shuffles, the noise and the splits of a --dataset PATH",
@@ -53,7 +53,7 @@ HELP: dict[str, str] = {
     "tf32": "CUDA: TF32 matmuls and convolutions and cudnn.benchmark (faster, about 1e-3 relative error)",
     "deterministic": "deterministic algorithms (CUDA: cuBLAS workspace, deterministic cuDNN)",
     "progress": "progress bars on a terminal; plain lines per epoch when the output is not a terminal",
-    "tensorboard": "also log to RUN/tensorboard (pip install \"flowvae[tensorboard]\")",
+    "tensorboard": 'also log to RUN/tensorboard (pip install "flowvae[tensorboard]")',
     "out": "the run directory (created; must be new or empty unless --resume)",
     # the model
     "arch": "the architecture: mlp, conv and gated are single-latent VAEs; ladder and resnet are hierarchical",
@@ -79,9 +79,14 @@ HELP: dict[str, str] = {
 def choices(name: str) -> tuple[str, ...] | None:
     """The names an option accepts, or None for a free value."""
     table: dict[str, tuple[str, ...]] = {
-        "dataset": tuple(available_datasets()), "data_kind": ("binary", "grayscale", "8bit"),
-        "optimizer": tuple(OPTIMIZERS), "precision": ("fp32", "bf16", "fp16"), "arch": tuple(MODELS.names()),
-        "flow": tuple(FLOW_NAMES), "likelihood": tuple(LIKELIHOODS), "prior": tuple(PRIORS),
+        "dataset": tuple(available_datasets()),
+        "data_kind": ("binary", "grayscale", "8bit"),
+        "optimizer": tuple(OPTIMIZERS),
+        "precision": ("fp32", "bf16", "fp16"),
+        "arch": tuple(MODELS.names()),
+        "flow": tuple(FLOW_NAMES),
+        "likelihood": tuple(LIKELIHOODS),
+        "prior": tuple(PRIORS),
         "prior_flow": FLOW_PRIOR_NAMES,
     }
     return table.get(name)

@@ -8,7 +8,8 @@ import argparse
 from typing import Any
 
 from flowvae.cli.option_help import option_help
-from flowvae.config import TrainConfig, coerce, config_fields, field_type, load_yaml
+from flowvae.config import TrainConfig, coerce, config_fields, field_type
+from flowvae.config_yaml import load_yaml
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,11 +21,21 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         kind = field_type(f)
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=option_help(f, defaults[f.name]))
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=option_help(f, defaults[f.name]),
+            )
         else:
-            parser.add_argument(flag, type=str, default=argparse.SUPPRESS, dest=f.name, metavar=kind.__name__.upper(),
-                                help=option_help(f, defaults[f.name]))
+            parser.add_argument(
+                flag,
+                type=str,
+                default=argparse.SUPPRESS,
+                dest=f.name,
+                metavar=kind.__name__.upper(),
+                help=option_help(f, defaults[f.name]),
+            )
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
@@ -67,8 +78,11 @@ def no_effect(config: TrainConfig, given: set[str]) -> list[str]:
         "pseudo_inputs": (m.prior == "vamp", "--prior vamp"),
         "lr_patience": (config.lr_decay < 1, "--lr-decay below 1"),
     }
-    return [f"--{name.replace('_', '-')} has no effect here; it acts only with {where}"
-            for name, (acts, where) in applies.items() if name in given and not acts]
+    return [
+        f"--{name.replace('_', '-')} has no effect here; it acts only with {where}"
+        for name, (acts, where) in applies.items()
+        if name in given and not acts
+    ]
 
 
 def _explicit(values: dict[str, Any]) -> dict[str, Any]:

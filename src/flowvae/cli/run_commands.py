@@ -41,10 +41,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, worker 0 reports
         return 0
     test = results["test"]
-    print(json.dumps({"out": config.out, "train_neg_elbo": results["train"]["neg_elbo"],
-                      "valid_neg_elbo": results["valid"]["neg_elbo"], "test_neg_elbo": test["neg_elbo"],
-                      "test_nll": test["nll"], "test_nll_mc_se": test["nll_mc_se"],
-                      "nll_samples": test["nll_samples"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "out": config.out,
+                "train_neg_elbo": results["train"]["neg_elbo"],
+                "valid_neg_elbo": results["valid"]["neg_elbo"],
+                "test_neg_elbo": test["neg_elbo"],
+                "test_nll": test["nll"],
+                "test_nll_mc_se": test["nll_mc_se"],
+                "nll_samples": test["nll_samples"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -53,8 +63,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.samples < 0 or args.limit < 0:
         raise ConfigError(f"--samples and --limit must be >= 0, got {args.samples} and {args.limit}")
     if args.samples > MAX_IMPORTANCE_SAMPLES:
-        raise ConfigError(f"--samples must be at most {MAX_IMPORTANCE_SAMPLES} importance samples per point, "
-                          f"got {args.samples}")
+        raise ConfigError(
+            f"--samples must be at most {MAX_IMPORTANCE_SAMPLES} importance samples per point, got {args.samples}"
+        )
     check_seed(args.seed)
     if args.output is not None:
         check_output_file(args.output, "--output")
@@ -62,10 +73,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = run.config
     split = run.images(args.split, args.data)
     if args.limit:
-        split = split[:args.limit]
-    results = evaluate(run.model, split, batch_size=config.eval_batch_size, samples=args.samples, device=run.device,
-                       progress=sys.stderr.isatty(), desc=f"{args.split} -log p(x), K={args.samples}", seed=args.seed,
-                       precision=config.precision, compile=config.compile if args.compile is None else args.compile)
+        split = split[: args.limit]
+    results = evaluate(
+        run.model,
+        split,
+        batch_size=config.eval_batch_size,
+        samples=args.samples,
+        device=run.device,
+        progress=sys.stderr.isatty(),
+        desc=f"{args.split} -log p(x), K={args.samples}",
+        seed=args.seed,
+        precision=config.precision,
+        compile=config.compile if args.compile is None else args.compile,
+    )
     results.update(split=args.split, checkpoint=args.checkpoint, points=len(split))
     if args.data is not None:
         results["data"] = str(args.data)
@@ -91,29 +111,47 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Register train, evaluate and sample on ``flowvae``'s subparsers."""
-    p = sub.add_parser("train", help="train a VAE and evaluate it", description=TRAIN_DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="train a VAE and evaluate it",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.set_defaults(func=cmd_train)
 
-    for name, func, help_text in (("evaluate", cmd_evaluate, "evaluate a trained run"),
-                                  ("sample", cmd_sample, "draw samples from a trained run")):
+    for name, func, help_text in (
+        ("evaluate", cmd_evaluate, "evaluate a trained run"),
+        ("sample", cmd_sample, "draw samples from a trained run"),
+    ):
         p = sub.add_parser(name, help=help_text)
         add_run_arguments(p, data_dir_help="where the run's registered data set is (evaluate only)")
         p.add_argument("--seed", type=int, default=0, help="seeds the posterior or prior draws (default 0)")
         p.set_defaults(func=func)
         if name == "evaluate":
-            p.add_argument("--split", choices=("train", "valid", "test"), default="test",
-                           help="which split of the run's data, or of --data when it has splits (default test)")
-            p.add_argument("--data", default=None, metavar="PATH",
-                           help="score these images (folder, .npy, .npz, or a registered data set's name) instead "
-                                "of the run's data set; they must have the run's image shape and data kind")
+            p.add_argument(
+                "--split",
+                choices=("train", "valid", "test"),
+                default="test",
+                help="which split of the run's data, or of --data when it has splits (default test)",
+            )
+            p.add_argument(
+                "--data",
+                default=None,
+                metavar="PATH",
+                help="score these images (folder, .npy, .npz, or a registered data set's name) instead "
+                "of the run's data set; they must have the run's image shape and data kind",
+            )
             p.add_argument("--samples", type=int, default=5000, help="K importance samples (default 5000)")
             p.add_argument("--output", default=None, help="also write the results as JSON here")
             p.add_argument("--limit", type=int, default=0, help="evaluate only the first N points of the split")
-            p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                           help="torch.compile the importance sampling (default: as the run was trained)")
+            p.add_argument(
+                "--compile",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help="torch.compile the importance sampling (default: as the run was trained)",
+            )
         else:
             p.add_argument("--n", type=int, default=64, help="how many samples, drawn as one grid (default 64)")
             p.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")

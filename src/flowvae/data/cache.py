@@ -68,8 +68,7 @@ def _verify(path: Path, checksum: str) -> None:
     actual = file_digest(path, algo)
     if actual != expected:
         raise DataError(
-            f"{path}: corrupt file ({algo} is {actual}, expected {expected}); "
-            "delete it or replace it with a good copy"
+            f"{path}: corrupt file ({algo} is {actual}, expected {expected}); delete it or replace it with a good copy"
         )
 
 
@@ -108,14 +107,11 @@ def download(url: str, dest: str | Path, sha256: str | None) -> Path:
             except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
                 reason = getattr(exc, "reason", None) or exc
                 raise DataError(
-                    f"could not download {url} ({reason}); "
-                    f"download it yourself and place it at {dest}"
+                    f"could not download {url} ({reason}); download it yourself and place it at {dest}"
                 ) from None
         actual = h.hexdigest()
         if expected is not None and actual != expected:
-            raise DataError(
-                f"{dest.name}: checksum mismatch for {url} ({algo} expected {expected}, got {actual})"
-            )
+            raise DataError(f"{dest.name}: checksum mismatch for {url} ({algo} expected {expected}, got {actual})")
         tmp.chmod(0o666 & ~current_umask())  # mkstemp made it 0600; the file gets the mode the umask asks for
         os.replace(tmp, dest)
     except BaseException:

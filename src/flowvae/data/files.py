@@ -41,13 +41,23 @@ from .errors import DataError
 from .registry import DatasetSplits
 from .values import describe_error, detect_kind, to_tensor
 
-__all__ = ["ARRAYS", "IMAGE_SUFFIXES", "SPLITS", "detect_kind", "is_data_path", "load_images_for", "load_path",
-           "read_images", "splits_from_arrays", "to_tensor"]
+__all__ = [
+    "ARRAYS",
+    "IMAGE_SUFFIXES",
+    "SPLITS",
+    "detect_kind",
+    "is_data_path",
+    "load_images_for",
+    "load_path",
+    "read_images",
+    "splits_from_arrays",
+    "to_tensor",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "valid", "test")
 ARRAY_SUFFIXES = (".npy", ".npz")
-ARRAYS = "arrays"                    # the dataset name of a run trained by flowvae.fit on arrays
+ARRAYS = "arrays"  # the dataset name of a run trained by flowvae.fit on arrays
 
 
 def is_data_path(name: str) -> bool:
@@ -64,6 +74,7 @@ def is_data_path(name: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ reading
+
 
 def read_images(path: str | Path) -> dict[str, np.ndarray]:
     """The raw arrays of ``path`` as ``{split: (N, C, H, W)}``; a file without splits gives ``{'all': x}``.
@@ -120,8 +131,10 @@ def _as_images(x: np.ndarray, path: Path, split: str | None = None) -> np.ndarra
     if x.ndim == 2:
         side = math.isqrt(x.shape[1])
         if side * side != x.shape[1]:
-            raise DataError(f"{where}: rows of {x.shape[1]} values are not square images; "
-                            "save the array as (N, H, W) or (N, C, H, W)")
+            raise DataError(
+                f"{where}: rows of {x.shape[1]} values are not square images; "
+                "save the array as (N, H, W) or (N, C, H, W)"
+            )
         return x.reshape(len(x), 1, side, side)
     if x.ndim == 3:
         return x[:, None]
@@ -129,8 +142,9 @@ def _as_images(x: np.ndarray, path: Path, split: str | None = None) -> np.ndarra
         return x
     if x.ndim == 4 and x.shape[3] in (1, 3):
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    raise DataError(f"{where}: expected images (N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 or 3, "
-                    f"got shape {x.shape}")
+    raise DataError(
+        f"{where}: expected images (N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 or 3, got shape {x.shape}"
+    )
 
 
 def _read_folder(folder: Path) -> dict[str, np.ndarray]:
@@ -154,16 +168,20 @@ def _read_image_files(folder: Path) -> np.ndarray:
                     gray = mode in ("1", "L", "LA") or (mode == "P" and _palette_is_gray(image))
                     pixels = np.asarray(image.convert("L" if gray else "RGB"))
                 else:
-                    raise DataError(f"{path}: image mode {mode} (16-bit or floating point) is not supported; "
-                                    "save 8-bit grayscale or RGB images")
+                    raise DataError(
+                        f"{path}: image mode {mode} (16-bit or floating point) is not supported; "
+                        "save 8-bit grayscale or RGB images"
+                    )
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise DataError(f"{path} is not a readable image ({describe_error(err)})") from None
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         if first is None:
             first = (path, pixels.shape)
         elif pixels.shape != first[1]:
-            raise DataError(f"{path} is {_describe(pixels.shape)} while {first[0]} is {_describe(first[1])}; "
-                            "all images must have one size and the same channels")
+            raise DataError(
+                f"{path} is {_describe(pixels.shape)} while {first[0]} is {_describe(first[1])}; "
+                "all images must have one size and the same channels"
+            )
         images.append(pixels)
     return np.stack(images)
 
@@ -180,9 +198,19 @@ def _describe(shape: tuple[int, ...]) -> str:
 
 # ------------------------------------------------------------------------------------------ splits
 
-def splits_from_arrays(train: Any, valid: Any = None, test: Any = None, *, kind: str | None = None,
-                       valid_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-                       name: str = "arrays", from_images: bool = False) -> DatasetSplits:
+
+def splits_from_arrays(
+    train: Any,
+    valid: Any = None,
+    test: Any = None,
+    *,
+    kind: str | None = None,
+    valid_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    name: str = "arrays",
+    from_images: bool = False,
+) -> DatasetSplits:
     """:class:`DatasetSplits` of NumPy arrays or tensors (each (N, H, W), (N, C, H, W) or (N, H, W, C)).
 
     Missing ``valid``/``test`` are cut from ``train`` (``shuffled_split`` with ``seed``); ``kind``
@@ -194,16 +222,20 @@ def splits_from_arrays(train: Any, valid: Any = None, test: Any = None, *, kind:
         raise DataError(f"{name}: the splits have different dtypes ({listed}); give them all as one dtype")
     shapes = {s: x.shape[1:] for s, x in given.items()}
     if len(set(shapes.values())) > 1:
-        raise DataError(f"{name}: the splits have different image shapes "
-                        f"({', '.join(f'{s} {tuple(v)}' for s, v in shapes.items())})")
+        raise DataError(
+            f"{name}: the splits have different image shapes "
+            f"({', '.join(f'{s} {tuple(v)}' for s, v in shapes.items())})"
+        )
     where = f"{name}"
     if kind is None:
         try:
             kind = detect_kind(np.concatenate([x.reshape(-1) for x in given.values()]), from_images=from_images)
         except DataError as err:
             raise DataError(f"{where}: {err}") from None
-    tensors = {s: to_tensor(x, kind, from_images=from_images, where=f"{where} [{s}]" if len(given) > 1 else where)
-               for s, x in given.items()}
+    tensors = {
+        s: to_tensor(x, kind, from_images=from_images, where=f"{where} [{s}]" if len(given) > 1 else where)
+        for s, x in given.items()
+    }
     missing = [s for s in ("valid", "test") if s not in tensors]
     if missing:
         fractions = {"valid": valid_fraction, "test": test_fraction}
@@ -211,14 +243,16 @@ def splits_from_arrays(train: Any, valid: Any = None, test: Any = None, *, kind:
         n = len(tensors["train"])
         counts = {s: round(n * fractions[s]) if s in missing else 0 for s in ("valid", "test")}
         if any(counts[s] < 1 for s in missing) or n - counts["valid"] - counts["test"] < 1:
-            raise DataError(f"{where}: {n} images are too few to split off {' and '.join(missing)} "
-                            f"(valid_fraction {valid_fraction}, test_fraction {test_fraction})")
+            raise DataError(
+                f"{where}: {n} images are too few to split off {' and '.join(missing)} "
+                f"(valid_fraction {valid_fraction}, test_fraction {test_fraction})"
+            )
         order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-        rest, cut = order[:n - counts["valid"] - counts["test"]], order[n - counts["valid"] - counts["test"]:]
+        rest, cut = order[: n - counts["valid"] - counts["test"]], order[n - counts["valid"] - counts["test"] :]
         pool = tensors["train"]
         tensors["train"] = pool[rest]
         if "valid" in missing:
-            tensors["valid"], cut = pool[cut[:counts["valid"]]], cut[counts["valid"]:]
+            tensors["valid"], cut = pool[cut[: counts["valid"]]], cut[counts["valid"] :]
         if "test" in missing:
             tensors["test"] = pool[cut]
     return DatasetSplits(name, tensors["train"], tensors["valid"], tensors["test"], kind)
@@ -243,17 +277,26 @@ def _numpy(x: Any, name: str, split: str) -> np.ndarray:
     return _as_images(x, Path(name), split)
 
 
-def load_path(path: str | Path, *, kind: str | None = None, valid_fraction: float = 0.1,
-              test_fraction: float = 0.1, seed: int = 0) -> DatasetSplits:
+def load_path(
+    path: str | Path, *, kind: str | None = None, valid_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
+) -> DatasetSplits:
     """The images of ``path`` (a folder, ``.npy`` or ``.npz``) as checked train/valid/test splits."""
     path = Path(path).expanduser()
     arrays = read_images(path)
     from_images = path.is_dir()
     train = arrays.get("train", arrays.get("all"))
     try:
-        return splits_from_arrays(train, arrays.get("valid"), arrays.get("test"), kind=kind,
-                                  valid_fraction=valid_fraction, test_fraction=test_fraction, seed=seed,
-                                  name=str(path), from_images=from_images)
+        return splits_from_arrays(
+            train,
+            arrays.get("valid"),
+            arrays.get("test"),
+            kind=kind,
+            valid_fraction=valid_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            name=str(path),
+            from_images=from_images,
+        )
     except DataError as err:
         if str(err).startswith(str(path)):
             raise
@@ -272,8 +315,10 @@ def load_images_for(path: str | Path, kind: str, image_shape: tuple[int, ...], s
     else:
         raise DataError(f"{path} has no {split} split (it has {', '.join(arrays)})")
     if tuple(x.shape[1:]) != tuple(image_shape):
-        raise DataError(f"{path} holds images of shape {tuple(x.shape[1:])} (C, H, W) but the run was trained on "
-                        f"{tuple(image_shape)}")
+        raise DataError(
+            f"{path} holds images of shape {tuple(x.shape[1:])} (C, H, W) but the run was trained on "
+            f"{tuple(image_shape)}"
+        )
     try:
         return to_tensor(x, kind, from_images=path.is_dir(), where=str(path))
     except DataError as err:

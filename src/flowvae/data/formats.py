@@ -70,9 +70,7 @@ def read_idx(path: Path) -> np.ndarray:
     expected = header + math.prod(dims)
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "trailing bytes after the data"
-        raise DataError(
-            f"{path}: {what}: {len(raw)} bytes but its header {dims} implies {expected}"
-        )
+        raise DataError(f"{path}: {what}: {len(raw)} bytes but its header {dims} implies {expected}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -131,8 +129,17 @@ def read_cifar_batch(data: bytes, where: str, row_size: int = 3072) -> np.ndarra
     try:
         # latin1: the batches were written by Python 2; numpy needs its str arrays as latin1.
         batch = NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, struct.error, MemoryError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        struct.error,
+        MemoryError,
+    ) as exc:
         raise DataError(f"{where}: not a valid CIFAR batch ({exc})") from None
     if not isinstance(batch, dict):
         raise DataError(f"{where}: not a valid CIFAR batch (expected a dict, got {type(batch).__name__})")
@@ -140,7 +147,5 @@ def read_cifar_batch(data: bytes, where: str, row_size: int = 3072) -> np.ndarra
     if not isinstance(array, np.ndarray):
         raise DataError(f"{where}: CIFAR batch has no 'data' array")
     if array.dtype != np.uint8 or array.ndim != 2 or array.shape[1] != row_size:
-        raise DataError(
-            f"{where}: CIFAR 'data' is {array.dtype} {array.shape}, expected uint8 (N, {row_size})"
-        )
+        raise DataError(f"{where}: CIFAR 'data' is {array.dtype} {array.shape}, expected uint8 (N, {row_size})")
     return array

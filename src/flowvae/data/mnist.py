@@ -86,9 +86,7 @@ def load_idx_dataset(
         images[stem] = x
     train, test = images["train-images-idx3-ubyte"], images["t10k-images-idx3-ubyte"]
     n_train = len(train) - n_valid
-    return DatasetSplits.from_numpy(
-        name, "grayscale", train[:n_train], train[n_train:], test, IMAGE_SHAPE
-    )
+    return DatasetSplits.from_numpy(name, "grayscale", train[:n_train], train[n_train:], test, IMAGE_SHAPE)
 
 
 @register("mnist")

@@ -77,8 +77,13 @@ class DatasetSplits:
     def describe(self) -> dict[str, Any]:
         """What a trained model needs to know about its data, without the data: name, kind,
         ``image_shape`` (C, H, W), channels and the split sizes (recorded in every checkpoint)."""
-        return {"name": self.name, "kind": self.kind, "image_shape": list(self.image_shape),
-                "channels": self.image_shape[0], "sizes": {split: len(t) for split, t in self._items()}}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "image_shape": list(self.image_shape),
+            "channels": self.image_shape[0],
+            "sizes": {split: len(t) for split, t in self._items()},
+        }
 
     def __repr__(self) -> str:
         sizes = "/".join(str(len(t)) for _, t in self._items())
@@ -103,6 +108,7 @@ class DatasetSplits:
         or floats in [0, 1] (kept); ``'8bit'`` ones integers 0..255 (kept as uint8).  Values that do
         not fit the kind, NaN and infinities raise :class:`~flowvae.data.DataError` naming the split.
         """
+
         def convert(x: np.ndarray, split: str) -> torch.Tensor:
             x = np.ascontiguousarray(x).reshape((len(x), *image_shape))
             if kind == "8bit" and x.dtype == np.uint8:
@@ -112,9 +118,7 @@ class DatasetSplits:
         return cls(name, convert(train, "train"), convert(valid, "valid"), convert(test, "test"), kind)
 
 
-def shuffled_split(
-    x: np.ndarray, n_valid: int, n_test: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def shuffled_split(x: np.ndarray, n_valid: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shuffle ``x`` (N, ...) with ``numpy.random.default_rng(seed)``; split as train/valid/test.
 
     After the shuffle, the last ``n_test`` rows are the test set, the ``n_valid`` before them the

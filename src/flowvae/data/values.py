@@ -44,8 +44,10 @@ def detect_kind(x: np.ndarray, *, from_images: bool = False) -> str:
             return "8bit"
     if np.issubdtype(x.dtype, np.floating) and low >= 0 and high <= 1:
         return "grayscale"
-    raise DataError(f"values from {low} to {high} fit no data kind: give 0/1 (binary), floats in [0, 1] "
-                    "(grayscale) or integers 0..255 (8bit)")
+    raise DataError(
+        f"values from {low} to {high} fit no data kind: give 0/1 (binary), floats in [0, 1] "
+        "(grayscale) or integers 0..255 (8bit)"
+    )
 
 
 def _check_finite(x: np.ndarray, where: str) -> None:
@@ -66,24 +68,30 @@ def to_tensor(x: np.ndarray, kind: str, *, from_images: bool = False, where: str
         if from_images:
             x = x // 255 if set(np.unique(x).tolist()) <= {0, 255} else x
         if not ((x == 0) | (x == 1)).all():
-            raise DataError(f"{where}: kind binary needs values 0 and 1 only, "
-                            f"found {_odd_value(x, (x != 0) & (x != 1))}")
+            raise DataError(
+                f"{where}: kind binary needs values 0 and 1 only, found {_odd_value(x, (x != 0) & (x != 1))}"
+            )
         return torch.from_numpy(x.astype(np.float32))
     if kind == "grayscale":
         if integral and not from_images and x.min() >= 0 and x.max() <= 1:
             return torch.from_numpy(x.astype(np.float32))  # 0/1 arrays: probabilities 0 and 1, not gray levels
         if integral:
             if x.min() < 0 or x.max() > 255:
-                raise DataError(f"{where}: kind grayscale needs integers 0..255 or floats in [0, 1], "
-                                f"found {_odd_value(x, (x < 0) | (x > 255))}")
+                raise DataError(
+                    f"{where}: kind grayscale needs integers 0..255 or floats in [0, 1], "
+                    f"found {_odd_value(x, (x < 0) | (x > 255))}"
+                )
             return torch.from_numpy(x.astype(np.float32) / 255.0)
         if x.min() < 0 or x.max() > 1:
-            raise DataError(f"{where}: kind grayscale needs floats in [0, 1] (or integers 0..255), "
-                            f"found {_odd_value(x, (x < 0) | (x > 1))}")
+            raise DataError(
+                f"{where}: kind grayscale needs floats in [0, 1] (or integers 0..255), "
+                f"found {_odd_value(x, (x < 0) | (x > 1))}"
+            )
         return torch.from_numpy(x.astype(np.float32))
     if not integral and not (np.mod(x, 1) == 0).all():
-        raise DataError(f"{where}: kind 8bit needs integers 0..255, "
-                        f"found the non-integer {_odd_value(x, np.mod(x, 1) != 0)}")
+        raise DataError(
+            f"{where}: kind 8bit needs integers 0..255, found the non-integer {_odd_value(x, np.mod(x, 1) != 0)}"
+        )
     if x.min() < 0 or x.max() > 255:
         raise DataError(f"{where}: kind 8bit needs integers 0..255, found {_odd_value(x, (x < 0) | (x > 255))}")
     return torch.from_numpy(x.astype(np.uint8))

@@ -32,19 +32,22 @@ class _MaskedAffine(Flow):
     conditioned_on_output: bool
     orders: list[list[int]]  # per step, the positions in the order of their degrees (see _read_orders)
 
-    def __init__(self, dim: int, hidden: Sequence[int], context_dim: int | None, order: str | Sequence[int],
-                 steps: int = 1) -> None:
+    def __init__(
+        self, dim: int, hidden: Sequence[int], context_dim: int | None, order: str | Sequence[int], steps: int = 1
+    ) -> None:
         super().__init__()
         if steps < 1:
             raise ValueError(f"{type(self).__name__} needs steps >= 1, got {steps}")
         self.dim, self.context_dim, self.steps = dim, context_dim, steps
-        self.made = MADE(dim, hidden, n_params=2, context_dim=context_dim, order=order,
-                         steps=steps if steps > 1 else None)
+        self.made = MADE(
+            dim, hidden, n_params=2, context_dim=context_dim, order=order, steps=steps if steps > 1 else None
+        )
         with torch.no_grad():  # start near the identity: (log_scale, shift) ≈ (const, 0)
             self.made.output_layer.weight.mul_(1e-2)
             self.made.output_layer.bias.zero_()
         self._register_load_state_dict_pre_hook(
-            functools.partial(read_per_step_layout, concatenated=("made.context_layer.weight",)), with_module=True)
+            functools.partial(read_per_step_layout, concatenated=("made.context_layer.weight",)), with_module=True
+        )
         self.register_load_state_dict_post_hook(_read_orders)
         _read_orders(self)
 
@@ -60,8 +63,9 @@ class _MaskedAffine(Flow):
         log_scale, shift = self._scale_shift(network(z_out))
         return (z_out - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
 
-    def _sequential(self, network: Network, order: list[int], z: torch.Tensor, invert: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sequential(
+        self, network: Network, order: list[int], z: torch.Tensor, invert: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Solve the autoregressive equations one degree at a time: D MADE passes.
 
         Pass d writes only the position of degree d, whose (log_scale, shift) read solved positions
@@ -73,7 +77,7 @@ class _MaskedAffine(Flow):
             log_scale, shift = (t.to(z.dtype) for t in self._scale_shift(network(x)))
             z_i, log_scale_i, shift_i = z[..., position], log_scale[..., position], shift[..., position]
             x_i = (z_i - shift_i) * torch.exp(-log_scale_i) if invert else z_i * torch.exp(log_scale_i) + shift_i
-            x = torch.cat([x[..., :position], x_i.unsqueeze(-1), x[..., position + 1:]], dim=-1)
+            x = torch.cat([x[..., :position], x_i.unsqueeze(-1), x[..., position + 1 :]], dim=-1)
         return x, (-log_scale if invert else log_scale).sum(-1)
 
     def _run(self, z: torch.Tensor, context: torch.Tensor | None, invert: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,9 +124,16 @@ class IAF(_MaskedAffine):
 
     conditioned_on_output = False
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (320, 320), context_dim: int | None = None,
-                 order: str | Sequence[int] = "natural", gate_bias: float = 3.0, shift_bound: float = 1e3,
-                 steps: int = 1) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (320, 320),
+        context_dim: int | None = None,
+        order: str | Sequence[int] = "natural",
+        gate_bias: float = 3.0,
+        shift_bound: float = 1e3,
+        steps: int = 1,
+    ) -> None:
         super().__init__(dim, hidden, context_dim, order, steps)
         self.gate_bias, self.shift_bound = gate_bias, shift_bound
 
@@ -158,9 +169,16 @@ class MAF(_MaskedAffine):
 
     conditioned_on_output = True
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (320, 320), context_dim: int | None = None,
-                 order: str | Sequence[int] = "natural", log_scale_bound: float = 5.0,
-                 shift_bound: float = 1e3, steps: int = 1) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (320, 320),
+        context_dim: int | None = None,
+        order: str | Sequence[int] = "natural",
+        log_scale_bound: float = 5.0,
+        shift_bound: float = 1e3,
+        steps: int = 1,
+    ) -> None:
         super().__init__(dim, hidden, context_dim, order, steps)
         self.log_scale_bound, self.shift_bound = log_scale_bound, shift_bound
 

@@ -37,8 +37,9 @@ class Flow(nn.Module):
     def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def forward_per_channel(self, z: torch.Tensor, context: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_per_channel(
+        self, z: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` with log|det| split over the feature axis (``-event_dim``, the channels C of an
         image flow): (z', (*batch, C)) summing to ``forward``'s log-det.  By default each channel gets
         an equal share; a flow whose log-det is a sum over elements (ConvIAF) splits it exactly."""
@@ -61,8 +62,9 @@ class Flow(nn.Module):
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"{name} expects a floating-point tensor, got {type(z).__name__}")
         if z.dim() < self.event_dim:
-            raise ValueError(f"{name} expects z with at least {self.event_dim} dimension(s), "
-                             f"got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"{name} expects z with at least {self.event_dim} dimension(s), got shape {tuple(z.shape)}"
+            )
         axis = z.dim() - self.event_dim
         if z.shape[axis] != features:
             expected = f"(..., {features})" if self.event_dim == 1 else f"(..., {features}, H, W)"
@@ -88,8 +90,10 @@ def check_broadcast(name: str, context_batch: torch.Size, batch_shape: torch.Siz
     except RuntimeError:
         broadcast = None
     if broadcast != batch_shape:
-        raise ValueError(f"{name}: context batch shape {tuple(context_batch)} does not broadcast to "
-                         f"z's batch shape {tuple(batch_shape)}")
+        raise ValueError(
+            f"{name}: context batch shape {tuple(context_batch)} does not broadcast to "
+            f"z's batch shape {tuple(batch_shape)}"
+        )
 
 
 class Compose(Flow):
@@ -198,8 +202,12 @@ class FlowParameters(nn.Module):
         steps: None for one step's parameters, or T for T steps' parameters stacked.
     """
 
-    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], Initializer]], context_dim: int | None = None,
-                 steps: int | None = None) -> None:
+    def __init__(
+        self,
+        shapes: dict[str, tuple[tuple[int, ...], Initializer]],
+        context_dim: int | None = None,
+        steps: int | None = None,
+    ) -> None:
         super().__init__()
         if steps is not None and steps < 1:
             raise ValueError(f"FlowParameters needs steps >= 1 or None, got {steps}")
@@ -230,8 +238,10 @@ class FlowParameters(nn.Module):
     def _unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The head's output (*batch, Σ sizes) as named parameters (*batch, *shape)."""
         batch = tuple(flat.shape[:-1])  # () for an unbatched h
-        return {name: chunk.reshape(batch + shape)
-                for (name, shape), chunk in zip(self.shapes.items(), flat.split(self.sizes, dim=-1))}
+        return {
+            name: chunk.reshape(batch + shape)
+            for (name, shape), chunk in zip(self.shapes.items(), flat.split(self.sizes, dim=-1))
+        }
 
 
 def normal_init(std: float) -> Initializer:

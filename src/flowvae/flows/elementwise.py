@@ -30,13 +30,17 @@ class Planar(Flow):
     def __init__(self, dim: int, context_dim: int | None = None, steps: int = 1) -> None:
         super().__init__()
         self.dim, self.context_dim, self.steps = dim, context_dim, steps
-        std = dim ** -0.5
+        std = dim**-0.5
         if steps < 1:
             raise ValueError(f"Planar needs steps >= 1, got {steps}")
-        self.params = FlowParameters({"u": ((dim,), normal_init(std)), "w": ((dim,), normal_init(std)),
-                                      "b": ((), constant_init(0.0))}, context_dim, steps if steps > 1 else None)
+        self.params = FlowParameters(
+            {"u": ((dim,), normal_init(std)), "w": ((dim,), normal_init(std)), "b": ((), constant_init(0.0))},
+            context_dim,
+            steps if steps > 1 else None,
+        )
         self._register_load_state_dict_pre_hook(
-            functools.partial(read_per_step_layout, concatenated=("params.head.",)), with_module=True)
+            functools.partial(read_per_step_layout, concatenated=("params.head.",)), with_module=True
+        )
 
     def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.dim, context)
@@ -67,8 +71,14 @@ class Radial(Flow):
     def __init__(self, dim: int, context_dim: int | None = None) -> None:
         super().__init__()
         self.dim, self.context_dim = dim, context_dim
-        self.params = FlowParameters({"z0": ((dim,), normal_init(dim ** -0.5)), "alpha": ((), constant_init(0.0)),
-                                      "beta": ((), constant_init(0.0))}, context_dim)
+        self.params = FlowParameters(
+            {
+                "z0": ((dim,), normal_init(dim**-0.5)),
+                "alpha": ((), constant_init(0.0)),
+                "beta": ((), constant_init(0.0)),
+            },
+            context_dim,
+        )
 
     def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(z, self.dim, context)

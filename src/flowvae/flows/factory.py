@@ -41,22 +41,33 @@ FLOWS.register("planar")(lambda dim, steps, context_dim, o: Planar(dim, context_
 FLOWS.register("radial")(per_step(lambda dim, k, context_dim, o: Radial(dim, context_dim)))
 FLOWS.register("householder")(per_step(lambda dim, k, context_dim, o: Householder(dim, 1, context_dim)))
 FLOWS.register("sylvester-orthogonal")(
-    per_step(lambda dim, k, context_dim, o: OrthogonalSylvester(dim, o["rank"], context_dim)))
+    per_step(lambda dim, k, context_dim, o: OrthogonalSylvester(dim, o["rank"], context_dim))
+)
 FLOWS.register("sylvester-householder")(
-    per_step(lambda dim, k, context_dim, o: HouseholderSylvester(dim, o["reflections"], context_dim)))
+    per_step(lambda dim, k, context_dim, o: HouseholderSylvester(dim, o["reflections"], context_dim))
+)
 FLOWS.register("sylvester-triangular")(
-    per_step(lambda dim, k, context_dim, o: TriangularSylvester(dim, k % 2 == 1, context_dim)))
+    per_step(lambda dim, k, context_dim, o: TriangularSylvester(dim, k % 2 == 1, context_dim))
+)
 FLOWS.register("iaf")(lambda dim, steps, context_dim, o: IAF(dim, (o["hidden"], o["hidden"]), context_dim, steps=steps))
 FLOWS.register("maf")(lambda dim, steps, context_dim, o: MAF(dim, (o["hidden"], o["hidden"]), context_dim, steps=steps))
 FLOWS.register("coupling")(
-    per_step(lambda dim, k, context_dim, o: AffineCoupling(dim, o["hidden"], context_dim, event_dim=1,
-                                                           swap=k % 2 == 1)))
+    per_step(lambda dim, k, context_dim, o: AffineCoupling(dim, o["hidden"], context_dim, event_dim=1, swap=k % 2 == 1))
+)
 
 FLOW_NAMES = ("none", *FLOWS.names())
 
 
-def build_flow(name: str, dim: int, steps: int, context_dim: int | None = None, hidden: int = 320,
-               reflections: int = 8, rank: int | None = None, **options: Any) -> Flow | None:
+def build_flow(
+    name: str,
+    dim: int,
+    steps: int,
+    context_dim: int | None = None,
+    hidden: int = 320,
+    reflections: int = 8,
+    rank: int | None = None,
+    **options: Any,
+) -> Flow | None:
     """A stack of ``steps`` flows of one family over ``dim`` latents, or None for 'none'.
 
     Planar, radial, Householder and Sylvester steps are amortized (their parameters come from h);
@@ -112,8 +123,11 @@ def _conv_iaf(channels: int, k: int, hidden: int, context_channels: int) -> list
 def _glow(channels: int, k: int, hidden: int, context_channels: int) -> list[Flow]:
     """ActNorm, invertible 1x1 convolution and coupling; the halves swap between steps."""
     _two_channels("glow", channels)
-    return [ActNorm(channels), InvertibleConv1x1(channels),
-            SpatialContextCoupling(channels, hidden, context_channels, swap=k % 2 == 1)]
+    return [
+        ActNorm(channels),
+        InvertibleConv1x1(channels),
+        SpatialContextCoupling(channels, hidden, context_channels, swap=k % 2 == 1),
+    ]
 
 
 @IMAGE_FLOWS.register("coupling")

@@ -31,8 +31,9 @@ def planar_constraint(u: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, t
     return u_hat, torch.where(w_norm_sq > 0, softplus_wu, 1.0 + wu)
 
 
-def planar_chain(z: torch.Tensor, u_hat: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                 one_plus_wu_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def planar_chain(
+    z: torch.Tensor, u_hat: torch.Tensor, w: torch.Tensor, b: torch.Tensor, one_plus_wu_hat: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """T planar steps in a row, their constrained parameters prepared at once by
     :func:`planar_constraint`: z (..., D); u_hat and w (..., T, D), b and one_plus_wu_hat (..., T)
     (global parameters have no batch dimensions) -> z_T (..., D), Σ_t log|det| (...).
@@ -73,12 +74,16 @@ def planar_chain(z: torch.Tensor, u_hat: torch.Tensor, w: torch.Tensor, b: torch
 def _radial_log_det(r: torch.Tensor, alpha: torch.Tensor, alpha_plus_beta: torch.Tensor, dim: int) -> torch.Tensor:
     # 1 + βh = (r + α + β)/(α + r);  1 + βh + βh'r = (r² + 2αr + α(α + β))/(α + r)²; all terms >= 0.
     log_alpha_r = safe_log(alpha + r)
-    return ((dim - 1) * (safe_log(r + alpha_plus_beta) - log_alpha_r)
-            + safe_log(r * r + 2.0 * alpha * r + alpha * alpha_plus_beta) - 2.0 * log_alpha_r)
+    return (
+        (dim - 1) * (safe_log(r + alpha_plus_beta) - log_alpha_r)
+        + safe_log(r * r + 2.0 * alpha * r + alpha * alpha_plus_beta)
+        - 2.0 * log_alpha_r
+    )
 
 
-def radial(z: torch.Tensor, z0: torch.Tensor, alpha_raw: torch.Tensor, beta_raw: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def radial(
+    z: torch.Tensor, z0: torch.Tensor, alpha_raw: torch.Tensor, beta_raw: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """f(z) = z + β (z - z₀)/(α + r), r = ‖z - z₀‖, with α = softplus(α'), β = -α + softplus(β').
 
     Shapes: z (..., D), z0 (..., D), alpha_raw and beta_raw (...) -> (..., D), (...).
@@ -91,8 +96,9 @@ def radial(z: torch.Tensor, z0: torch.Tensor, alpha_raw: torch.Tensor, beta_raw:
     return z_new, _radial_log_det(r, alpha, F.softplus(beta_raw), z.shape[-1])
 
 
-def radial_inverse(y: torch.Tensor, z0: torch.Tensor, alpha_raw: torch.Tensor, beta_raw: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def radial_inverse(
+    y: torch.Tensor, z0: torch.Tensor, alpha_raw: torch.Tensor, beta_raw: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`radial`: the input radius r solves r² + (α + β - r')r - αr' = 0."""
     alpha, beta = radial_parameters(alpha_raw, beta_raw)
     alpha_plus_beta = F.softplus(beta_raw)
@@ -147,8 +153,9 @@ def _matvec(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...pq,...q->...p", m, x)
 
 
-def sylvester(z: torch.Tensor, q: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, b: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def sylvester(
+    z: torch.Tensor, q: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sylvester flow f(z) = z + Q R₁ tanh(R₂ Qᵀ z + b) (van den Berg et al. 2018, eq. 13).
 
     Shapes: z (..., D), q (..., D, M) with orthonormal columns, r1 and r2 (..., M, M) upper

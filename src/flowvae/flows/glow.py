@@ -18,7 +18,7 @@ from flowvae.flows.masked_conv import add_context, check_spatial
 
 def _pixels(z: torch.Tensor, event_dim: int) -> int:
     """Number of positions sharing the per-channel transform: H*W for images, 1 for vectors."""
-    return math.prod(z.shape[z.dim() - event_dim + 1:])
+    return math.prod(z.shape[z.dim() - event_dim + 1 :])
 
 
 def _check_event_dim(event_dim: int) -> int:
@@ -168,8 +168,9 @@ class AffineCoupling(Flow):
     last: nn.Linear | nn.Conv2d
     context_layer: nn.Linear | nn.Conv2d | None
 
-    def __init__(self, channels: int, hidden: int = 256, context_dim: int | None = None,
-                 event_dim: int = 1, swap: bool = False) -> None:
+    def __init__(
+        self, channels: int, hidden: int = 256, context_dim: int | None = None, event_dim: int = 1, swap: bool = False
+    ) -> None:
         super().__init__()
         if channels < 2:
             raise ValueError(f"AffineCoupling needs at least 2 channels, got {channels}")

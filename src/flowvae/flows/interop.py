@@ -113,8 +113,10 @@ class FlowTransform(Transform):
         if hit is not None:
             return hit[1]
         if not self.flow.has_inverse:
-            raise NotImplementedError(f"{type(self.flow).__name__} has no inverse: this transform can only score the "
-                                      "values it produced, as in TransformedDistribution.log_prob(rsample())")
+            raise NotImplementedError(
+                f"{type(self.flow).__name__} has no inverse: this transform can only score the "
+                "values it produced, as in TransformedDistribution.log_prob(rsample())"
+            )
         x, ladj_inverse = self.flow.inverse(y, self.context)
         if self._cache_size:
             self._ladj_cache.put((x, y), (y, x, -ladj_inverse))
@@ -179,8 +181,9 @@ class TransformFlow(Flow):
     submodules, so their parameters train and move with the model.
     """
 
-    def __init__(self, source: Source, context_dim: int | None = None, event_dim: int = 1,
-                 features: int | None = None) -> None:
+    def __init__(
+        self, source: Source, context_dim: int | None = None, event_dim: int = 1, features: int | None = None
+    ) -> None:
         super().__init__()
         if event_dim < 1:
             raise ValueError(f"event_dim must be >= 1, got {event_dim}")
@@ -189,8 +192,10 @@ class TransformFlow(Flow):
             if context_dim is not None:
                 raise ValueError(f"a plain {type(source).__name__} takes no context, so context_dim must be None")
             if source.domain.event_dim > event_dim:
-                raise ValueError(f"{type(source).__name__} acts on events of {source.domain.event_dim} dimensions, "
-                                 f"more than event_dim={event_dim}")
+                raise ValueError(
+                    f"{type(source).__name__} acts on events of {source.domain.event_dim} dimensions, "
+                    f"more than event_dim={event_dim}"
+                )
         elif callable(getattr(source, "condition", None)):
             kind = "condition"
             if context_dim is None:
@@ -198,8 +203,10 @@ class TransformFlow(Flow):
         elif callable(source):
             kind = "lazy"
         else:
-            raise TypeError(f"from_transform expects a torch Transform or a module context -> Transform, "
-                            f"got {type(source).__name__}")
+            raise TypeError(
+                f"from_transform expects a torch Transform or a module context -> Transform, "
+                f"got {type(source).__name__}"
+            )
         self.source, self.kind = source, kind
         self.context_dim, self.event_dim, self.features = context_dim, event_dim, features
 
@@ -211,8 +218,10 @@ class TransformFlow(Flow):
             return cast(_Conditional, self.source).condition(context)
         transform = self.source(context if self.context_dim is not None else None)
         if not isinstance(transform, Transform):
-            raise TypeError(f"{type(self.source).__name__}(context) returned {type(transform).__name__}, not a torch "
-                            "Transform (for a zuko Flow, pass flow.transform)")
+            raise TypeError(
+                f"{type(self.source).__name__}(context) returned {type(transform).__name__}, not a torch "
+                "Transform (for a zuko Flow, pass flow.transform)"
+            )
         return transform
 
     @property
@@ -226,8 +235,9 @@ class TransformFlow(Flow):
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"{name} expects a floating-point tensor, got {type(z).__name__}")
         if z.dim() < self.event_dim:
-            raise ValueError(f"{name} expects z with at least {self.event_dim} dimension(s), "
-                             f"got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"{name} expects z with at least {self.event_dim} dimension(s), got shape {tuple(z.shape)}"
+            )
         check_context(name, self.context_dim, context, self.batch_shape(z))
 
     def _call_and_ladj(self, transform: Transform, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,8 +252,10 @@ class TransformFlow(Flow):
             try:
                 ladj = ladj.expand(batch)  # a log-det constant over the batch, e.g. a global affine map
             except RuntimeError:
-                raise ValueError(f"{type(transform).__name__} returned a log-det of shape {tuple(ladj.shape)} for "
-                                 f"z of batch shape {tuple(batch)}") from None
+                raise ValueError(
+                    f"{type(transform).__name__} returned a log-det of shape {tuple(ladj.shape)} for "
+                    f"z of batch shape {tuple(batch)}"
+                ) from None
         return y, ladj
 
     def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,8 +272,9 @@ class TransformFlow(Flow):
         return f"kind={self.kind}, event_dim={self.event_dim}, context_dim={self.context_dim}"
 
 
-def from_transform(transform: Source, context_dim: int | None = None, event_dim: int = 1,
-                   features: int | None = None) -> TransformFlow:
+def from_transform(
+    transform: Source, context_dim: int | None = None, event_dim: int = 1, features: int | None = None
+) -> TransformFlow:
     """Wrap a torch/Pyro/zuko transform as a flowvae ``Flow`` in the sampling direction z₀ → z_K.
 
     Args:

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 
-def read_per_step_layout(module: nn.Module, state_dict: dict, prefix: str, *args: object,
-                         concatenated: Iterable[str] = ()) -> None:
+def read_per_step_layout(
+    module: nn.Module, state_dict: dict, prefix: str, *args: object, concatenated: Iterable[str] = ()
+) -> None:
     """A load_state_dict pre-hook for a flow that keeps a stack's T steps in one module (``steps``):
     it reads the layout of T one-step modules in a ``Compose`` (``{prefix}flows.{t}.<name>``)
     saved before, so that such weights load unchanged.  Each name's T tensors are stacked along a
@@ -20,8 +21,13 @@ def read_per_step_layout(module: nn.Module, state_dict: dict, prefix: str, *args
     ``concatenated`` (linear maps whose output rows hold the T steps' outputs one after another).
     """
     old = f"{prefix}flows."
-    names = sorted({key[len(old):].split(".", 1)[1] for key in state_dict
-                    if key.startswith(old) and key[len(old):].split(".", 1)[0].isdigit() and "." in key[len(old):]})
+    names = sorted(
+        {
+            key[len(old) :].split(".", 1)[1]
+            for key in state_dict
+            if key.startswith(old) and key[len(old) :].split(".", 1)[0].isdigit() and "." in key[len(old) :]
+        }
+    )
     for name in names:
         parts, t = [], 0
         while f"{old}{t}.{name}" in state_dict:

@@ -84,10 +84,16 @@ class MADE(nn.Module):
 
     degrees: torch.Tensor  # a buffer, (D,) or (T, D)
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (256, 256), n_params: int = 2,
-                 context_dim: int | None = None, order: str | Sequence[int] = "natural",
-                 activation: Callable[[], nn.Module] = functools.partial(nn.ELU, inplace=True),
-                 steps: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (256, 256),
+        n_params: int = 2,
+        context_dim: int | None = None,
+        order: str | Sequence[int] = "natural",
+        activation: Callable[[], nn.Module] = functools.partial(nn.ELU, inplace=True),
+        steps: int | None = None,
+    ) -> None:
         super().__init__()
         if dim < 1 or not hidden or any(h < 1 for h in hidden):
             raise ValueError(f"MADE needs dim >= 1 and non-empty positive hidden sizes, got dim={dim}, hidden={hidden}")
@@ -95,31 +101,39 @@ class MADE(nn.Module):
             raise ValueError(f"MADE needs steps >= 1 (or None), got {steps}")
         self.dim, self.n_params, self.context_dim, self.steps = dim, n_params, context_dim, steps
         first = input_degrees(dim, order)
-        self.register_buffer("degrees", first if steps is None else torch.stack(
-            [first if t % 2 == 0 else dim + 1 - first for t in range(steps)]))
+        self.register_buffer(
+            "degrees",
+            first if steps is None else torch.stack([first if t % 2 == 0 else dim + 1 - first for t in range(steps)]),
+        )
         stack = () if steps is None else (steps,)
         degrees = [self.degrees]
         for width in hidden:
-            hidden_degrees = (torch.arange(width) % max(dim - 1, 1) + 1 if dim > 1
-                              else torch.zeros(width, dtype=torch.long))
+            hidden_degrees = (
+                torch.arange(width) % max(dim - 1, 1) + 1 if dim > 1 else torch.zeros(width, dtype=torch.long)
+            )
             degrees.append(hidden_degrees.expand(*stack, width))
         layers = []
         for d_in, d_out in zip(degrees[:-1], degrees[1:]):
-            layers.append(MaskedLinear(d_in.shape[-1], d_out.shape[-1],
-                                       (d_out[..., :, None] >= d_in[..., None, :]).float()))
+            layers.append(
+                MaskedLinear(d_in.shape[-1], d_out.shape[-1], (d_out[..., :, None] >= d_in[..., None, :]).float())
+            )
         self.hidden_layers = nn.ModuleList(layers)
         out_degrees = self.degrees.repeat(*(1,) * len(stack), n_params)
-        self.output_layer = MaskedLinear(hidden[-1], n_params * dim,
-                                         (out_degrees[..., :, None] > degrees[-1][..., None, :]).float())
+        self.output_layer = MaskedLinear(
+            hidden[-1], n_params * dim, (out_degrees[..., :, None] > degrees[-1][..., None, :]).float()
+        )
         # With steps, one linear map h -> (T·H) for all T networks: rows t·H..(t+1)·H are network t's.
-        self.context_layer = None if context_dim is None else nn.utils.skip_init(
-            nn.Linear, context_dim, hidden[0] * (steps or 1), bias=False)
+        self.context_layer = (
+            None
+            if context_dim is None
+            else nn.utils.skip_init(nn.Linear, context_dim, hidden[0] * (steps or 1), bias=False)
+        )
         for t in range(steps or 1):  # in the order T one-network MADEs draw their initial weights
             if steps is not None:
                 for layer in (*self.hidden_layers, self.output_layer):
                     layer.reset_step(t)
             if self.context_layer is not None:
-                nn.init.kaiming_uniform_(self.context_layer.weight[t * hidden[0]:(t + 1) * hidden[0]], a=math.sqrt(5))
+                nn.init.kaiming_uniform_(self.context_layer.weight[t * hidden[0] : (t + 1) * hidden[0]], a=math.sqrt(5))
         self.activation = activation()
 
     def networks(self, context: torch.Tensor | None = None) -> list[Network]:
@@ -135,8 +149,13 @@ class MADE(nn.Module):
         per_step = zip(zip(*(w.unbind(0) for w in weights)), zip(*(b.unbind(0) for b in biases)), projected)
         return [functools.partial(self._run, w, b, c) for w, b, c in per_step]
 
-    def _run(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], context_term: torch.Tensor | None,
-             x: torch.Tensor) -> torch.Tensor:
+    def _run(
+        self,
+        weights: Sequence[torch.Tensor],
+        biases: Sequence[torch.Tensor],
+        context_term: torch.Tensor | None,
+        x: torch.Tensor,
+    ) -> torch.Tensor:
         h = F.linear(x, weights[0], biases[0])
         if context_term is not None:
             # In place where h already has the broadcast shape (one large temporary less per pass).

@@ -45,8 +45,9 @@ class MaskedConv2d(nn.Conv2d):
 
     mask: torch.Tensor  # a buffer (out, in, 1, 1)
 
-    def __init__(self, in_degrees: torch.Tensor, out_degrees: torch.Tensor, kernel_size: int = 3,
-                 strict: bool = False) -> None:
+    def __init__(
+        self, in_degrees: torch.Tensor, out_degrees: torch.Tensor, kernel_size: int = 3, strict: bool = False
+    ) -> None:
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"MaskedConv2d needs an odd kernel_size, got {kernel_size}")
         super().__init__(len(in_degrees), len(out_degrees), kernel_size, padding=kernel_size // 2)
@@ -59,8 +60,9 @@ class MaskedConv2d(nn.Conv2d):
         return self._conv_forward(x, self.weight * self.mask, self.bias)
 
 
-def check_spatial(name: str, z: torch.Tensor, channels: int, context: torch.Tensor | None,
-                  context_channels: int | None) -> None:
+def check_spatial(
+    name: str, z: torch.Tensor, channels: int, context: torch.Tensor | None, context_channels: int | None
+) -> None:
     """One-line errors unless z is (…, channels, H, W) and the context (…, context_channels, H, W)
     has z's spatial size and a batch shape that broadcasts to z's."""
     if not isinstance(z, torch.Tensor) or not z.is_floating_point():
@@ -72,8 +74,10 @@ def check_spatial(name: str, z: torch.Tensor, channels: int, context: torch.Tens
     if context is None:
         raise ValueError(f"{name} was built with context_channels={context_channels} and needs a context, got None")
     if context.dim() < 3 or context.shape[-3] != context_channels or context.shape[-2:] != z.shape[-2:]:
-        raise ValueError(f"{name} expects context of shape (..., {context_channels}, {z.shape[-2]}, {z.shape[-1]}), "
-                         f"got shape {tuple(context.shape)}")
+        raise ValueError(
+            f"{name} expects context of shape (..., {context_channels}, {z.shape[-2]}, {z.shape[-1]}), "
+            f"got shape {tuple(context.shape)}"
+        )
     check_broadcast(name, context.shape[:-3], z.shape[:-3])
 
 
@@ -112,9 +116,17 @@ class ConvIAF(Flow):
     event_dim = 3
     degrees: torch.Tensor  # a buffer: each channel's degree
 
-    def __init__(self, channels: int, hidden: int, context_channels: int | None = None, kernel_size: int = 3,
-                 order: str | Sequence[int] = "natural", gate_bias: float = 3.0, gate_bound: float = 8.0,
-                 shift_bound: float = 5.0) -> None:
+    def __init__(
+        self,
+        channels: int,
+        hidden: int,
+        context_channels: int | None = None,
+        kernel_size: int = 3,
+        order: str | Sequence[int] = "natural",
+        gate_bias: float = 3.0,
+        gate_bound: float = 8.0,
+        shift_bound: float = 5.0,
+    ) -> None:
         super().__init__()
         if channels < 1 or hidden < 1:
             raise ValueError(f"ConvIAF needs channels >= 1 and hidden >= 1, got channels={channels}, hidden={hidden}")
@@ -127,8 +139,9 @@ class ConvIAF(Flow):
         self.hidden1 = MaskedConv2d(self.degrees, inner, kernel_size)
         self.hidden2 = MaskedConv2d(inner, inner, kernel_size)
         self.output = MaskedConv2d(inner, self.degrees.repeat(2), kernel_size, strict=True)  # [m; s]
-        self.context_layer = (nn.Conv2d(context_channels, hidden, 1, bias=False)
-                              if context_channels is not None else None)
+        self.context_layer = (
+            nn.Conv2d(context_channels, hidden, 1, bias=False) if context_channels is not None else None
+        )
         with torch.no_grad():  # start near the identity
             self.output.weight.mul_(1e-2)
             assert self.output.bias is not None  # MaskedConv2d keeps Conv2d's bias
@@ -148,8 +161,9 @@ class ConvIAF(Flow):
         m, s = m.to(z.dtype), s.to(z.dtype)
         return self.gate_bias + soft_clamp(s, self.gate_bound), soft_clamp(m, self.shift_bound)
 
-    def forward_elementwise(self, z: torch.Tensor, context: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_elementwise(
+        self, z: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """z' and the per-element log σ (*batch, C, H, W), whose sum over (C, H, W) is log|det|."""
         check_spatial(type(self).__name__, z, self.channels, context, self.context_dim)
         gate, m = self._gate_and_shift(z, context)
@@ -159,8 +173,9 @@ class ConvIAF(Flow):
         z_new, log_sigma = self.forward_elementwise(z, context)
         return z_new, log_sigma.flatten(-3).sum(-1)
 
-    def forward_per_channel(self, z: torch.Tensor, context: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_per_channel(
+        self, z: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """z' and the exact log|det| per channel, Σ over (H, W) of log σ: (*batch, C)."""
         z_new, log_sigma = self.forward_elementwise(z, context)
         return z_new, log_sigma.sum((-2, -1))

@@ -22,8 +22,12 @@ class _Sylvester(Flow):
         # R₁ and R₂ are stored packed: their M(M+1)/2 upper-triangular entries, row by row.  An
         # amortized head then produces only those, half of what full M × M matrices would cost.
         packed = rank * (rank + 1) // 2
-        shapes = {"r1": ((packed,), normal_init(0.1)), "r2": ((packed,), normal_init(0.1)),
-                  "b": ((rank,), constant_init(0.0)), **extra}
+        shapes = {
+            "r1": ((packed,), normal_init(0.1)),
+            "r2": ((packed,), normal_init(0.1)),
+            "b": ((rank,), constant_init(0.0)),
+            **extra,
+        }
         self.params = FlowParameters(shapes, context_dim)
         rows, cols = torch.triu_indices(rank, rank)
         # Unpacking reads one vector [packed entries, tanh(packed diagonal), 0]: strictly upper cells

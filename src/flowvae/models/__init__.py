@@ -15,8 +15,30 @@ from flowvae.models.resnet import ResNetVAE, build_resnet_vae
 from flowvae.models.vae import VAE, GaussianEncoder, as_unit_interval, build_vae, count_parameters
 from flowvae.models.zoo import ARCHITECTURE_FLOWS, ARCHITECTURES, MODELS, build_model, register_model
 
-__all__ = ["LatentVariableModel", "LogDensities", "BottomUp", "draw_noise", "select_noise", "ModelConfig",
-           "MODEL_FIELDS", "VAE", "GaussianEncoder", "LadderVAE", "ResNetVAE", "build_resnet_vae",
-           "ARCHITECTURE_FLOWS", "build_vae", "build_model", "MODELS", "register_model", "count_parameters",
-           "ARCHITECTURES", "as_unit_interval", "Likelihood", "LIKELIHOODS", "build_likelihood", "default_likelihood",
-           "register_likelihood"]
+__all__ = [
+    "LatentVariableModel",
+    "LogDensities",
+    "BottomUp",
+    "draw_noise",
+    "select_noise",
+    "ModelConfig",
+    "MODEL_FIELDS",
+    "VAE",
+    "GaussianEncoder",
+    "LadderVAE",
+    "ResNetVAE",
+    "build_resnet_vae",
+    "ARCHITECTURE_FLOWS",
+    "build_vae",
+    "build_model",
+    "MODELS",
+    "register_model",
+    "count_parameters",
+    "ARCHITECTURES",
+    "as_unit_interval",
+    "Likelihood",
+    "LIKELIHOODS",
+    "build_likelihood",
+    "default_likelihood",
+    "register_likelihood",
+]

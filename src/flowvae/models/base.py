@@ -68,8 +68,9 @@ class LogDensities:
             self.group_units = (sum(math.prod(z.shape[2:]) for z in self.latents.values()),)
             self.group_names = ("z",)
         if self.group_units is None or len(self.group_units) != self.kl_groups.shape[-1]:
-            raise ValueError(f"group_units {self.group_units} must give one count per KL group "
-                             f"({self.kl_groups.shape[-1]})")
+            raise ValueError(
+                f"group_units {self.group_units} must give one count per KL group ({self.kl_groups.shape[-1]})"
+            )
         if self.group_names is None:
             self.group_names = tuple(f"group{g}" for g in range(len(self.group_units)))
 
@@ -87,8 +88,9 @@ class LogDensities:
     def z(self) -> torch.Tensor:
         """The latent sample of a single-latent model, (K, B, D)."""
         if len(self.latents) != 1:
-            raise AttributeError(f"this model has {len(self.latents)} latent groups ({', '.join(self.latents)}); "
-                                 "read .latents")
+            raise AttributeError(
+                f"this model has {len(self.latents)} latent groups ({', '.join(self.latents)}); read .latents"
+            )
         return next(iter(self.latents.values()))
 
 
@@ -117,13 +119,15 @@ class LatentVariableModel(nn.Module, Generic[Encoded]):
         Computed once per batch and reused for every chunk of importance samples."""
         raise NotImplementedError
 
-    def log_densities(self, x: torch.Tensor, encoded: Encoded, samples: int = 1,
-                      noise: Noise | torch.Tensor | None = None) -> LogDensities:
+    def log_densities(
+        self, x: torch.Tensor, encoded: Encoded, samples: int = 1, noise: Noise | torch.Tensor | None = None
+    ) -> LogDensities:
         """Draw ``samples`` z ~ q(z|x) (from ``noise`` (samples, B, ...) if given) and score them."""
         raise NotImplementedError
 
-    def path_log_densities(self, x: torch.Tensor, encoded: Encoded, samples: int = 1,
-                           noise: Noise | torch.Tensor | None = None) -> LogDensities:
+    def path_log_densities(
+        self, x: torch.Tensor, encoded: Encoded, samples: int = 1, noise: Noise | torch.Tensor | None = None
+    ) -> LogDensities:
         """As :meth:`log_densities`, but log q(z|x) is scored with the posterior's parameters held
         constant, so its gradient flows along the path of the samples only (STL, DReG); every use
         of a sample must derive from the tensors in ``latents``.  Exact where
@@ -145,8 +149,14 @@ class LatentVariableModel(nn.Module, Generic[Encoded]):
         at zero hidden activity: logit(mean training pixel) for a Bernoulli likelihood."""
         raise ValueError(f"{type(self).__name__} cannot initialise its decoder's output bias from the data")
 
-    def forward(self, x: torch.Tensor, samples: int = 1, noise: Noise | torch.Tensor | None = None,
-                path_gradient: bool = False, encoder_input: torch.Tensor | None = None) -> LogDensities:
+    def forward(
+        self,
+        x: torch.Tensor,
+        samples: int = 1,
+        noise: Noise | torch.Tensor | None = None,
+        path_gradient: bool = False,
+        encoder_input: torch.Tensor | None = None,
+    ) -> LogDensities:
         """log-densities of ``samples`` posterior draws for x; ``encoder_input`` (default x) is what
         the encoder sees (e.g. x with noise), ``path_gradient`` uses :meth:`path_log_densities`."""
         encoded = self.encode(x if encoder_input is None else encoder_input)
@@ -167,8 +177,10 @@ class LatentVariableModel(nn.Module, Generic[Encoded]):
         """One-line error unless x is a batch of images of this model's shape."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != tuple(self.image_shape):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{type(self).__name__} expects images of shape (B, "
-                             f"{', '.join(map(str, self.image_shape))}), got {shape}")
+            raise ValueError(
+                f"{type(self).__name__} expects images of shape (B, "
+                f"{', '.join(map(str, self.image_shape))}), got {shape}"
+            )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -176,20 +188,34 @@ class LatentVariableModel(nn.Module, Generic[Encoded]):
         return next(self.parameters()).dtype
 
 
-def draw_noise(model: LatentVariableModel, samples: int, batch: int, *, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Noise:
+def draw_noise(
+    model: LatentVariableModel,
+    samples: int,
+    batch: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Noise:
     """Standard-normal noise for ``samples`` posterior draws of ``batch`` data points: {name: (K, B, *shape)}.
 
     Drawn in ``model.noise_shapes()`` order from ``generator``, so the same generator state gives the same noise."""
     ref = next(model.parameters())
     device = ref.device if device is None else device
     dtype = ref.dtype if dtype is None else dtype
-    return {name: torch.randn(samples, batch, *shape, generator=generator, device=device, dtype=dtype)
-            for name, shape in model.noise_shapes().items()}
+    return {
+        name: torch.randn(samples, batch, *shape, generator=generator, device=device, dtype=dtype)
+        for name, shape in model.noise_shapes().items()
+    }
 
 
-def sample_prior(prior: Prior | None, n: int, event_shape: tuple[int, ...], like: torch.Tensor,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_prior(
+    prior: Prior | None,
+    n: int,
+    event_shape: tuple[int, ...],
+    like: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """n draws (n, *event_shape) from ``prior`` (None: N(0, I)) in ``like``'s dtype and device."""
     if prior is None:
         return torch.randn(n, *event_shape, generator=generator, device=like.device, dtype=like.dtype)

@@ -12,34 +12,54 @@ from typing import Any
 class ModelConfig:
     """The model: architecture, latent variables, posterior flow, prior and likelihood."""
 
-    arch: str = "mlp"                  # mlp | conv | gated | ladder | resnet
-    latent_dim: int = 32               # latents (per stochastic layer for ladder; latent channels for resnet)
-    layers: int = 2                    # stochastic layers (ladder, resnet)
-    hidden: int = 300                  # MLP widths
-    channels: int = 64                 # resnet: deterministic channels per layer
-    feature_dim: int = 256             # conv encoders' h size
-    likelihood: str | None = None      # default from the data: bernoulli (binary) or categorical256 (8-bit)
-    flow: str = "none"                 # posterior flow (per stochastic layer for ladder/resnet)
+    arch: str = "mlp"  # mlp | conv | gated | ladder | resnet
+    latent_dim: int = 32  # latents (per stochastic layer for ladder; latent channels for resnet)
+    layers: int = 2  # stochastic layers (ladder, resnet)
+    hidden: int = 300  # MLP widths
+    channels: int = 64  # resnet: deterministic channels per layer
+    feature_dim: int = 256  # conv encoders' h size
+    likelihood: str | None = None  # default from the data: bernoulli (binary) or categorical256 (8-bit)
+    flow: str = "none"  # posterior flow (per stochastic layer for ladder/resnet)
     flow_steps: int = 4
-    flow_hidden: int = 320             # MADE / coupling widths
-    reflections: int = 8               # Householder-Sylvester
-    rank: int | None = None            # orthogonal Sylvester: rank M of Q (default: latent_dim)
-    flow_context: bool = True          # condition the flow on the encoder's h (False: global flow parameters)
-    prior: str = "standard"            # standard | flow | vamp (the top layer's prior for hierarchical models)
-    prior_flow: str | None = None      # flow prior: maf | coupling (vectors), glow (spatial); None: maf / glow
+    flow_hidden: int = 320  # MADE / coupling widths
+    reflections: int = 8  # Householder-Sylvester
+    rank: int | None = None  # orthogonal Sylvester: rank M of Q (default: latent_dim)
+    flow_context: bool = True  # condition the flow on the encoder's h (False: global flow parameters)
+    prior: str = "standard"  # standard | flow | vamp (the top layer's prior for hierarchical models)
+    prior_flow: str | None = None  # flow prior: maf | coupling (vectors), glow (spatial); None: maf / glow
     prior_flow_steps: int = 4
-    pseudo_inputs: int = field(default=500, metadata={
-        "help": "learned pseudo-inputs (mixture components) of --prior vamp; for the ladder, on its top layer"})
-    activation: str = field(default="elu", metadata={
-        "help": "hidden layers of the MLP networks (arch mlp, ladder): "
-                "elu (Linear+ELU) or gated (Linear·sigmoid(Linear))"})
-    dropout: float = field(default=0.0, metadata={
-        "help": "dropout probability after every hidden layer of the MLP encoder and decoder "
-                "(arch mlp, ladder; 0: off)"})
-    posterior_log_var_min: float | None = field(default=None, metadata={
-        "help": "soft lower bound on the Gaussian posterior's log variance, e.g. -6 (needs --posterior-log-var-max)"})
-    posterior_log_var_max: float | None = field(default=None, metadata={
-        "help": "soft upper bound on the Gaussian posterior's log variance, e.g. 2 (default: log σ within ±8)"})
+    pseudo_inputs: int = field(
+        default=500,
+        metadata={
+            "help": "learned pseudo-inputs (mixture components) of --prior vamp; for the ladder, on its top layer"
+        },
+    )
+    activation: str = field(
+        default="elu",
+        metadata={
+            "help": "hidden layers of the MLP networks (arch mlp, ladder): "
+            "elu (Linear+ELU) or gated (Linear·sigmoid(Linear))"
+        },
+    )
+    dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "dropout probability after every hidden layer of the MLP encoder and decoder "
+            "(arch mlp, ladder; 0: off)"
+        },
+    )
+    posterior_log_var_min: float | None = field(
+        default=None,
+        metadata={
+            "help": "soft lower bound on the Gaussian posterior's log variance, e.g. -6 (needs --posterior-log-var-max)"
+        },
+    )
+    posterior_log_var_max: float | None = field(
+        default=None,
+        metadata={
+            "help": "soft upper bound on the Gaussian posterior's log variance, e.g. 2 (default: log σ within ±8)"
+        },
+    )
 
     @property
     def log_var_bounds(self) -> tuple[float, float] | None:

@@ -37,8 +37,9 @@ from flowvae.numerics import at_least_float32, soft_clamp
 LOG_STD_BOUND = 8.0
 
 
-def _dense(sizes: Sequence[int], last_activation: bool = True, activation: str = "elu",
-           dropout: float = 0.0) -> nn.Sequential:
+def _dense(
+    sizes: Sequence[int], last_activation: bool = True, activation: str = "elu", dropout: float = 0.0
+) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         if last_activation or i < len(sizes) - 2:
@@ -89,15 +90,29 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         log_var_bounds: (low, high) soft bounds on the posterior's log-variance (None: log σ within ±8).
     """
 
-    def __init__(self, image_shape: Sequence[int], likelihood: Likelihood, latent_dim: int = 32, layers: int = 2,
-                 hidden: int = 300, flow: str = "none", flow_steps: int = 1, flow_hidden: int = 320,
-                 reflections: int = 8, rank: int | None = None, flow_context: bool = True,
-                 prior: nn.Module | None = None, activation: str = "elu", dropout: float = 0.0,
-                 log_var_bounds: tuple[float, float] | None = None) -> None:
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        likelihood: Likelihood,
+        latent_dim: int = 32,
+        layers: int = 2,
+        hidden: int = 300,
+        flow: str = "none",
+        flow_steps: int = 1,
+        flow_hidden: int = 320,
+        reflections: int = 8,
+        rank: int | None = None,
+        flow_context: bool = True,
+        prior: nn.Module | None = None,
+        activation: str = "elu",
+        dropout: float = 0.0,
+        log_var_bounds: tuple[float, float] | None = None,
+    ) -> None:
         super().__init__()
         if layers < 1 or latent_dim < 1 or hidden < 1:
-            raise ValueError(f"LadderVAE needs layers, latent_dim and hidden >= 1, "
-                             f"got {layers}, {latent_dim}, {hidden}")
+            raise ValueError(
+                f"LadderVAE needs layers, latent_dim and hidden >= 1, got {layers}, {latent_dim}, {hidden}"
+            )
         self.image_shape, self.likelihood = tuple(image_shape), likelihood
         self.latent_dim, self.layers, self.prior = latent_dim, layers, prior
         self.log_var_bounds = log_var_bounds
@@ -106,6 +121,7 @@ class LadderVAE(LatentVariableModel[BottomUp]):
 
         def _mlp(sizes: Sequence[int], last_activation: bool = True) -> nn.Sequential:
             return _dense(sizes, last_activation, activation, dropout)
+
         self.bottom_up = nn.ModuleList([_mlp((pixels, H, H))] + [_mlp((H, H)) for _ in range(layers - 1)])
         self.top_posterior = _GaussianHead(H, D)
         # Index l (0-based, bottom layer 0) for the layers below the top: l = 0 … L-2.
@@ -117,8 +133,12 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         uses_context = self.has_flow and flow_context
         self.contexts = nn.ModuleList([_mlp((2 * H, H)) for _ in range(layers - 1)] if uses_context else [])
         context_dim = H if flow_context else None
-        self.flows = nn.ModuleList([build_flow(flow, D, flow_steps, context_dim, flow_hidden, reflections, rank)
-                                    or nn.Identity() for _ in range(layers)])
+        self.flows = nn.ModuleList(
+            [
+                build_flow(flow, D, flow_steps, context_dim, flow_hidden, reflections, rank) or nn.Identity()
+                for _ in range(layers)
+            ]
+        )
         self._register_load_state_dict_pre_hook(_drop_unused_contexts, with_module=True)
         decoder_in = D + (H if layers > 1 else 0)
         self.decoder = _mlp((decoder_in, H, H, likelihood.params_per_pixel * pixels), last_activation=False)
@@ -157,8 +177,9 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         mean, log_std = self.prior_heads[l](t)
         return t, mean, soft_clamp(log_std, LOG_STD_BOUND)
 
-    def _top_down(self, d: list[torch.Tensor], eps: Callable[[int], torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, list, list, Noise]:
+    def _top_down(
+        self, d: list[torch.Tensor], eps: Callable[[int], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list, list, Noise]:
         """The inference pass from the top: returns z_1, t_1 (None for one layer), per-layer log q and
         log p (top layer first, each (…)) and the latents.  ``eps(l)`` gives layer l's noise."""
         L = self.layers
@@ -192,8 +213,9 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         params = self.decoder(z if t is None else torch.cat([z, t], -1))
         return params.unflatten(-1, (-1, *self.image_shape[1:]))
 
-    def log_densities(self, x: torch.Tensor, encoded: BottomUp, samples: int = 1,
-                      noise: Noise | None = None) -> LogDensities:
+    def log_densities(
+        self, x: torch.Tensor, encoded: BottomUp, samples: int = 1, noise: Noise | None = None
+    ) -> LogDensities:
         noise = as_noise(self, noise)
         d = [f.expand(samples, *f.shape) for (f,) in encoded.layers]  # (K, B, H) views
 
@@ -205,10 +227,17 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         z, t, log_q, log_p, latents = self._top_down(d, eps)
         params = at_least_float32(self._decode(z, t))
         log_px = self.likelihood.log_prob(params, self.likelihood.prepare(x, dtype=params.dtype))
-        log_q_t, log_p_t = torch.stack(log_q, -1), torch.stack(log_p, -1)   # (K, B, L), top layer first
+        log_q_t, log_p_t = torch.stack(log_q, -1), torch.stack(log_p, -1)  # (K, B, L), top layer first
         L = self.layers
-        return LogDensities(log_px, log_p_t.sum(-1), log_q_t.sum(-1), latents, kl_groups=log_q_t - log_p_t,
-                            group_units=(self.latent_dim,) * L, group_names=tuple(f"z{L - i}" for i in range(L)))
+        return LogDensities(
+            log_px,
+            log_p_t.sum(-1),
+            log_q_t.sum(-1),
+            latents,
+            kl_groups=log_q_t - log_p_t,
+            group_units=(self.latent_dim,) * L,
+            group_names=tuple(f"z{L - i}" for i in range(L)),
+        )
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -217,8 +246,9 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         t = None
         for l in range(self.layers - 2, -1, -1):
             t, mean, log_std = self._prior_step(l, z)
-            z = mean + torch.exp(log_std) * torch.randn(mean.shape, generator=generator, device=ref.device,
-                                                        dtype=ref.dtype)
+            z = mean + torch.exp(log_std) * torch.randn(
+                mean.shape, generator=generator, device=ref.device, dtype=ref.dtype
+            )
         return self.likelihood.mean(self._decode(z, t))
 
     @torch.no_grad()

@@ -33,8 +33,9 @@ class Likelihood:
     params_per_pixel: int
     data_kinds: tuple[str, ...]
 
-    def prepare(self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def prepare(
+        self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """A data batch as ``log_prob`` reads it, in the model's floating ``dtype``; ``generator``
         draws any noise the likelihood adds (default: torch's global RNG)."""
         return x.to(dtype)
@@ -43,8 +44,9 @@ class Likelihood:
     def for_data(cls, data_kind: str) -> Likelihood:
         """This likelihood for data of ``data_kind``; a one-line error if it cannot model them."""
         if data_kind not in cls.data_kinds:
-            raise ValueError(f"likelihood {cls.name!r} cannot model {data_kind!r} data; "
-                             f"it needs {' or '.join(cls.data_kinds)}")
+            raise ValueError(
+                f"likelihood {cls.name!r} cannot model {data_kind!r} data; it needs {' or '.join(cls.data_kinds)}"
+            )
         return cls()
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +87,8 @@ def _dot_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n_lead = a.dim() - b.dim()
     if n_lead <= 0 or a.shape[n_lead:] != b.shape or math.prod(a.shape[:n_lead]) == 1:
         return (a * b).sum(-1)
-    rows = b.reshape(-1, b.shape[-1])                                    # (B, D)
-    out = torch.einsum("kbd,bd->kb", a.reshape(-1, *rows.shape), rows)   # (K, B)
+    rows = b.reshape(-1, b.shape[-1])  # (B, D)
+    out = torch.einsum("kbd,bd->kb", a.reshape(-1, *rows.shape), rows)  # (K, B)
     return out.reshape(a.shape[:-1])
 
 
@@ -114,13 +116,14 @@ class Categorical256(Likelihood):
 
     name, params_per_pixel, data_kinds = "categorical256", 256, ("8bit",)
 
-    def prepare(self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def prepare(
+        self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return x.long()
 
     def _log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        log_probs = F.log_softmax(_split(params, 256), dim=-3)              # (..., C, 256, H, W)
-        index = x.unsqueeze(-3)                                              # (..., C, 1, H, W)
+        log_probs = F.log_softmax(_split(params, 256), dim=-3)  # (..., C, 256, H, W)
+        index = x.unsqueeze(-3)  # (..., C, 1, H, W)
         batch = torch.broadcast_shapes(log_probs.shape[:-3], index.shape[:-3])
         log_probs = log_probs.expand(*batch, *log_probs.shape[-3:])
         index = index.expand(*batch, *index.shape[-3:])
@@ -150,14 +153,17 @@ class Gaussian(Likelihood):
 
     def __init__(self, data_kind: str = "8bit") -> None:
         if data_kind in ("binary", "grayscale"):
-            raise ValueError(f"likelihood 'gaussian' cannot model {data_kind!r} data: a density on {{0, 1}}-valued "
-                             f"pixels is not a probability (its -log p(x) can go below 0); use 'bernoulli'")
+            raise ValueError(
+                f"likelihood 'gaussian' cannot model {data_kind!r} data: a density on {{0, 1}}-valued "
+                f"pixels is not a probability (its -log p(x) can go below 0); use 'bernoulli'"
+            )
         if data_kind not in ("8bit", "continuous"):
             raise ValueError(f"Gaussian models '8bit' or 'continuous' data, got {data_kind!r}")
         self.eight_bit = data_kind == "8bit"
 
-    def prepare(self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def prepare(
+        self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         if not self.eight_bit:
             return x.to(dtype)
         u = torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)
@@ -189,8 +195,9 @@ class DiscretizedLogistic(Likelihood):
 
     name, params_per_pixel, data_kinds = "discretized_logistic", 2, ("8bit",)
 
-    def prepare(self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def prepare(
+        self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return x.to(dtype) / 127.5 - 1.0
 
     def _log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -199,8 +206,8 @@ class DiscretizedLogistic(Likelihood):
         inv_scale = torch.exp(-log_scale)
         centred = x - mean
         upper, lower = inv_scale * (centred + 1.0 / 255.0), inv_scale * (centred - 1.0 / 255.0)
-        log_first = F.logsigmoid(upper)     # bin x = 0: CDF(upper edge)
-        log_last = F.logsigmoid(-lower)     # bin x = 255: 1 - CDF(lower edge)
+        log_first = F.logsigmoid(upper)  # bin x = 0: CDF(upper edge)
+        log_last = F.logsigmoid(-lower)  # bin x = 255: 1 - CDF(lower edge)
         a_minus_b = (inv_scale * (-2.0 / 255.0)).clamp_max(-torch.finfo(inv_scale.dtype).tiny)  # s = inf: no log 0
         log_interior = log_first + log_last + torch.log(-torch.expm1(a_minus_b))
         log_p = torch.where(x < -0.999, log_first, torch.where(x > 0.999, log_last, log_interior))

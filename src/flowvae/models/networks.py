@@ -37,21 +37,28 @@ class GatedLinear(nn.Module):
         return h * torch.sigmoid(g)
 
 
-def hidden_layer(in_features: int, out_features: int, activation: str = "elu", dropout: float = 0.0
-                 ) -> list[nn.Module]:
+def hidden_layer(in_features: int, out_features: int, activation: str = "elu", dropout: float = 0.0) -> list[nn.Module]:
     """One hidden layer of an MLP: Linear+ELU or :class:`GatedLinear`, then Dropout(p) if p > 0."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    layers: list[nn.Module] = ([nn.Linear(in_features, out_features), nn.ELU(inplace=True)]  # in place: one pass less
-                               if activation == "elu" else [GatedLinear(in_features, out_features)])
+    layers: list[nn.Module] = (
+        [nn.Linear(in_features, out_features), nn.ELU(inplace=True)]  # in place: one pass less
+        if activation == "elu"
+        else [GatedLinear(in_features, out_features)]
+    )
     return layers + ([nn.Dropout(dropout)] if dropout > 0 else [])
 
 
 class MLPEncoder(nn.Module):
     """x (B, C, H, W) -> h (B, hidden[-1]) through hidden layers (Linear+ELU or gated, optional dropout)."""
 
-    def __init__(self, image_shape: Sequence[int], hidden: Sequence[int] = (300, 300), activation: str = "elu",
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        hidden: Sequence[int] = (300, 300),
+        activation: str = "elu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(image_shape)
@@ -68,8 +75,15 @@ class MLPEncoder(nn.Module):
 class MLPDecoder(nn.Module):
     """z (N, D) -> parameters (N, P·C, H, W) through hidden layers (Linear+ELU or gated, optional dropout)."""
 
-    def __init__(self, latent_dim: int, image_shape: Sequence[int], params_per_pixel: int,
-                 hidden: Sequence[int] = (300, 300), activation: str = "elu", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        latent_dim: int,
+        image_shape: Sequence[int],
+        params_per_pixel: int,
+        hidden: Sequence[int] = (300, 300),
+        activation: str = "elu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         c, h, w = image_shape
         layers: list[nn.Module] = []
@@ -97,8 +111,14 @@ class ConvEncoder(nn.Module):
         c, h, w = image_shape
         hs, ws = _downsampled(h, 2), _downsampled(w, 2)
         self.net = nn.Sequential(
-            nn.Conv2d(c, 32, 5, 2, 2), nn.ELU(), nn.Conv2d(32, 64, 5, 2, 2), nn.ELU(), nn.Flatten(),
-            nn.Linear(64 * hs[-1] * ws[-1], feature_dim), nn.ELU())
+            nn.Conv2d(c, 32, 5, 2, 2),
+            nn.ELU(),
+            nn.Conv2d(32, 64, 5, 2, 2),
+            nn.ELU(),
+            nn.Flatten(),
+            nn.Linear(64 * hs[-1] * ws[-1], feature_dim),
+            nn.ELU(),
+        )
         self.feature_dim = feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,11 +133,15 @@ class ConvDecoder(nn.Module):
         c, h, w = image_shape
         hs, ws = _downsampled(h, 2), _downsampled(w, 2)
         self.net = nn.Sequential(
-            nn.Linear(latent_dim, 64 * hs[2] * ws[2]), nn.ELU(), nn.Unflatten(-1, (64, hs[2], ws[2])),
+            nn.Linear(latent_dim, 64 * hs[2] * ws[2]),
+            nn.ELU(),
+            nn.Unflatten(-1, (64, hs[2], ws[2])),
             nn.ConvTranspose2d(64, 32, 5, 2, 2, output_padding=(hs[1] - 2 * hs[2] + 1, ws[1] - 2 * ws[2] + 1)),
             nn.ELU(),
-            nn.ConvTranspose2d(32, params_per_pixel * c, 5, 2, 2,
-                               output_padding=(hs[0] - 2 * hs[1] + 1, ws[0] - 2 * ws[1] + 1)))
+            nn.ConvTranspose2d(
+                32, params_per_pixel * c, 5, 2, 2, output_padding=(hs[0] - 2 * hs[1] + 1, ws[0] - 2 * ws[1] + 1)
+            ),
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -130,8 +154,9 @@ Size2 = int | tuple[int, int]
 class GatedConv2d(nn.Module):
     """h = conv_h(x) ⊙ sigmoid(conv_g(x)) (Dauphin et al. 2017; van den Berg et al. 2018)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Size2, stride: Size2 = 1,
-                 padding: Size2 = 0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: Size2, stride: Size2 = 1, padding: Size2 = 0
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, 2 * out_channels, kernel_size, stride, padding)
 
@@ -143,8 +168,15 @@ class GatedConv2d(nn.Module):
 class GatedConvTranspose2d(nn.Module):
     """Transposed-convolution twin of :class:`GatedConv2d`."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Size2, stride: Size2 = 1,
-                 padding: Size2 = 0, output_padding: Size2 = 0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Size2,
+        stride: Size2 = 1,
+        padding: Size2 = 0,
+        output_padding: Size2 = 0,
+    ) -> None:
         super().__init__()
         self.conv = nn.ConvTranspose2d(in_channels, 2 * out_channels, kernel_size, stride, padding, output_padding)
 
@@ -162,9 +194,14 @@ class GatedConvEncoder(nn.Module):
         c, h, w = image_shape
         last = (_downsampled(h, 2)[-1], _downsampled(w, 2)[-1])
         self.net = nn.Sequential(
-            GatedConv2d(c, 32, 5, 1, 2), GatedConv2d(32, 32, 5, 2, 2),
-            GatedConv2d(32, 64, 5, 1, 2), GatedConv2d(64, 64, 5, 2, 2),
-            GatedConv2d(64, 64, 5, 1, 2), GatedConv2d(64, feature_dim, last, 1, 0), nn.Flatten())
+            GatedConv2d(c, 32, 5, 1, 2),
+            GatedConv2d(32, 32, 5, 2, 2),
+            GatedConv2d(32, 64, 5, 1, 2),
+            GatedConv2d(64, 64, 5, 2, 2),
+            GatedConv2d(64, 64, 5, 1, 2),
+            GatedConv2d(64, feature_dim, last, 1, 0),
+            nn.Flatten(),
+        )
         self.feature_dim = feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +224,8 @@ class GatedConvDecoder(nn.Module):
             GatedConvTranspose2d(32, 32, 5, 1, 2),
             GatedConvTranspose2d(32, 32, 5, 2, 2, (hs[0] - 2 * hs[1] + 1, ws[0] - 2 * ws[1] + 1)),
             GatedConv2d(32, 32, 5, 1, 2),
-            nn.Conv2d(32, params_per_pixel * c, 1))
+            nn.Conv2d(32, params_per_pixel * c, 1),
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)

@@ -43,7 +43,7 @@ from flowvae.models.weight_norm import initialise, weight_normed
 from flowvae.numerics import at_least_float32, soft_clamp
 from flowvae.priors import DiagonalGaussianPrior, Prior, split_equally
 
-RESIDUAL_SCALE = 0.1   # residual branches are scaled by 0.1 (openai/iaf)
+RESIDUAL_SCALE = 0.1  # residual branches are scaled by 0.1 (openai/iaf)
 HEAD_INIT_SCALE = 0.1  # data-dependent init: std of the channels that give means and log-scales
 
 
@@ -54,20 +54,24 @@ class ResNetLayer(nn.Module):
     no prior head (its prior is the model's ``prior``).
     """
 
-    def __init__(self, channels: int, latent_channels: int, top: bool, flow: Sequence[Flow],
-                 log_std_bound: float = 8.0) -> None:
+    def __init__(
+        self, channels: int, latent_channels: int, top: bool, flow: Sequence[Flow], log_std_bound: float = 8.0
+    ) -> None:
         super().__init__()
         self.channels, self.latent_channels, self.top = channels, latent_channels, top
         self.log_std_bound = log_std_bound
         c, z = channels, latent_channels
         self.up_sizes = [z, z, c] + ([] if top else [c])
-        self.up_in = weight_normed(nn.Conv2d(c, sum(self.up_sizes), 3, padding=1),
-                                   [HEAD_INIT_SCALE] * 2 * z + [1.0] * (sum(self.up_sizes) - 2 * z))
+        self.up_in = weight_normed(
+            nn.Conv2d(c, sum(self.up_sizes), 3, padding=1),
+            [HEAD_INIT_SCALE] * 2 * z + [1.0] * (sum(self.up_sizes) - 2 * z),
+        )
         self.up_out = None if top else weight_normed(nn.Conv2d(c, c, 3, padding=1))
         heads = 2 * z if top else 4 * z  # [μ_p, log σ_p,] μ_r, log σ_r
         self.down_sizes = [z] * (heads // z) + [c, c]
-        self.down_in = weight_normed(nn.Conv2d(c, heads + 2 * c, 3, padding=1),
-                                     [HEAD_INIT_SCALE] * heads + [1.0] * 2 * c)
+        self.down_in = weight_normed(
+            nn.Conv2d(c, heads + 2 * c, 3, padding=1), [HEAD_INIT_SCALE] * heads + [1.0] * 2 * c
+        )
         self.down_out = weight_normed(nn.Conv2d(z + c, c, 3, padding=1))
         self.flow = nn.ModuleList(flow)
 
@@ -100,8 +104,9 @@ class ResNetLayer(nn.Module):
             per_channel = per_channel + log_det
         return z, per_channel
 
-    def down(self, h: torch.Tensor, up: tuple[torch.Tensor, torch.Tensor, torch.Tensor], eps: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def down(
+        self, h: torch.Tensor, up: tuple[torch.Tensor, torch.Tensor, torch.Tensor], eps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One posterior step of the top-down pass.
 
         h (K·B, C, h, w); up = (μ_q, log σ_q, up-context), each (B, ·, h, w); eps (K, B, Cz, h, w).
@@ -137,6 +142,7 @@ class ResNetLayer(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------
 
+
 class ResNetVAE(LatentVariableModel[BottomUp]):
     """Kingma et al. (2016)'s ResNet VAE with bidirectional inference and a posterior flow per layer.
 
@@ -161,16 +167,27 @@ class ResNetVAE(LatentVariableModel[BottomUp]):
     so the groups still sum to log q − log p.
     """
 
-    def __init__(self, image_shape: Sequence[int], likelihood: Likelihood, layers: int = 4, channels: int = 64,
-                 latent_channels: int = 16, flow: str = "iaf", flow_steps: int = 1, flow_hidden: int | None = None,
-                 downsample: bool = True, log_std_bound: float = 8.0) -> None:
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        likelihood: Likelihood,
+        layers: int = 4,
+        channels: int = 64,
+        latent_channels: int = 16,
+        flow: str = "iaf",
+        flow_steps: int = 1,
+        flow_hidden: int | None = None,
+        downsample: bool = True,
+        log_std_bound: float = 8.0,
+    ) -> None:
         super().__init__()
         image_shape = tuple(int(s) for s in image_shape)
         if len(image_shape) != 3 or min(image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
         if min(layers, channels, latent_channels) < 1:
-            raise ValueError(f"layers, channels and latent_channels must be >= 1, "
-                             f"got {layers}, {channels}, {latent_channels}")
+            raise ValueError(
+                f"layers, channels and latent_channels must be >= 1, got {layers}, {channels}, {latent_channels}"
+            )
         if not isinstance(likelihood, Likelihood):
             raise ValueError(f"likelihood must be a Likelihood, got {type(likelihood).__name__}")
         flow_hidden = channels if flow_hidden is None else flow_hidden
@@ -186,17 +203,25 @@ class ResNetVAE(LatentVariableModel[BottomUp]):
         if downsample:
             self.input_conv = weight_normed(nn.Conv2d(c_img, channels, 5, stride=2, padding=2))
             # (h − 1)·2 − 4 + 5 + output_padding = H: output_padding is 1 for even H, 0 for odd.
-            self.output_conv = weight_normed(nn.ConvTranspose2d(
-                channels, out_channels, 5, stride=2, padding=2, output_padding=(1 - height % 2, 1 - width % 2)),
-                HEAD_INIT_SCALE)
+            self.output_conv = weight_normed(
+                nn.ConvTranspose2d(
+                    channels, out_channels, 5, stride=2, padding=2, output_padding=(1 - height % 2, 1 - width % 2)
+                ),
+                HEAD_INIT_SCALE,
+            )
         else:
             self.input_conv = weight_normed(nn.Conv2d(c_img, channels, 3, padding=1))
             self.output_conv = weight_normed(nn.Conv2d(channels, out_channels, 3, padding=1), HEAD_INIT_SCALE)
         self.layers = nn.ModuleList(
-            ResNetLayer(channels, latent_channels, top=(index == layers - 1),
-                        flow=build_image_flow(flow, latent_channels, flow_steps, flow_hidden, channels),
-                        log_std_bound=log_std_bound)
-            for index in range(layers))
+            ResNetLayer(
+                channels,
+                latent_channels,
+                top=(index == layers - 1),
+                flow=build_image_flow(flow, latent_channels, flow_steps, flow_hidden, channels),
+                log_std_bound=log_std_bound,
+            )
+            for index in range(layers)
+        )
         self.h_top = nn.Parameter(torch.zeros(channels))
         self.prior: nn.Module = DiagonalGaussianPrior(self.latent_shape, log_std_bound)
 
@@ -215,8 +240,9 @@ class ResNetVAE(LatentVariableModel[BottomUp]):
             ups.append(up)
         return BottomUp(ups)
 
-    def log_densities(self, x: torch.Tensor, encoded: BottomUp, samples: int = 1,
-                      noise: Noise | None = None) -> LogDensities:
+    def log_densities(
+        self, x: torch.Tensor, encoded: BottomUp, samples: int = 1, noise: Noise | None = None
+    ) -> LogDensities:
         """Draw ``samples`` z ~ q(z|x) top-down (from ``noise`` {zl: (samples, B, Cz, h, w)} if given)
         and score them: every density (samples, B) in at least float32; ``kl_groups``
         (samples, B, L·Cz) ordered z1/c0, z1/c1, …, zL/c(Cz−1)."""
@@ -230,10 +256,17 @@ class ResNetVAE(LatentVariableModel[BottomUp]):
         h, latents, log_q, log_p = self._top_down(encoded, noise, samples)
         params = at_least_float32(self._decode(h, samples))
         log_likelihood = self.likelihood.log_prob(params, self.likelihood.prepare(x))
-        log_q, log_p = torch.stack(log_q, dim=2), torch.stack(log_p, dim=2)   # (K, B, L, Cz)
+        log_q, log_p = torch.stack(log_q, dim=2), torch.stack(log_p, dim=2)  # (K, B, L, Cz)
         names = tuple(f"z{layer + 1}/c{c}" for layer in range(self.num_layers) for c in range(self.latent_channels))
-        return LogDensities(log_likelihood, log_p.sum((-2, -1)), log_q.sum((-2, -1)), latents,
-                            kl_groups=(log_q - log_p).flatten(-2), group_units=(1,) * len(names), group_names=names)
+        return LogDensities(
+            log_likelihood,
+            log_p.sum((-2, -1)),
+            log_q.sum((-2, -1)),
+            latents,
+            kl_groups=(log_q - log_p).flatten(-2),
+            group_units=(1,) * len(names),
+            group_names=names,
+        )
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -271,15 +304,17 @@ class ResNetVAE(LatentVariableModel[BottomUp]):
             raise ValueError(f"noise must be a dict with keys {list(shapes)}, got {given}")
         for name, shape in shapes.items():
             if tuple(noise[name].shape) != (samples, batch, *shape):
-                raise ValueError(f"noise[{name!r}] must have shape {(samples, batch, *shape)}, "
-                                 f"got {tuple(noise[name].shape)}")
+                raise ValueError(
+                    f"noise[{name!r}] must have shape {(samples, batch, *shape)}, got {tuple(noise[name].shape)}"
+                )
         return dict(noise)
 
     def _top_state(self, n: int) -> torch.Tensor:
         return self.h_top.view(1, -1, 1, 1).expand(n, -1, *self.latent_shape[1:])
 
-    def _top_down(self, encoded: BottomUp, noise: Noise, samples: int
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def _top_down(
+        self, encoded: BottomUp, noise: Noise, samples: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """h (K·B, C, h, w) after the last layer, latents {zl: (K, B, Cz, h, w)}, and per layer
         (bottom first) log q and log p per channel (K, B, Cz)."""
         h = self._top_state(samples * encoded.batch_size)
@@ -305,9 +340,18 @@ class ResNetVAE(LatentVariableModel[BottomUp]):
         return params.reshape(samples, -1, *params.shape[1:])
 
 
-def build_resnet_vae(image_shape: Sequence[int], likelihood: Likelihood | str, layers: int = 4, channels: int = 64,
-                     latent_channels: int = 16, flow: str = "iaf", flow_steps: int = 1, flow_hidden: int | None = None,
-                     downsample: bool = True, data_kind: str = "binary") -> ResNetVAE:
+def build_resnet_vae(
+    image_shape: Sequence[int],
+    likelihood: Likelihood | str,
+    layers: int = 4,
+    channels: int = 64,
+    latent_channels: int = 16,
+    flow: str = "iaf",
+    flow_steps: int = 1,
+    flow_hidden: int | None = None,
+    downsample: bool = True,
+    data_kind: str = "binary",
+) -> ResNetVAE:
     """A ResNet VAE; ``likelihood`` may be a name (checked against ``data_kind``).
 
     Kingma et al.'s CIFAR-10 model: ``build_resnet_vae((3, 32, 32), "discretized_logistic",
@@ -315,5 +359,14 @@ def build_resnet_vae(image_shape: Sequence[int], likelihood: Likelihood | str, l
     """
     if isinstance(likelihood, str):
         likelihood = build_likelihood(likelihood, data_kind)
-    return ResNetVAE(image_shape, likelihood, layers=layers, channels=channels, latent_channels=latent_channels,
-                     flow=flow, flow_steps=flow_steps, flow_hidden=flow_hidden, downsample=downsample)
+    return ResNetVAE(
+        image_shape,
+        likelihood,
+        layers=layers,
+        channels=channels,
+        latent_channels=latent_channels,
+        flow=flow,
+        flow_steps=flow_steps,
+        flow_hidden=flow_hidden,
+        downsample=downsample,
+    )

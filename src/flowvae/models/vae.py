@@ -34,8 +34,9 @@ class GaussianEncoder(nn.Module):
     forward(x) -> (mean (B, D), log_std (B, D), h (B, feature_dim)); h is the flows' context.
     """
 
-    def __init__(self, body: nn.Module, feature_dim: int, latent_dim: int,
-                 log_var_bounds: tuple[float, float] | None = None) -> None:
+    def __init__(
+        self, body: nn.Module, feature_dim: int, latent_dim: int, log_var_bounds: tuple[float, float] | None = None
+    ) -> None:
         super().__init__()
         self.body, self.feature_dim, self.latent_dim = body, feature_dim, latent_dim
         self.log_var_bounds = log_var_bounds
@@ -68,8 +69,16 @@ class VAE(LatentVariableModel[FlowDistribution]):
             :mod:`flowvae.priors`); None is N(0, I).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, latent_dim: int,
-                 image_shape: Sequence[int], flow: Flow | None = None, prior: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: Likelihood,
+        latent_dim: int,
+        image_shape: Sequence[int],
+        flow: Flow | None = None,
+        prior: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.encoder, self.decoder, self.flow, self.prior = encoder, decoder, flow, prior
         self.likelihood, self.latent_dim, self.image_shape = likelihood, latent_dim, tuple(image_shape)
@@ -102,8 +111,9 @@ class VAE(LatentVariableModel[FlowDistribution]):
         """log p(z), (…, D) -> (…)."""
         return standard_normal_log_prob(z) if self.prior is None else self.prior.log_prob(z)
 
-    def log_densities(self, x: torch.Tensor, encoded: FlowDistribution, samples: int = 1,
-                      noise: Noise | torch.Tensor | None = None) -> LogDensities:
+    def log_densities(
+        self, x: torch.Tensor, encoded: FlowDistribution, samples: int = 1, noise: Noise | torch.Tensor | None = None
+    ) -> LogDensities:
         """Draw ``samples`` z_K ~ q(z|x) and score them; every field is (samples, B).
 
         ``noise`` {"z": (samples, B, D)} standard normal fixes the draw (z₀ = μ + σ ε).
@@ -118,8 +128,9 @@ class VAE(LatentVariableModel[FlowDistribution]):
     def path_gradient_problem(self) -> str | None:
         return None if self.flow is None else f"the {type(self.flow).__name__} flow posterior"
 
-    def path_log_densities(self, x: torch.Tensor, encoded: FlowDistribution, samples: int = 1,
-                           noise: Noise | torch.Tensor | None = None) -> LogDensities:
+    def path_log_densities(
+        self, x: torch.Tensor, encoded: FlowDistribution, samples: int = 1, noise: Noise | torch.Tensor | None = None
+    ) -> LogDensities:
         """:meth:`log_densities` with log q(z|x) = log N(z; sg(μ), sg(σ)²): the gradient of log q
         reaches μ and σ along z = μ + σ ε only (the path derivative; Roeder et al. 2017)."""
         if self.flow is not None:
@@ -127,7 +138,7 @@ class VAE(LatentVariableModel[FlowDistribution]):
         noise = as_noise(self, noise)
         mean, std = encoded.base.mean, encoded.base.stddev
         eps = torch.randn(samples, *mean.shape, device=mean.device, dtype=mean.dtype) if noise is None else noise["z"]
-        z = at_least_float32(mean + std * eps)                     # every use of the sample derives from z
+        z = at_least_float32(mean + std * eps)  # every use of the sample derives from z
         frozen = D.Independent(D.Normal(mean.detach(), std.detach(), validate_args=False), 1, validate_args=False)
         log_q = at_least_float32(frozen.log_prob(z))
         params = at_least_float32(self.decode(z))
@@ -137,8 +148,10 @@ class VAE(LatentVariableModel[FlowDistribution]):
     def init_output_bias(self, mean_image: torch.Tensor) -> None:
         dense = self.decoder if isinstance(self.decoder, networks.MLPDecoder) else None
         if dense is None:  # a configuration problem (a one-line error), not a programming one
-            raise ValueError(f"the {type(self.decoder).__name__} has no dense output layer whose bias could start at "
-                             "the data mean; use --arch mlp or ladder")
+            raise ValueError(
+                f"the {type(self.decoder).__name__} has no dense output layer whose bias could start at "
+                "the data mean; use --arch mlp or ladder"
+            )
         with torch.no_grad():
             dense.output.bias.copy_(self.likelihood.params_for_mean(mean_image).flatten())
 
@@ -156,11 +169,25 @@ class VAE(LatentVariableModel[FlowDistribution]):
         return self.likelihood.mean(self.decode(z))
 
 
-def build_vae(arch: str, image_shape: Sequence[int], latent_dim: int, likelihood: str | Likelihood = "bernoulli",
-              hidden: int = 300, feature_dim: int = 256, flow: str = "none", flow_steps: int = 4,
-              flow_hidden: int = 320, reflections: int = 8, rank: int | None = None, data_kind: str = "binary",
-              flow_context: bool = True, prior: nn.Module | None = None, activation: str = "elu",
-              dropout: float = 0.0, log_var_bounds: tuple[float, float] | None = None) -> VAE:
+def build_vae(
+    arch: str,
+    image_shape: Sequence[int],
+    latent_dim: int,
+    likelihood: str | Likelihood = "bernoulli",
+    hidden: int = 300,
+    feature_dim: int = 256,
+    flow: str = "none",
+    flow_steps: int = 4,
+    flow_hidden: int = 320,
+    reflections: int = 8,
+    rank: int | None = None,
+    data_kind: str = "binary",
+    flow_context: bool = True,
+    prior: nn.Module | None = None,
+    activation: str = "elu",
+    dropout: float = 0.0,
+    log_var_bounds: tuple[float, float] | None = None,
+) -> VAE:
     """A ready VAE: 'mlp' (784-300-300-z as in Rezende & Mohamed), 'conv', or 'gated' (van den Berg et al.).
 
     Flows named as in :func:`flowvae.flows.build_flow`.  With ``flow_context`` (the default) they
@@ -190,11 +217,13 @@ def build_vae(arch: str, image_shape: Sequence[int], latent_dim: int, likelihood
         decoder = networks.GatedConvDecoder(latent_dim, image_shape, per_pixel)
     encoder = GaussianEncoder(body, body.feature_dim, latent_dim, log_var_bounds)
     context_dim = body.feature_dim if flow_context else None
-    posterior_flow = None if flow == "none" else build_flow(flow, latent_dim, flow_steps, context_dim, flow_hidden,
-                                                              reflections, rank)
+    posterior_flow = (
+        None
+        if flow == "none"
+        else build_flow(flow, latent_dim, flow_steps, context_dim, flow_hidden, reflections, rank)
+    )
     return VAE(encoder, decoder, lik, latent_dim, image_shape, posterior_flow, prior)
 
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-

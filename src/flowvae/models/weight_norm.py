@@ -18,7 +18,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from flowvae.models.base import LatentVariableModel, draw_noise
 
-V_INIT_STD = 0.05      # initial std of the weight-norm directions v (openai/iaf)
+V_INIT_STD = 0.05  # initial std of the weight-norm directions v (openai/iaf)
 
 
 def weight_normed(module: nn.Conv2d | nn.ConvTranspose2d, init_scale: float | Sequence[float] = 1.0) -> nn.Module:
@@ -55,6 +55,7 @@ def _data_init_hook(done: set[nn.Module]) -> Callable[[nn.Module, tuple, torch.T
         module.bias.copy_(((module.bias.float() - mean) * factor).to(module.bias.dtype))
         shape = (1, -1, 1, 1)
         return ((output.float() - mean.view(shape)) * factor.view(shape)).to(output.dtype)
+
     return hook
 
 

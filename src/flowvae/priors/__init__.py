@@ -37,6 +37,22 @@ from flowvae.priors.flow import (
 from flowvae.priors.gaussian import DiagonalGaussianPrior
 from flowvae.priors.vamp import Encode, VampPrior, gaussian_mixture_log_prob
 
-__all__ = ["Prior", "StandardNormalPrior", "DiagonalGaussianPrior", "FlowPrior", "VampPrior", "build_prior",
-           "build_flow_prior", "has_one_pass_density", "gaussian_mixture_log_prob", "PRIORS", "PRIOR_NAMES",
-           "FLOW_PRIORS", "FLOW_PRIOR_NAMES", "FlowPriorFamily", "Encode", "as_event_shape", "split_equally"]
+__all__ = [
+    "Prior",
+    "StandardNormalPrior",
+    "DiagonalGaussianPrior",
+    "FlowPrior",
+    "VampPrior",
+    "build_prior",
+    "build_flow_prior",
+    "has_one_pass_density",
+    "gaussian_mixture_log_prob",
+    "PRIORS",
+    "PRIOR_NAMES",
+    "FLOW_PRIORS",
+    "FLOW_PRIOR_NAMES",
+    "FlowPriorFamily",
+    "Encode",
+    "as_event_shape",
+    "split_equally",
+]

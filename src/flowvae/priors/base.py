@@ -42,9 +42,10 @@ class Prior(nn.Module):
         name, n = type(self).__name__, len(self.event_shape)
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"{name}.log_prob expects a floating-point tensor, got {type(z).__name__}")
-        if z.dim() < n or tuple(z.shape[z.dim() - n:]) != self.event_shape:
-            raise ValueError(f"{name} expects z of shape (*batch, {', '.join(map(str, self.event_shape))}), "
-                             f"got {tuple(z.shape)}")
+        if z.dim() < n or tuple(z.shape[z.dim() - n :]) != self.event_shape:
+            raise ValueError(
+                f"{name} expects z of shape (*batch, {', '.join(map(str, self.event_shape))}), got {tuple(z.shape)}"
+            )
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Exact log p(z): z (*batch, *event) -> (*batch).

@@ -31,8 +31,15 @@ def _flow(event_shape: tuple[int, ...], *, flow: str | None, steps: int, hidden:
 
 
 @PRIORS.register("vamp")
-def _vamp(event_shape: tuple[int, ...], *, n_pseudo: int, image_shape: Sequence[int] | None,
-          encode: Encode | None, pseudo_init: torch.Tensor | None, **options: Any) -> Prior:
+def _vamp(
+    event_shape: tuple[int, ...],
+    *,
+    n_pseudo: int,
+    image_shape: Sequence[int] | None,
+    encode: Encode | None,
+    pseudo_init: torch.Tensor | None,
+    **options: Any,
+) -> Prior:
     if len(event_shape) != 1:
         raise ValueError(f"the vamp prior needs vector latents (D,), got event_shape {event_shape}")
     if image_shape is None or encode is None:
@@ -43,9 +50,18 @@ def _vamp(event_shape: tuple[int, ...], *, n_pseudo: int, image_shape: Sequence[
 PRIOR_NAMES = PRIORS.names()
 
 
-def build_prior(name: str, event_shape: int | Sequence[int], *, flow: str | None = None, steps: int = 4,
-                hidden: int = 320, n_pseudo: int = 500, image_shape: Sequence[int] | None = None,
-                encode: Encode | None = None, pseudo_init: torch.Tensor | None = None) -> Prior:
+def build_prior(
+    name: str,
+    event_shape: int | Sequence[int],
+    *,
+    flow: str | None = None,
+    steps: int = 4,
+    hidden: int = 320,
+    n_pseudo: int = 500,
+    image_shape: Sequence[int] | None = None,
+    encode: Encode | None = None,
+    pseudo_init: torch.Tensor | None = None,
+) -> Prior:
     """The prior called ``name`` (one of :data:`PRIORS`) over ``event_shape``.
 
     'standard': N(0, I).  'flow': :func:`build_flow_prior` with ``flow``, ``steps``, ``hidden``.
@@ -61,5 +77,13 @@ def build_prior(name: str, event_shape: int | Sequence[int], *, flow: str | None
         >>> prior.log_prob(torch.randn(10, 4)).shape, prior.sample(3).shape
         (torch.Size([10]), torch.Size([3, 4]))
     """
-    return PRIORS[name](as_event_shape(event_shape), flow=flow, steps=steps, hidden=hidden, n_pseudo=n_pseudo,
-                        image_shape=image_shape, encode=encode, pseudo_init=pseudo_init)
+    return PRIORS[name](
+        as_event_shape(event_shape),
+        flow=flow,
+        steps=steps,
+        hidden=hidden,
+        n_pseudo=n_pseudo,
+        image_shape=image_shape,
+        encode=encode,
+        pseudo_init=pseudo_init,
+    )

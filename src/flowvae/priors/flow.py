@@ -68,14 +68,18 @@ class FlowPrior(Prior):
         if not isinstance(flow, Flow):
             raise TypeError(f"FlowPrior needs a flowvae Flow, got {type(flow).__name__}")
         if flow.event_dim != len(self.event_shape):
-            raise ValueError(f"FlowPrior over event_shape {self.event_shape} needs a flow with event_dim "
-                             f"{len(self.event_shape)}, got event_dim {flow.event_dim}")
+            raise ValueError(
+                f"FlowPrior over event_shape {self.event_shape} needs a flow with event_dim "
+                f"{len(self.event_shape)}, got event_dim {flow.event_dim}"
+            )
         if flow.context_dim is not None:
             raise ValueError(f"a prior is unconditional, but the flow was built with context_dim={flow.context_dim}")
         offender = _not_one_pass(flow, density=True)
         if offender is not None:
-            raise ValueError(f"FlowPrior needs a flow whose inverse (density direction) is one pass, such as "
-                             f"MAF, coupling or Glow steps; {offender} is not")
+            raise ValueError(
+                f"FlowPrior needs a flow whose inverse (density direction) is one pass, such as "
+                f"MAF, coupling or Glow steps; {offender} is not"
+            )
         for module in flow.modules():
             if isinstance(module, ActNorm):
                 module.initialized.fill_(True)
@@ -102,18 +106,33 @@ class FlowPriorFamily:
 FLOW_PRIORS: Registry[FlowPriorFamily] = Registry("flow prior")
 """The families of :func:`build_flow_prior`, in the order of their defaults (the first of each event_dim)."""
 
-FLOW_PRIORS.register("maf")(FlowPriorFamily(1, lambda channels, k, hidden: [
-    MAF(channels, (hidden, hidden), order="natural" if k % 2 == 0 else "reversed")]))
-FLOW_PRIORS.register("coupling")(FlowPriorFamily(1, lambda channels, k, hidden: [
-    AffineCoupling(channels, hidden, event_dim=1, swap=k % 2 == 1)], min_channels=2))
-FLOW_PRIORS.register("glow")(FlowPriorFamily(3, lambda channels, k, hidden: [
-    ActNorm(channels), InvertibleConv1x1(channels), AffineCoupling(channels, hidden, event_dim=3, swap=k % 2 == 1)],
-    min_channels=2))
+FLOW_PRIORS.register("maf")(
+    FlowPriorFamily(
+        1, lambda channels, k, hidden: [MAF(channels, (hidden, hidden), order="natural" if k % 2 == 0 else "reversed")]
+    )
+)
+FLOW_PRIORS.register("coupling")(
+    FlowPriorFamily(
+        1, lambda channels, k, hidden: [AffineCoupling(channels, hidden, event_dim=1, swap=k % 2 == 1)], min_channels=2
+    )
+)
+FLOW_PRIORS.register("glow")(
+    FlowPriorFamily(
+        3,
+        lambda channels, k, hidden: [
+            ActNorm(channels),
+            InvertibleConv1x1(channels),
+            AffineCoupling(channels, hidden, event_dim=3, swap=k % 2 == 1),
+        ],
+        min_channels=2,
+    )
+)
 FLOW_PRIOR_NAMES = FLOW_PRIORS.names()
 
 
-def build_flow_prior(event_shape: int | Sequence[int], flow: str | None = None, steps: int = 4,
-                     hidden: int = 320) -> FlowPrior:
+def build_flow_prior(
+    event_shape: int | Sequence[int], flow: str | None = None, steps: int = 4, hidden: int = 320
+) -> FlowPrior:
     """A :class:`FlowPrior` of ``steps`` steps of one family.
 
     Vectors ``(D,)``: ``flow='maf'`` (the default; MADEs with two hidden layers of ``hidden``
@@ -129,21 +148,27 @@ def build_flow_prior(event_shape: int | Sequence[int], flow: str | None = None, 
     spatial = len(shape) == 3
     flow = next(n for n in FLOW_PRIORS if (FLOW_PRIORS[n].event_dim == 3) == spatial) if flow is None else flow
     if flow not in FLOW_PRIOR_NAMES:
-        raise ValueError(f"flow prior {flow!r} must be one of {', '.join(FLOW_PRIOR_NAMES)} "
-                         "(families whose density direction is one pass; IAF, planar, radial and Sylvester are not)")
+        raise ValueError(
+            f"flow prior {flow!r} must be one of {', '.join(FLOW_PRIOR_NAMES)} "
+            "(families whose density direction is one pass; IAF, planar, radial and Sylvester are not)"
+        )
     family = FLOW_PRIORS[flow]
     if (family.event_dim == 3) != spatial:
         vectors, images = ([repr(n) for n in FLOW_PRIORS if FLOW_PRIORS[n].event_dim == d] for d in (1, 3))
-        raise ValueError(f"flow prior {flow!r} does not fit event_shape {shape}: use {' or '.join(vectors)} for "
-                         f"vectors (D,) and {' or '.join(images)} for spatial latents (C, H, W)")
+        raise ValueError(
+            f"flow prior {flow!r} does not fit event_shape {shape}: use {' or '.join(vectors)} for "
+            f"vectors (D,) and {' or '.join(images)} for spatial latents (C, H, W)"
+        )
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"a flow prior needs steps >= 1, got {steps!r}")
     if not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"a flow prior needs hidden >= 1, got {hidden!r}")
     channels = shape[0]
     if channels < family.min_channels:
-        raise ValueError(f"a {flow} prior splits {'channels' if spatial else 'features'} in two and needs at least 2, "
-                         f"got event_shape {shape}")
+        raise ValueError(
+            f"a {flow} prior splits {'channels' if spatial else 'features'} in two and needs at least 2, "
+            f"got event_shape {shape}"
+        )
     parts: list[Flow] = []
     for k in range(steps):
         parts += family.step(channels, k, hidden)

@@ -16,8 +16,9 @@ from flowvae.priors.base import Prior
 Encode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def gaussian_mixture_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor,
-                              max_block: int = 2 ** 22) -> torch.Tensor:
+def gaussian_mixture_log_prob(
+    z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor, max_block: int = 2**22
+) -> torch.Tensor:
     """log (1/K) Σ_k N(z; μ_k, diag σ_k²) for z (*batch, D), mean and log_std (K, D) -> (*batch).
 
     With P_k = σ_k⁻² and everything centred on c = mean_k μ_k,
@@ -30,22 +31,24 @@ def gaussian_mixture_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torc
     taken ``max_block // K`` at a time so that no N × K block exceeds ``max_block`` entries.
     """
     if mean.dim() != 2 or mean.shape != log_std.shape or z.shape[-1] != mean.shape[-1]:
-        raise ValueError(f"gaussian_mixture_log_prob needs z (..., D) with mean and log_std (K, D), got "
-                         f"{tuple(z.shape)}, {tuple(mean.shape)} and {tuple(log_std.shape)}")
+        raise ValueError(
+            f"gaussian_mixture_log_prob needs z (..., D) with mean and log_std (K, D), got "
+            f"{tuple(z.shape)}, {tuple(mean.shape)} and {tuple(log_std.shape)}"
+        )
     out_dtype = at_least_float32(z).dtype
     k, d = mean.shape
     mean, log_std = mean.double(), log_std.double()
     centre = mean.mean(0)
     mean = mean - centre
-    precision = torch.exp(-2.0 * log_std)                                                # (K, D)
-    scaled_mean = mean * precision                                                      # (K, D)
+    precision = torch.exp(-2.0 * log_std)  # (K, D)
+    scaled_mean = mean * precision  # (K, D)
     # log N(z; μ_k, σ_k²) = −½ quad − Σ log σ_k − (D/2) log 2π − log K, all but quad per component
     constant = -0.5 * (mean * scaled_mean).sum(-1) - log_std.sum(-1) - 0.5 * d * LOG_2PI - math.log(k)  # (K,)
     flat = z.reshape(-1, d).double() - centre
     rows = max(1, max_block // k)
     parts = []
     for block in flat.split(rows):
-        quad = (block * block) @ precision.T - 2.0 * (block @ scaled_mean.T)             # (N, K)
+        quad = (block * block) @ precision.T - 2.0 * (block @ scaled_mean.T)  # (N, K)
         parts.append(torch.logsumexp(constant - 0.5 * quad, dim=-1))
     log_p = torch.cat(parts) if parts else flat.new_zeros(0)
     return log_p.reshape(z.shape[:-1]).to(out_dtype)
@@ -82,8 +85,15 @@ class VampPrior(Prior):
 
     closed_form_kl = False
 
-    def __init__(self, n_pseudo: int, image_shape: Sequence[int], encode: Encode,
-                 pseudo_init: torch.Tensor | None = None, *, latent_dim: int) -> None:
+    def __init__(
+        self,
+        n_pseudo: int,
+        image_shape: Sequence[int],
+        encode: Encode,
+        pseudo_init: torch.Tensor | None = None,
+        *,
+        latent_dim: int,
+    ) -> None:
         if not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"VampPrior needs latent_dim >= 1, got {latent_dim!r}")
         super().__init__((latent_dim,))
@@ -97,8 +107,11 @@ class VampPrior(Prior):
         if pseudo_init is None:
             logits = torch.randn(n_pseudo, *image_shape)
         else:
-            if (not isinstance(pseudo_init, torch.Tensor) or not pseudo_init.is_floating_point()
-                    or tuple(pseudo_init.shape) != (n_pseudo, *image_shape)):
+            if (
+                not isinstance(pseudo_init, torch.Tensor)
+                or not pseudo_init.is_floating_point()
+                or tuple(pseudo_init.shape) != (n_pseudo, *image_shape)
+            ):
                 got = tuple(pseudo_init.shape) if isinstance(pseudo_init, torch.Tensor) else type(pseudo_init).__name__
                 raise ValueError(f"pseudo_init must be a float tensor of shape {(n_pseudo, *image_shape)}, got {got}")
             if pseudo_init.min() < 0 or pseudo_init.max() > 1:
@@ -121,8 +134,10 @@ class VampPrior(Prior):
         mean, log_std = out
         expected = (self.n_pseudo, self.event_shape[0])
         if tuple(mean.shape) != expected or tuple(log_std.shape) != expected:
-            raise ValueError(f"VampPrior's encode must return mean and log_std of shape {expected}, got "
-                             f"{tuple(mean.shape)} and {tuple(log_std.shape)}")
+            raise ValueError(
+                f"VampPrior's encode must return mean and log_std of shape {expected}, got "
+                f"{tuple(mean.shape)} and {tuple(log_std.shape)}"
+            )
         return mean, log_std
 
     def _log_prob(self, z: torch.Tensor) -> torch.Tensor:

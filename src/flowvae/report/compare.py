@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from flowvae.config import ConfigError, load_yaml
+from flowvae.config import ConfigError
+from flowvae.config_yaml import load_yaml
 from flowvae.plots import save_figure
 from flowvae.report.curves import column, read_metrics
 from flowvae.report.figures import new_figure, upper_limit
@@ -51,9 +52,9 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class RunSummary:
     """What :func:`summarize_run` reads from a run directory."""
 
-    run: str                       # the directory as given
-    config: dict[str, Any]         # config.yaml, flattened
-    results: dict[str, Any]        # RESULT_COLUMNS' keys -> values (None where absent)
+    run: str  # the directory as given
+    config: dict[str, Any]  # config.yaml, flattened
+    results: dict[str, Any]  # RESULT_COLUMNS' keys -> values (None where absent)
     history: list[dict[str, Any]]  # metrics rows; [] if there are none yet
 
 
@@ -91,9 +92,9 @@ class Comparison:
     """One row per run: the config fields that differ, then the results, then the shared fields."""
 
     runs: list[RunSummary]
-    differing: list[str]   # config keys whose values are not the same in every run
-    shared: list[str]      # config keys with one value in every run
-    results: list[str]     # RESULT_COLUMNS' keys with a value in at least one run
+    differing: list[str]  # config keys whose values are not the same in every run
+    shared: list[str]  # config keys with one value in every run
+    results: list[str]  # RESULT_COLUMNS' keys with a value in at least one run
 
     @staticmethod
     def _format(value: Any, fmt: str | None) -> str:
@@ -125,8 +126,14 @@ class Comparison:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["run", *self.differing, *self.results, *self.shared])
         for s in self.runs:
-            writer.writerow([s.run, *(s.config.get(k) for k in self.differing),
-                             *(s.results.get(k) for k in self.results), *(s.config.get(k) for k in self.shared)])
+            writer.writerow(
+                [
+                    s.run,
+                    *(s.config.get(k) for k in self.differing),
+                    *(s.results.get(k) for k in self.results),
+                    *(s.config.get(k) for k in self.shared),
+                ]
+            )
         return buffer.getvalue()
 
 
@@ -173,4 +180,3 @@ def plot_comparison(comparison: Comparison, out_png: str | Path, key: str = "val
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, out_png)
-

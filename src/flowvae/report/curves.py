@@ -1,6 +1,6 @@
 """Learning curves: the rows of a run's ``metrics.csv`` (or ``metrics.jsonl``) and their figure.
 
-    flowvae curves RUN                      # RUN/curves.png from RUN/metrics.csv
+flowvae curves RUN                      # RUN/curves.png from RUN/metrics.csv
 """
 
 from __future__ import annotations
@@ -71,12 +71,16 @@ def lr_changes(rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
         return []
     epochs = column(rows, "epoch")
     epochs = np.arange(1, len(rows) + 1, dtype=float) if epochs is None else epochs
-    return [(float(epochs[i - 1]), float(lr[i])) for i in range(1, len(rows))
-            if np.isfinite(lr[i]) and np.isfinite(lr[i - 1]) and lr[i] != lr[i - 1]]
+    return [
+        (float(epochs[i - 1]), float(lr[i]))
+        for i in range(1, len(rows))
+        if np.isfinite(lr[i]) and np.isfinite(lr[i - 1]) and lr[i] != lr[i - 1]
+    ]
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]] | str | Path, out_png: str | Path,
-                title: str | None = None) -> None:
+def plot_curves(
+    history: Sequence[Mapping[str, Any]] | str | Path, out_png: str | Path, title: str | None = None
+) -> None:
     """Draw learning curves from metrics rows (or a metrics.csv/.jsonl path or run directory) to ``out_png``.
 
     Top: train loss (the β-weighted −ELBO that was minimised) and valid −ELBO per epoch, with the
@@ -96,9 +100,11 @@ def plot_curves(history: Sequence[Mapping[str, Any]] | str | Path, out_png: str 
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
 
     shown = []
-    for key, label, style in (("train_loss", "train loss (β-weighted −ELBO)", "-"),
-                              ("valid_neg_elbo", "valid −ELBO", "-"),
-                              ("valid_reconstruction", "valid −log p(x|z)", "--")):
+    for key, label, style in (
+        ("train_loss", "train loss (β-weighted −ELBO)", "-"),
+        ("valid_neg_elbo", "valid −ELBO", "-"),
+        ("valid_reconstruction", "valid −log p(x|z)", "--"),
+    ):
         values = column(rows, key)
         if values is not None:
             top.plot(epochs, values, style, marker=marker, ms=3, lw=1.2, label=label)
@@ -113,8 +119,9 @@ def plot_curves(history: Sequence[Mapping[str, Any]] | str | Path, out_png: str 
 
     kl_keys = [k for k in rows[0] if k.startswith("valid_kl")] or [k for k in rows[-1] if k.startswith("valid_kl")]
     for key in kl_keys:
-        bottom.plot(epochs, column(rows, key), marker=marker, ms=3, lw=1.2,
-                    label="valid KL(q‖p)" if key == "valid_kl" else key)
+        bottom.plot(
+            epochs, column(rows, key), marker=marker, ms=3, lw=1.2, label="valid KL(q‖p)" if key == "valid_kl" else key
+        )
     bottom.set_ylabel("KL (nats)")
     bottom.set_xlabel("epoch")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -140,11 +147,20 @@ def plot_curves(history: Sequence[Mapping[str, Any]] | str | Path, out_png: str 
     for x, rate in changes:  # labelled above the axes, out of the curves' way
         for ax in (top, bottom):
             ax.axvline(x, color="0.3", ls=":", lw=1.0)
-        top.annotate(f"{rate:.2g}", (x, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2),
-                     textcoords="offset points", rotation=45, va="bottom", ha="left", fontsize=6.5, color="0.3")
+        top.annotate(
+            f"{rate:.2g}",
+            (x, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(0, 2),
+            textcoords="offset points",
+            rotation=45,
+            va="bottom",
+            ha="left",
+            fontsize=6.5,
+            color="0.3",
+        )
     if changes:
         title = f"{title or 'learning curves'}  (dotted: learning rate changed to)"
     top.set_title(title or "learning curves", fontsize=10, pad=22 if changes else 6)
     fig.tight_layout()
     save_figure(fig, out_png)
-

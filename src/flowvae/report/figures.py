@@ -26,7 +26,7 @@ def new_figure(width: float, height: float) -> Any:
 
 def upper_limit(*series: np.ndarray | None) -> float | None:
     """A y-limit that leaves out the first epochs' large losses, so later differences show."""
-    tails = [s[len(s) // 10 + 1:] for s in series if s is not None and len(s) > 4]
+    tails = [s[len(s) // 10 + 1 :] for s in series if s is not None and len(s) > 4]
     values = np.concatenate(tails) if tails else np.array([])
     values = values[np.isfinite(values)]
     if not len(values):

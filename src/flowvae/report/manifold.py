@@ -1,6 +1,6 @@
 """The decoded latent space: a grid of z for a 2-D latent, latent traversals otherwise.
 
-    flowvae manifold --run RUN              # decoded grid of z (2-D) or latent traversals
+flowvae manifold --run RUN              # decoded grid of z (2-D) or latent traversals
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def traversal_images(model: DecodesLatents, n: int = 20, dims: int = 8) -> tuple
     return model.likelihood.mean(model.decode(z.reshape(-1, model.latent_dim).to(ref.device, ref.dtype))).cpu(), values
 
 
-def plot_manifold(model: DecodesLatents, out_png: str | Path, n: int = 20, dims: int = 8,
-                  title: str | None = None) -> None:
+def plot_manifold(
+    model: DecodesLatents, out_png: str | Path, n: int = 20, dims: int = 8, title: str | None = None
+) -> None:
     """The 2-D manifold grid for a 2-D latent, else a traversal of the first ``dims`` latents, to ``out_png``."""
     two_d = model.latent_dim == 2
     images, values = manifold_images(model, n) if two_d else traversal_images(model, n, dims)

@@ -36,9 +36,13 @@ def prior_log_prob(model: DecodesLatents) -> Callable[[torch.Tensor], torch.Tens
 
 
 @torch.no_grad()
-def log_joint(model: DecodesLatents, x: torch.Tensor, z: torch.Tensor,
-              log_prior: Callable[[torch.Tensor], torch.Tensor] | None = None, chunk: int | None = None
-              ) -> torch.Tensor:
+def log_joint(
+    model: DecodesLatents,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    log_prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """log p(x, z) = log p(x|z) + log p(z) for one image x (C, H, W) at points z (N, D); float64 (N,).
 
     z is decoded ``chunk`` points at a time; by default as many as the evaluation's memory budget allows.
@@ -60,15 +64,15 @@ def log_joint(model: DecodesLatents, x: torch.Tensor, z: torch.Tensor,
 class PosteriorGrid:
     """The true posterior of one image on a grid and q(z|x) on its warped mesh (CPU, float64)."""
 
-    z1: torch.Tensor             # (G,) cell centres along z1
-    z2: torch.Tensor             # (G,) cell centres along z2
+    z1: torch.Tensor  # (G,) cell centres along z1
+    z2: torch.Tensor  # (G,) cell centres along z2
     log_posterior: torch.Tensor  # (G, G) normalised log p(z|x), indexed [z2, z1]
-    log_px: float                # log p(x) by quadrature
-    q_points: torch.Tensor       # (G, G, 2) z_K = flow(z₀) of a z₀ grid, indexed [z₀2, z₀1]
-    log_q: torch.Tensor          # (G, G) log q(z_K|x) at q_points
-    kl: float                    # KL(q ‖ p(z|x)), Monte Carlo over q's samples
-    kl_stderr: float             # its standard error
-    samples: int                 # the Monte Carlo sample size
+    log_px: float  # log p(x) by quadrature
+    q_points: torch.Tensor  # (G, G, 2) z_K = flow(z₀) of a z₀ grid, indexed [z₀2, z₀1]
+    log_q: torch.Tensor  # (G, G) log q(z_K|x) at q_points
+    kl: float  # KL(q ‖ p(z|x)), Monte Carlo over q's samples
+    kl_stderr: float  # its standard error
+    samples: int  # the Monte Carlo sample size
 
     @property
     def box(self) -> Box:
@@ -85,8 +89,15 @@ def _pad(box: Box, fraction: float) -> Box:
     return (box[0] - fraction * w, box[1] + fraction * w, box[2] - fraction * h, box[3] + fraction * h)
 
 
-def _mass_boxes(model: DecodesLatents, x: torch.Tensor, start: Box, log_prior: Callable,
-                drops: Sequence[float] = (20.0, 9.0), size: int = 128, tries: int = 6) -> list[Box]:
+def _mass_boxes(
+    model: DecodesLatents,
+    x: torch.Tensor,
+    start: Box,
+    log_prior: Callable,
+    drops: Sequence[float] = (20.0, 9.0),
+    size: int = 128,
+    tries: int = 6,
+) -> list[Box]:
     """For each drop, the box around the cells of a coarse grid where log p(x, z) is within ``drop``
     nats of its maximum.  The grid starts on ``start`` and is widened on each side that the cells
     within the largest drop touch."""
@@ -105,15 +116,27 @@ def _mass_boxes(model: DecodesLatents, x: torch.Tensor, start: Box, log_prior: C
     for drop in drops:
         keep = lj >= lj.max() - drop
         z1, z2 = grid[..., 0][keep], grid[..., 1][keep]
-        boxes.append((z1.min().item() - 1.5 * h1, z1.max().item() + 1.5 * h1, z2.min().item() - 1.5 * h2,
-                      z2.max().item() + 1.5 * h2))
+        boxes.append(
+            (
+                z1.min().item() - 1.5 * h1,
+                z1.max().item() + 1.5 * h1,
+                z2.min().item() - 1.5 * h2,
+                z2.max().item() + 1.5 * h2,
+            )
+        )
     return boxes
 
 
 @torch.no_grad()
-def posterior_grid(model: HasPosterior, x: torch.Tensor, grid: int = 200, samples: int = 2000,
-                   box: Box | None = None, log_prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   seed: int = 0) -> list[PosteriorGrid]:
+def posterior_grid(
+    model: HasPosterior,
+    x: torch.Tensor,
+    grid: int = 200,
+    samples: int = 2000,
+    box: Box | None = None,
+    log_prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    seed: int = 0,
+) -> list[PosteriorGrid]:
     """The true posterior p(z|x) on a grid and the exact q(z|x) on a warped mesh, for images x (B, C, H, W).
 
     log p(x) = log Σ_cells p(x, z) ΔA (midpoint rule) over a box that holds the posterior's mass
@@ -124,8 +147,10 @@ def posterior_grid(model: HasPosterior, x: torch.Tensor, grid: int = 200, sample
     ``model`` needs ``latent_dim == 2``, ``posterior``, ``decode`` and ``likelihood``.
     """
     if model.latent_dim != 2:
-        raise ValueError(f"the posterior can be drawn for a 2-D latent only; this model has latent_dim="
-                         f"{model.latent_dim} (try flowvae manifold for a latent traversal)")
+        raise ValueError(
+            f"the posterior can be drawn for a 2-D latent only; this model has latent_dim="
+            f"{model.latent_dim} (try flowvae manifold for a latent traversal)"
+        )
     log_prior = log_prior or prior_log_prob(model)
     ref = next(model.parameters())
     q = model.posterior(x.to(ref.device))
@@ -166,13 +191,31 @@ def posterior_grid(model: HasPosterior, x: torch.Tensor, grid: int = 200, sample
             context = None if q.context is None else q.context[b].expand(len(z0), -1)
             z_k, log_abs_det = q.flow(z0.to(ref.device, ref.dtype), context)
             z_k, log_q = z_k.double().cpu(), log_q - log_abs_det.double().cpu()
-        out.append(PosteriorGrid(points[0, :, 0].clone(), points[:, 0, 1].clone(), log_posterior.cpu(), log_px,
-                                 z_k.reshape(grid, grid, 2), log_q.reshape(grid, grid), kl, kl_stderr, samples))
+        out.append(
+            PosteriorGrid(
+                points[0, :, 0].clone(),
+                points[:, 0, 1].clone(),
+                log_posterior.cpu(),
+                log_px,
+                z_k.reshape(grid, grid, 2),
+                log_q.reshape(grid, grid),
+                kl,
+                kl_stderr,
+                samples,
+            )
+        )
     return out
 
 
-def plot_posteriors(model: HasPosterior, x: torch.Tensor, out_png: str | Path, grid: int = 200,
-                    samples: int = 2000, seed: int = 0, title: str | None = None) -> list[PosteriorGrid]:
+def plot_posteriors(
+    model: HasPosterior,
+    x: torch.Tensor,
+    out_png: str | Path,
+    grid: int = 200,
+    samples: int = 2000,
+    seed: int = 0,
+    title: str | None = None,
+) -> list[PosteriorGrid]:
     """One column per image x (B, C, H, W): the image, p(z|x) on a grid, q(z|x) on its warped mesh.
 
     Each density panel is scaled to its own maximum; white lines on q's panel are p(z|x)'s
@@ -199,8 +242,16 @@ def plot_posteriors(model: HasPosterior, x: torch.Tensor, out_png: str | Path, g
         ax = axes[2, j]
         q_density = torch.exp(g.log_q - g.log_q.max()).numpy()
         ax.set_facecolor(zero_colour())
-        ax.pcolormesh(g.q_points[..., 0].numpy(), g.q_points[..., 1].numpy(), q_density, shading="gouraud",
-                      cmap=CMAP, vmin=0, vmax=1, rasterized=True)
+        ax.pcolormesh(
+            g.q_points[..., 0].numpy(),
+            g.q_points[..., 1].numpy(),
+            q_density,
+            shading="gouraud",
+            cmap=CMAP,
+            vmin=0,
+            vmax=1,
+            rasterized=True,
+        )
         levels = [math.exp(-0.5 * c * c) for c in (3, 2, 1)]
         ax.contour(z1, z2, density, levels=levels, colors="white", linewidths=0.6)
         ax.set_title(f"q(z|x), KL(q‖p) = {g.kl:.3f} ± {g.kl_stderr:.3f}\n(MC, {g.samples} samples)", fontsize=8)
@@ -217,4 +268,3 @@ def plot_posteriors(model: HasPosterior, x: torch.Tensor, out_png: str | Path, g
     fig.tight_layout()
     save_figure(fig, out_png)
     return grids
-

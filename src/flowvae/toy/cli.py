@@ -15,9 +15,7 @@ Without the main CLI: ``python -m flowvae.toy.cli ...`` takes the same options.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
 import sys
 import time
@@ -35,6 +33,7 @@ from flowvae.toy.energies import TARGETS, get_target
 from flowvae.toy.fit import TOY_OPTIMIZERS, fit
 from flowvae.toy.metrics import evaluate
 from flowvae.toy.plots import flow_samples, plot_fit, plot_grid, sample_image
+from flowvae.toy.tables import fmt, markdown_table, single_markdown, write_json
 
 DEFAULT_ITERATIONS = 1500
 DEFAULT_BATCH_SIZE = 256
@@ -53,50 +52,105 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="u1", choices=list(TARGETS), help="target density (default u1)")
     parser.add_argument("--flow", default="planar", choices=FIT_FLOWS, help="flow family (default planar)")
     parser.add_argument("--flow-steps", type=int, default=32, help="number of flow steps K (default 32)")
-    parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN,
-                        help=f"hidden width of IAF/MAF MADEs and coupling nets (default {DEFAULT_HIDDEN})")
-    parser.add_argument("--iaf-gate-bias", type=float, default=DEFAULT_IAF_GATE_BIAS,
-                        help=f"IAF gate bias, σ = sigmoid(s + bias) (default {DEFAULT_IAF_GATE_BIAS}; "
-                             "the VAE default 3 leaves short stacks stuck at the identity on U1)")
-    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
-                        help=f"optimizer updates per fit (default {DEFAULT_ITERATIONS})")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help=f"base samples per update (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=DEFAULT_HIDDEN,
+        help=f"hidden width of IAF/MAF MADEs and coupling nets (default {DEFAULT_HIDDEN})",
+    )
+    parser.add_argument(
+        "--iaf-gate-bias",
+        type=float,
+        default=DEFAULT_IAF_GATE_BIAS,
+        help=f"IAF gate bias, σ = sigmoid(s + bias) (default {DEFAULT_IAF_GATE_BIAS}; "
+        "the VAE default 3 leaves short stacks stuck at the identity on U1)",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=DEFAULT_ITERATIONS,
+        help=f"optimizer updates per fit (default {DEFAULT_ITERATIONS})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"base samples per update (default {DEFAULT_BATCH_SIZE})",
+    )
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate (default {DEFAULT_LR})")
     parser.add_argument("--optimizer", default="adam", choices=TOY_OPTIMIZERS, help="optimizer (default adam)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the flow's initial weights and the samples")
-    parser.add_argument("--no-anneal", action="store_true",
-                        help="fit at β = 1 throughout instead of β_t = min(1, 0.01 + t/T)")
-    parser.add_argument("--anneal-steps", type=int, default=None,
-                        help="T of the β schedule (default: min(10000, iterations/2))")
-    parser.add_argument("--eval-samples", type=int, default=100_000,
-                        help="samples of q for the ELBO, IS log Z and ESS (default 100000)")
+    parser.add_argument(
+        "--no-anneal", action="store_true", help="fit at β = 1 throughout instead of β_t = min(1, 0.01 + t/T)"
+    )
+    parser.add_argument(
+        "--anneal-steps", type=int, default=None, help="T of the β schedule (default: min(10000, iterations/2))"
+    )
+    parser.add_argument(
+        "--eval-samples", type=int, default=100_000, help="samples of q for the ELBO, IS log Z and ESS (default 100000)"
+    )
     parser.add_argument("--grid", action="store_true", help="fit every target × flow × length and draw the grid")
-    parser.add_argument("--grid-targets", nargs="+", default=list(GRID_TARGETS), choices=list(TARGETS),
-                        metavar="TARGET", help=f"grid rows (default {' '.join(GRID_TARGETS)})")
-    parser.add_argument("--grid-flows", nargs="+", default=list(GRID_FLOWS), choices=FIT_FLOWS, metavar="FLOW",
-                        help=f"grid flow families (default {' '.join(GRID_FLOWS)})")
-    parser.add_argument("--grid-steps", nargs="+", type=int, default=list(GRID_STEPS), metavar="K",
-                        help=f"grid flow lengths (default {' '.join(map(str, GRID_STEPS))})")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="parallel processes for --grid (default: min(2, CPU count))")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per fit (default 1: these tiny ops run slower with more)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False,
-                        help="show a progress bar for a single fit")
+    parser.add_argument(
+        "--grid-targets",
+        nargs="+",
+        default=list(GRID_TARGETS),
+        choices=list(TARGETS),
+        metavar="TARGET",
+        help=f"grid rows (default {' '.join(GRID_TARGETS)})",
+    )
+    parser.add_argument(
+        "--grid-flows",
+        nargs="+",
+        default=list(GRID_FLOWS),
+        choices=FIT_FLOWS,
+        metavar="FLOW",
+        help=f"grid flow families (default {' '.join(GRID_FLOWS)})",
+    )
+    parser.add_argument(
+        "--grid-steps",
+        nargs="+",
+        type=int,
+        default=list(GRID_STEPS),
+        metavar="K",
+        help=f"grid flow lengths (default {' '.join(map(str, GRID_STEPS))})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="parallel processes for --grid (default: min(2, CPU count))",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per fit (default 1: these tiny ops run slower with more)"
+    )
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=False, help="show a progress bar for a single fit"
+    )
     parser.add_argument("--out", default="runs/toy", help="output directory (created; default runs/toy)")
 
 
 def _spec(args: argparse.Namespace, target: str, flow: str, steps: int) -> dict[str, Any]:
-    return {"target": target, "flow": flow, "flow_steps": steps, "hidden": args.hidden,
-            "iaf_gate_bias": args.iaf_gate_bias,
-            "iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr,
-            "optimizer": args.optimizer, "anneal": not args.no_anneal, "anneal_steps": args.anneal_steps,
-            "seed": args.seed, "eval_samples": args.eval_samples, "threads": args.threads}
+    return {
+        "target": target,
+        "flow": flow,
+        "flow_steps": steps,
+        "hidden": args.hidden,
+        "iaf_gate_bias": args.iaf_gate_bias,
+        "iterations": args.iterations,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "optimizer": args.optimizer,
+        "anneal": not args.no_anneal,
+        "anneal_steps": args.anneal_steps,
+        "seed": args.seed,
+        "eval_samples": args.eval_samples,
+        "threads": args.threads,
+    }
 
 
-def make_flow(name: str, steps: int, hidden: int = DEFAULT_HIDDEN,
-              iaf_gate_bias: float = DEFAULT_IAF_GATE_BIAS) -> Flow:
+def make_flow(
+    name: str, steps: int, hidden: int = DEFAULT_HIDDEN, iaf_gate_bias: float = DEFAULT_IAF_GATE_BIAS
+) -> Flow:
     """A 2-D stack as :func:`flowvae.flows.build_flow` builds it, except IAF steps get ``iaf_gate_bias``.
 
     The IAF's gated update σ z + (1 − σ) m only contracts volume; with the VAE default bias 3
@@ -104,8 +158,12 @@ def make_flow(name: str, steps: int, hidden: int = DEFAULT_HIDDEN,
     q = N(0, I) (KL 4.6 nats); with bias 1 (σ ≈ 0.73) it finds a lobe (KL 0.8).
     """
     if name == "iaf":
-        return Compose([IAF(2, (hidden, hidden), None, "natural" if k % 2 == 0 else "reversed", gate_bias=iaf_gate_bias)
-                        for k in range(steps)])
+        return Compose(
+            [
+                IAF(2, (hidden, hidden), None, "natural" if k % 2 == 0 else "reversed", gate_bias=iaf_gate_bias)
+                for k in range(steps)
+            ]
+        )
     return build_flow(name, 2, steps, hidden=hidden)
 
 
@@ -114,12 +172,28 @@ def _fit_one(spec: dict[str, Any], progress: bool = False) -> tuple[Any, dict[st
     target = get_target(spec["target"])
     torch.manual_seed(spec["seed"])
     flow = make_flow(spec["flow"], spec["flow_steps"], spec["hidden"], spec["iaf_gate_bias"])
-    result = fit(target, flow, steps=spec["iterations"], batch_size=spec["batch_size"], lr=spec["lr"],
-                 anneal=spec["anneal"], anneal_steps=spec["anneal_steps"], seed=spec["seed"],
-                 optimizer=spec["optimizer"], progress=progress, threads=spec["threads"])
+    result = fit(
+        target,
+        flow,
+        steps=spec["iterations"],
+        batch_size=spec["batch_size"],
+        lr=spec["lr"],
+        anneal=spec["anneal"],
+        anneal_steps=spec["anneal_steps"],
+        seed=spec["seed"],
+        optimizer=spec["optimizer"],
+        progress=progress,
+        threads=spec["threads"],
+    )
     metrics = evaluate(target, result.flow, samples=spec["eval_samples"], seed=spec["seed"] + 1)
-    row = {"target": spec["target"], "flow": spec["flow"], "flow_steps": spec["flow_steps"], **metrics,
-           "fit_seconds": result.seconds, "skipped_updates": result.skipped}
+    row = {
+        "target": spec["target"],
+        "flow": spec["flow"],
+        "flow_steps": spec["flow_steps"],
+        **metrics,
+        "fit_seconds": result.seconds,
+        "skipped_updates": result.skipped,
+    }
     return result, row
 
 
@@ -128,48 +202,6 @@ def _grid_job(spec: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     result, row = _fit_one(spec)
     image = sample_image(flow_samples(result.flow, PLOT_SAMPLES, seed=spec["seed"] + 2), get_target(spec["target"]).box)
     return row, image
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The grid's metric table; † marks a log Z over the box only (targets without a finite normaliser).
-
-    ESS % is the Kish effective sample size of the importance weights as a share of the samples;
-    'q in box %' the share of q's samples inside the plotting window.
-    """
-    lines = ["| target | flow | K | ELBO | IS log Z | ESS % | quadrature log Z | KL(q‖p) = log Z − ELBO "
-             "| q in box % | fit s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        quad = _fmt(r["log_z_quadrature"]) + ("" if r["proper"] else " †")
-        lines.append(f"| {r['target']} | {r['flow']} | {r['flow_steps']} | {_fmt(r['elbo'])} | {_fmt(r['is_log_z'])} "
-                     f"| {100 * r['ess_fraction']:.1f} | {quad} | {_fmt(r['kl'])} | {100 * r['q_mass_in_box']:.1f} "
-                     f"| {r['fit_seconds']:.0f} |")
-    if any(not r["proper"] for r in rows):
-        lines.append("")
-        lines.append("† improper target (its integral over ℝ² diverges, e.g. the unconfined U2–U4): the "
-                     "quadrature covers its box only, so no KL is given.")
-    return "\n".join(lines) + "\n"
-
-
-def _single_markdown(row: dict[str, Any], command: str) -> str:
-    keys = ["elbo", "elbo_stderr", "is_log_z", "ess", "ess_fraction", "log_z_exact", "log_z_quadrature",
-            "log_z_source", "kl", "is_log_z_error", "q_mass_in_box", "fit_seconds", "skipped_updates"]
-    lines = [f"# {row['target']} · {row['flow']} K={row['flow_steps']}", "", f"`{command}`", "",
-             "| metric | value |", "|---|---:|"]
-    lines += [f"| {k} | {_fmt(row.get(k), 4)} |" for k in keys]
-    return "\n".join(lines) + "\n"
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -223,9 +255,10 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
     samples = flow_samples(result.flow, PLOT_SAMPLES, seed=args.seed + 2)
     fig = plot_fit(target, samples, result.history, f"q: {args.flow} K={args.flow_steps}")
     save_figure(fig, out / "density.png")
-    _write_json(out / "metrics.json", {"command": command_line(args), "config": spec, "metrics": row,
-                                             "history": result.history})
-    atomic_write_text(out / "metrics.md", _single_markdown(row, command_line(args)))
+    write_json(
+        out / "metrics.json", {"command": command_line(args), "config": spec, "metrics": row, "history": result.history}
+    )
+    atomic_write_text(out / "metrics.md", single_markdown(row, command_line(args)))
     return row
 
 
@@ -238,9 +271,12 @@ def run_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     def report(i: int) -> None:
         row = results[i][0]
-        print(f"[{len(results)}/{len(specs)}] {row['target']} {row['flow']} K={row['flow_steps']}: "
-              f"ELBO {row['elbo']:.3f}, IS log Z {row['is_log_z']:.3f}, ESS {100 * row['ess_fraction']:.1f}%, "
-              f"KL {_fmt(row['kl'])}, {row['fit_seconds']:.0f} s", flush=True)
+        print(
+            f"[{len(results)}/{len(specs)}] {row['target']} {row['flow']} K={row['flow_steps']}: "
+            f"ELBO {row['elbo']:.3f}, IS log Z {row['is_log_z']:.3f}, ESS {100 * row['ess_fraction']:.1f}%, "
+            f"KL {fmt(row['kl'])}, {row['fit_seconds']:.0f} s",
+            flush=True,
+        )
 
     if args.workers == 1:
         for i in order:
@@ -248,8 +284,9 @@ def run_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
             report(i)
     else:
         # Fresh (spawned) workers, each held to --threads torch threads so that they don't oversubscribe.
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
-                                 initargs=(args.threads,)) as pool:
+        with ProcessPoolExecutor(
+            args.workers, mp_context=get_context("spawn"), initializer=torch.set_num_threads, initargs=(args.threads,)
+        ) as pool:
             futures = {i: pool.submit(_grid_job, specs[i]) for i in order}
             for i in order:
                 results[i] = futures[i].result()
@@ -262,10 +299,12 @@ def run_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     fig = plot_grid([get_target(t) for t in args.grid_targets], labels, images)
     save_figure(fig, out / "grid.png", dpi=100)
     config = {k: v for k, v in _spec(args, "", "", 0).items() if k not in ("target", "flow", "flow_steps")}
-    config.update(grid_targets=args.grid_targets, grid_flows=args.grid_flows, grid_steps=args.grid_steps,
-                  workers=args.workers)
-    _write_json(out / "metrics.json", {"command": command_line(args), "config": config,
-                                             "wall_seconds": wall, "rows": rows})
+    config.update(
+        grid_targets=args.grid_targets, grid_flows=args.grid_flows, grid_steps=args.grid_steps, workers=args.workers
+    )
+    write_json(
+        out / "metrics.json", {"command": command_line(args), "config": config, "wall_seconds": wall, "rows": rows}
+    )
     header = f"`{command_line(args)}`\n\nwall time {wall:.0f} s ({len(specs)} fits, {args.workers} worker(s))\n\n"
     atomic_write_text(out / "metrics.md", header + markdown_table(rows))
     print(f"{len(specs)} fits in {wall:.0f} s", flush=True)
@@ -286,9 +325,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out / 'grid.png'}, {out / 'metrics.json'}, {out / 'metrics.md'}")
     else:
         row = run_single(args)
-        print(f"{args.target} {args.flow} K={args.flow_steps}: ELBO {row['elbo']:.4f}, IS log Z {row['is_log_z']:.4f}, "
-              f"ESS {100 * row['ess_fraction']:.1f}%, log Z {_fmt(row['log_z'], 4)} ({row['log_z_source']}), "
-              f"KL {_fmt(row['kl'], 4)}, fit {row['fit_seconds']:.1f} s")
+        print(
+            f"{args.target} {args.flow} K={args.flow_steps}: ELBO {row['elbo']:.4f}, IS log Z {row['is_log_z']:.4f}, "
+            f"ESS {100 * row['ess_fraction']:.1f}%, log Z {fmt(row['log_z'], 4)} ({row['log_z_source']}), "
+            f"KL {fmt(row['kl'], 4)}, fit {row['fit_seconds']:.1f} s"
+        )
         print(f"wrote {out / 'density.png'}, {out / 'metrics.json'}, {out / 'metrics.md'}")
     return 0
 

@@ -61,8 +61,9 @@ def u1(z: torch.Tensor) -> torch.Tensor:
     """
     z1, _ = _split(z)
     radius = torch.linalg.vector_norm(z, dim=-1)
-    return 0.5 * ((radius - 2.0) / 0.4) ** 2 - torch.logaddexp(-0.5 * ((z1 - 2.0) / 0.6) ** 2,
-                                                               -0.5 * ((z1 + 2.0) / 0.6) ** 2)
+    return 0.5 * ((radius - 2.0) / 0.4) ** 2 - torch.logaddexp(
+        -0.5 * ((z1 - 2.0) / 0.6) ** 2, -0.5 * ((z1 + 2.0) / 0.6) ** 2
+    )
 
 
 def u2(z: torch.Tensor) -> torch.Tensor:
@@ -116,14 +117,17 @@ class Target:
         return -self.energy(z)
 
 
-def gaussian_target(mean: Sequence[float], cov: Sequence[Sequence[float]], name: str = "gaussian",
-                    box: Box = DEFAULT_BOX) -> Target:
+def gaussian_target(
+    mean: Sequence[float], cov: Sequence[Sequence[float]], name: str = "gaussian", box: Box = DEFAULT_BOX
+) -> Target:
     """U(z) = ½ (z − μ)ᵀ Σ⁻¹ (z − μ), so Z = 2π √det Σ."""
     mu = torch.tensor(mean, dtype=torch.float64)
     sigma = torch.tensor(cov, dtype=torch.float64)
     if mu.shape != (2,) or sigma.shape != (2, 2):
-        raise ValueError(f"gaussian_target needs a mean of shape (2,) and a covariance (2, 2), "
-                         f"got {tuple(mu.shape)} and {tuple(sigma.shape)}")
+        raise ValueError(
+            f"gaussian_target needs a mean of shape (2,) and a covariance (2, 2), "
+            f"got {tuple(mu.shape)} and {tuple(sigma.shape)}"
+        )
     precision = torch.linalg.inv(sigma)
     log_z = math.log(2.0 * math.pi) + 0.5 * torch.logdet(sigma).item()
 
@@ -150,8 +154,14 @@ def mixture_target(means: Sequence[Sequence[float]], std: float, name: str, box:
     return Target(name, energy, box, log_z, True, f"{mu.shape[0]} Gaussians, std {std}")
 
 
-def banana_target(std1: float = 1.0, std2: float = 0.5, bend: float = 0.4, shift: float = 2.0,
-                  name: str = "banana", box: Box = DEFAULT_BOX) -> Target:
+def banana_target(
+    std1: float = 1.0,
+    std2: float = 0.5,
+    bend: float = 0.4,
+    shift: float = 2.0,
+    name: str = "banana",
+    box: Box = DEFAULT_BOX,
+) -> Target:
     """Twisted Gaussian: z1 ~ N(0, s1²), z2 | z1 ~ N(b z1² − c, s2²).
 
     U(z) = z1² / (2 s1²) + (z2 − b z1² + c)² / (2 s2²).  The shear (z1, z2) ↦ (z1, z2 − b z1²)
@@ -160,7 +170,7 @@ def banana_target(std1: float = 1.0, std2: float = 0.5, bend: float = 0.4, shift
 
     def energy(z: torch.Tensor) -> torch.Tensor:
         z1, z2 = _split(z)
-        return 0.5 * (z1 / std1) ** 2 + 0.5 * ((z2 - bend * z1 ** 2 + shift) / std2) ** 2
+        return 0.5 * (z1 / std1) ** 2 + 0.5 * ((z2 - bend * z1**2 + shift) / std2) ** 2
 
     log_z = math.log(2.0 * math.pi * std1 * std2)
     return Target(name, energy, box, log_z, True, f"banana, z2 | z1 ~ N({bend} z1² − {shift}, {std2}²)")
@@ -178,8 +188,11 @@ def ring_target(radius: float = 2.5, std: float = 0.3, name: str = "ring", box: 
         return 0.5 * ((torch.linalg.vector_norm(z, dim=-1) - radius) / std) ** 2
 
     phi = 0.5 * math.erfc(-radius / (std * math.sqrt(2.0)))
-    z_value = 2.0 * math.pi * (std * std * math.exp(-0.5 * (radius / std) ** 2)
-                               + radius * std * math.sqrt(2.0 * math.pi) * phi)
+    z_value = (
+        2.0
+        * math.pi
+        * (std * std * math.exp(-0.5 * (radius / std) ** 2) + radius * std * math.sqrt(2.0 * math.pi) * phi)
+    )
     return Target(name, energy, box, math.log(z_value), True, f"ring, radius {radius}, width {std}")
 
 
@@ -196,8 +209,9 @@ def confine_z1(energy: Energy, low: float = -4.0, high: float = 4.0, width: floa
         return energy(z) + 0.5 * (outside / width) ** 2
 
     confined.__name__ = f"{getattr(energy, '__name__', 'energy')}_confined"
-    confined.__doc__ = (f"{getattr(energy, '__name__', 'U')} inside {low} <= z1 <= {high}, "
-                        f"with a soft wall of width {width} outside.")
+    confined.__doc__ = (
+        f"{getattr(energy, '__name__', 'U')} inside {low} <= z1 <= {high}, with a soft wall of width {width} outside."
+    )
     return confined
 
 
@@ -211,12 +225,27 @@ def _eight_modes(radius: float) -> list[list[float]]:
 
 TARGETS: dict[str, Target] = {
     "u1": Target("u1", u1, DEFAULT_BOX, None, True, "U1: ring with two lobes (Rezende & Mohamed 2015)"),
-    "u2": Target("u2", confine_z1(u2), DEFAULT_BOX, None, True, "U2: sine wave, |z1| <= 4 (soft wall)",
-                 SINE_QUADRATURE_BOX),
-    "u3": Target("u3", confine_z1(u3), DEFAULT_BOX, None, True, "U3: sine wave split by w2, |z1| <= 4 (soft wall)",
-                 SINE_QUADRATURE_BOX),
-    "u4": Target("u4", confine_z1(u4), DEFAULT_BOX, None, True, "U4: sine wave split by w3, |z1| <= 4 (soft wall)",
-                 SINE_QUADRATURE_BOX),
+    "u2": Target(
+        "u2", confine_z1(u2), DEFAULT_BOX, None, True, "U2: sine wave, |z1| <= 4 (soft wall)", SINE_QUADRATURE_BOX
+    ),
+    "u3": Target(
+        "u3",
+        confine_z1(u3),
+        DEFAULT_BOX,
+        None,
+        True,
+        "U3: sine wave split by w2, |z1| <= 4 (soft wall)",
+        SINE_QUADRATURE_BOX,
+    ),
+    "u4": Target(
+        "u4",
+        confine_z1(u4),
+        DEFAULT_BOX,
+        None,
+        True,
+        "U4: sine wave split by w3, |z1| <= 4 (soft wall)",
+        SINE_QUADRATURE_BOX,
+    ),
     "mog2": mixture_target([[-2.0, 0.0], [2.0, 0.0]], 0.5, "mog2"),
     "mog8": mixture_target(_eight_modes(2.5), 0.3, "mog8"),
     "banana": banana_target(),

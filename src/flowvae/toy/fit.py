@@ -71,9 +71,13 @@ def _parameter(flow: Flow) -> torch.Tensor:
         raise ValueError(f"{type(flow).__name__} has no parameters to fit") from None
 
 
-def sample(flow: Flow | None, n: int, generator: torch.Generator | None = None,
-           dtype: torch.dtype | None = None, device: torch.device | str | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    flow: Flow | None,
+    n: int,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw z ~ q with the reparameterisation trick: returns z (n, 2) and log q(z) (n,).
 
     dtype and device default to the flow's parameters' (float32 on the CPU for ``flow=None``).
@@ -101,10 +105,23 @@ def _make_optimizer(name: str, params: list[torch.Tensor], lr: float, momentum: 
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(TOY_OPTIMIZERS)}")
 
 
-def fit(target: Target, flow: Flow, steps: int = 1500, batch_size: int = 256, lr: float = 1e-2,
-        anneal: bool = True, anneal_steps: int | None = None, seed: int = 0, optimizer: str = "adam",
-        momentum: float = 0.9, max_grad_norm: float | None = 100.0, log_every: int = 50,
-        progress: bool = False, threads: int | None = 1, lr_schedule: str = "cosine") -> FitResult:
+def fit(
+    target: Target,
+    flow: Flow,
+    steps: int = 1500,
+    batch_size: int = 256,
+    lr: float = 1e-2,
+    anneal: bool = True,
+    anneal_steps: int | None = None,
+    seed: int = 0,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    max_grad_norm: float | None = 100.0,
+    log_every: int = 50,
+    progress: bool = False,
+    threads: int | None = 1,
+    lr_schedule: str = "cosine",
+) -> FitResult:
     """Train ``flow`` in place so that flow_*N(0, I) approximates p ∝ exp(−target.energy).
 
     Args:
@@ -144,8 +161,23 @@ def fit(target: Target, flow: Flow, steps: int = 1500, batch_size: int = 256, lr
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _fit(target, flow, p.device, steps, batch_size, lr, anneal, anneal_steps, seed, optimizer, momentum,
-                    max_grad_norm, log_every, progress, lr_schedule)
+        return _fit(
+            target,
+            flow,
+            p.device,
+            steps,
+            batch_size,
+            lr,
+            anneal,
+            anneal_steps,
+            seed,
+            optimizer,
+            momentum,
+            max_grad_norm,
+            log_every,
+            progress,
+            lr_schedule,
+        )
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -164,9 +196,23 @@ def _backward_ok(loss: torch.Tensor, params: list[torch.Tensor], max_grad_norm: 
     return False
 
 
-def _fit(target: Target, flow: Flow, device: torch.device, steps: int, batch_size: int, lr: float, anneal: bool,
-         anneal_steps: int, seed: int, optimizer: str, momentum: float, max_grad_norm: float | None,
-         log_every: int, progress: bool, lr_schedule: str) -> FitResult:
+def _fit(
+    target: Target,
+    flow: Flow,
+    device: torch.device,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    anneal: bool,
+    anneal_steps: int,
+    seed: int,
+    optimizer: str,
+    momentum: float,
+    max_grad_norm: float | None,
+    log_every: int,
+    progress: bool,
+    lr_schedule: str,
+) -> FitResult:
     generator = torch.Generator(device=device).manual_seed(seed)
     params = [q for q in flow.parameters() if q.requires_grad]
     opt = _make_optimizer(optimizer, params, lr, momentum)
@@ -203,8 +249,9 @@ def _fit(target: Target, flow: Flow, device: torch.device, steps: int, batch_siz
     flow.eval()
     seconds = time.perf_counter() - start
     if skipped:
-        logger.warning("fit %s: skipped %d of %d updates with a non-finite loss or gradient",
-                       target.name, skipped, steps)
+        logger.warning(
+            "fit %s: skipped %d of %d updates with a non-finite loss or gradient", target.name, skipped, steps
+        )
     last = history["elbo"][-1] if history["elbo"] else math.nan
     logger.info("fit %s: %d updates in %.1f s, final ELBO %.4f", target.name, steps, seconds, last)
     return FitResult(flow, history, seconds, skipped)

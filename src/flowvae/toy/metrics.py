@@ -37,8 +37,9 @@ def quadrature_log_z(target: Target, size: int = 1000, box: Box | None = None) -
     return (torch.logsumexp(log_u, 0) + math.log(area)).item()
 
 
-def importance_weights(target: Target, flow: Flow | None, samples: int = 100_000, seed: int = 0,
-                       chunk: int = 50_000) -> tuple[torch.Tensor, torch.Tensor]:
+def importance_weights(
+    target: Target, flow: Flow | None, samples: int = 100_000, seed: int = 0, chunk: int = 50_000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples z ~ q (float64, (n, 2)) and their log weights −U(z) − log q(z) (n,)."""
     if flow is not None:
         flow = copy.deepcopy(flow).to(dtype=torch.float64, device="cpu").eval()
@@ -72,8 +73,9 @@ def summarize_log_weights(log_w: torch.Tensor) -> dict[str, float]:
     }
 
 
-def evaluate(target: Target, flow: Flow | None, samples: int = 100_000, seed: int = 0,
-             quadrature_size: int = 1000) -> dict[str, float | int | str | None]:
+def evaluate(
+    target: Target, flow: Flow | None, samples: int = 100_000, seed: int = 0, quadrature_size: int = 1000
+) -> dict[str, float | int | str | None]:
     """Metrics of q = flow_*N(0, I) (``flow=None``: q = N(0, I)) against ``target``.
 
     Returns a JSON-ready dict:
@@ -99,14 +101,16 @@ def evaluate(target: Target, flow: Flow | None, samples: int = 100_000, seed: in
         log_z, source = None, None
     x0, x1, y0, y1 = target.box
     inside = (z[:, 0] >= x0) & (z[:, 0] <= x1) & (z[:, 1] >= y0) & (z[:, 1] <= y1)
-    out.update({
-        "log_z_exact": target.log_z,
-        "log_z_quadrature": quad,
-        "log_z": log_z,
-        "log_z_source": source,
-        "kl": None if log_z is None else log_z - out["elbo"],
-        "is_log_z_error": None if log_z is None else out["is_log_z"] - log_z,
-        "q_mass_in_box": inside.double().mean().item(),
-        "proper": target.proper,
-    })
+    out.update(
+        {
+            "log_z_exact": target.log_z,
+            "log_z_quadrature": quad,
+            "log_z": log_z,
+            "log_z_source": source,
+            "kl": None if log_z is None else log_z - out["elbo"],
+            "is_log_z_error": None if log_z is None else out["is_log_z"] - log_z,
+            "q_mass_in_box": inside.double().mean().item(),
+            "proper": target.proper,
+        }
+    )
     return out

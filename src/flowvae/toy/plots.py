@@ -65,8 +65,12 @@ def _show(ax: Any, image: np.ndarray, box: Box, title: str | None = None) -> Non
         ax.set_title(title, fontsize=9)
 
 
-def plot_fit(target: Target, samples: torch.Tensor | np.ndarray, history: Mapping[str, Sequence[float]] | None = None,
-             title: str = "q") -> Any:
+def plot_fit(
+    target: Target,
+    samples: torch.Tensor | np.ndarray,
+    history: Mapping[str, Sequence[float]] | None = None,
+    title: str = "q",
+) -> Any:
     """One fit: true density, histogram of q's samples, and the ELBO curve if a history is given."""
     panels = 3 if history else 2
     fig = _figure(3.2 * panels, 3.4)
@@ -89,8 +93,7 @@ def plot_fit(target: Target, samples: torch.Tensor | np.ndarray, history: Mappin
     return fig
 
 
-def plot_grid(targets: Sequence[Target], columns: Sequence[str],
-              images: Mapping[tuple[str, str], np.ndarray]) -> Any:
+def plot_grid(targets: Sequence[Target], columns: Sequence[str], images: Mapping[tuple[str, str], np.ndarray]) -> Any:
     """Rows = targets; first column exp(−U), then one column per label in ``columns``.
 
     ``images[(target.name, label)]`` is a histogram from :func:`sample_image`; missing ones stay blank.
@@ -107,6 +110,7 @@ def plot_grid(targets: Sequence[Target], columns: Sequence[str],
                 axes[i, j].set_axis_off()
             else:
                 _show(axes[i, j], image, target.box, label if i == 0 else None)
-    fig.subplots_adjust(left=0.03, right=0.995, bottom=0.01, top=1.0 - 0.3 / (1.45 * rows + 0.35),
-                        wspace=0.05, hspace=0.05)
+    fig.subplots_adjust(
+        left=0.03, right=0.995, bottom=0.01, top=1.0 - 0.3 / (1.45 * rows + 0.35), wspace=0.05, hspace=0.05
+    )
     return fig

@@ -32,7 +32,7 @@ from flowvae.optimizers import set_weight_decay
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 2
-READABLE_FORMATS = (1, 2)            # format 1: flat config, no EMA (flowvae before hierarchical models)
+READABLE_FORMATS = (1, 2)  # format 1: flat config, no EMA (flowvae before hierarchical models)
 
 
 class CheckpointError(RuntimeError):
@@ -52,9 +52,9 @@ class RunState:
     train_seconds: float = 0.0
     skipped_updates: int = 0
     consecutive_skips: int = 0
-    log_grad_norm_level: float | None = None    # the gradient guard's running level of log ‖g‖
+    log_grad_norm_level: float | None = None  # the gradient guard's running level of log ‖g‖
     diverging_epochs: int = 0
-    lr_total_steps: float | None = None          # the lr schedule's length in steps, as the budget allows
+    lr_total_steps: float | None = None  # the lr schedule's length in steps, as the budget allows
     history: list[dict[str, Any]] = field(default_factory=list)
     config_changes: list[dict[str, Any]] = field(default_factory=list)
 
@@ -62,8 +62,16 @@ class RunState:
 # ------------------------------------------------------------------------------------ resume policy
 
 # Options that define what is trained: a resumed run must keep them (the model fields too).
-MUST_MATCH_ON_RESUME = ("dataset", "data_kind", "valid_fraction", "test_fraction", "seed", "batch_size", "optimizer",
-                        "precision") + MODEL_FIELDS
+MUST_MATCH_ON_RESUME = (
+    "dataset",
+    "data_kind",
+    "valid_fraction",
+    "test_fraction",
+    "seed",
+    "batch_size",
+    "optimizer",
+    "precision",
+) + MODEL_FIELDS
 
 
 def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
@@ -82,8 +90,9 @@ def resume_differences(saved: dict[str, Any], config: TrainConfig) -> tuple[list
     return refused, allowed
 
 
-def apply_changes(saved_config: dict[str, Any], config: TrainConfig, optimizer: torch.optim.Optimizer,
-                  state: RunState) -> None:
+def apply_changes(
+    saved_config: dict[str, Any], config: TrainConfig, optimizer: torch.optim.Optimizer, state: RunState
+) -> None:
     """Options that may change on resume take effect now, and the change is recorded."""
     _, changed = resume_differences(saved_config, config)
     if "lr" in changed:
@@ -92,13 +101,21 @@ def apply_changes(saved_config: dict[str, Any], config: TrainConfig, optimizer: 
     if "weight_decay" in changed:
         set_weight_decay(optimizer, config.weight_decay)
     if changed:
-        state.config_changes.append({"epoch": state.epoch, "step": state.step,
-                                     **{k: {"from": old, "to": new} for k, (old, new) in changed.items()}})
-        logger.warning("resumed with changed options: %s",
-                       ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+        state.config_changes.append(
+            {
+                "epoch": state.epoch,
+                "step": state.step,
+                **{k: {"from": old, "to": new} for k, (old, new) in changed.items()},
+            }
+        )
+        logger.warning(
+            "resumed with changed options: %s",
+            ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()),
+        )
 
 
 # ----------------------------------------------------------------------------------------- loading
+
 
 def load_checkpoint(path: str | Path, config: TrainConfig | None = None, *, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``); check it was written for ``config``'s model.
@@ -111,8 +128,9 @@ def load_checkpoint(path: str | Path, config: TrainConfig | None = None, *, mmap
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types for truncated/corrupt/foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a flowvae checkpoint "
-                              f"({type(err).__name__})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt, truncated or not a flowvae checkpoint ({type(err).__name__})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a flowvae checkpoint (formats {READABLE_FORMATS})")
     if not isinstance(ckpt.get("config"), dict):
@@ -144,8 +162,10 @@ def load_weights(model: torch.nn.Module, weights: Any, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {detail}") from None
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
-                              "it cannot be evaluated or resumed")
+        raise CheckpointError(
+            f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
+            "it cannot be evaluated or resumed"
+        )
 
 
 def saved_epoch(path: Path) -> object:
@@ -163,16 +183,20 @@ def check_resumable(path: Path, config: TrainConfig) -> None:
     ckpt = load_checkpoint(path, config, mmap=True)
     missing = [k for k in ("optimizer", "state", "history", "rng") if not isinstance(ckpt.get(k), (dict, list))]
     if missing:
-        raise CheckpointError(f"{path} has no {', '.join(missing)}: it holds weights only "
-                              "(like best.pt) and cannot be resumed")
+        raise CheckpointError(
+            f"{path} has no {', '.join(missing)}: it holds weights only (like best.pt) and cannot be resumed"
+        )
     done = ckpt["state"].get("epoch", 0)
     del ckpt
     if config.epochs < done:
-        raise ConfigError(f"--epochs {config.epochs} is below the {done} epochs {path.parent} has already trained; "
-                          f"give --epochs {done} or more")
+        raise ConfigError(
+            f"--epochs {config.epochs} is below the {done} epochs {path.parent} has already trained; "
+            f"give --epochs {done} or more"
+        )
 
 
 # --------------------------------------------------------------------------------------- RNG states
+
 
 def device_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     """The CUDA device's global generator (what draws without a generator, e.g. the Gaussian
@@ -180,8 +204,13 @@ def device_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
 
 
-def restore_rng(saved: dict[str, torch.Tensor], generators: dict[str, torch.Generator], device: torch.device,
-                config: TrainConfig, state: RunState) -> None:
+def restore_rng(
+    saved: dict[str, torch.Tensor],
+    generators: dict[str, torch.Generator],
+    device: torch.device,
+    config: TrainConfig,
+    state: RunState,
+) -> None:
     """Continue every random stream where the checkpoint left it; on another device type, reseed
     the device's generators from (seed, step) and say so."""
     torch.set_rng_state(saved["torch"])
@@ -198,40 +227,71 @@ def restore_rng(saved: dict[str, torch.Tensor], generators: dict[str, torch.Gene
     # A generator's state is device-specific: reseed from (seed, step), deterministically, and say so.
     for offset, name in enumerate(device_generators):
         generators[name].manual_seed(config.seed * 1_000_003 + state.step + 2 + offset)
-    logger.warning("resumed on %s a run saved on %s: the posterior noise is reseeded from (seed, step), so the "
-                   "run continues deterministically but not bit-identically", device.type, saved_device)
+    logger.warning(
+        "resumed on %s a run saved on %s: the posterior noise is reseeded from (seed, step), so the "
+        "run continues deterministically but not bit-identically",
+        device.type,
+        saved_device,
+    )
 
 
 # ------------------------------------------------------------------------------ writing and resuming
+
 
 def model_class(model: torch.nn.Module) -> str:
     """``module.QualifiedName`` of the model's class, recorded with its weights."""
     return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
-def checkpoint_dict(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: dict[str, Any],
-                    ema: torch.nn.Module | None, config: TrainConfig, state: RunState,
-                    generators: dict[str, torch.Generator], device: torch.device) -> dict[str, Any]:
+def checkpoint_dict(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: dict[str, Any],
+    ema: torch.nn.Module | None,
+    config: TrainConfig,
+    state: RunState,
+    generators: dict[str, torch.Generator],
+    device: torch.device,
+) -> dict[str, Any]:
     """checkpoint.pt's content: everything a resumed run needs to continue bit-identically."""
     return {
-        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
         "data": data,
         "ema": ema.state_dict() if ema is not None else None,
-        "config": config.to_dict(), "state": {k: v for k, v in dataclasses.asdict(state).items() if k != "history"},
+        "config": config.to_dict(),
+        "state": {k: v for k, v in dataclasses.asdict(state).items() if k != "history"},
         "history": state.history,
-        "rng": {"torch": torch.get_rng_state(), "noise_device": device.type, **device_rng_state(device),
-                **{k: g.get_state() for k, g in generators.items()}},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "noise_device": device.type,
+            **device_rng_state(device),
+            **{k: g.get_state() for k, g in generators.items()},
+        },
     }
 
 
 def best_dict(model: torch.nn.Module, config: TrainConfig, epoch: int, data: dict[str, Any]) -> dict[str, Any]:
     """best.pt's content: the evaluation weights, the config and the data's description."""
-    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config.to_dict(), "epoch": epoch,
-            "data": data}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "config": config.to_dict(),
+        "epoch": epoch,
+        "data": data,
+    }
 
 
-def resume_from(path: Path, config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           generators: dict[str, torch.Generator], device: torch.device) -> tuple[RunState, dict[str, Any]]:
+def resume_from(
+    path: Path,
+    config: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generators: dict[str, torch.Generator],
+    device: torch.device,
+) -> tuple[RunState, dict[str, Any]]:
     """Restore the weights, the optimizer, the run state and the RNG states from ``path``, and apply
     the options that changed; returns the run state and the checkpoint (for its EMA weights)."""
     ckpt = load_checkpoint(path, config)
@@ -239,11 +299,14 @@ def resume_from(path: Path, config: TrainConfig, model: torch.nn.Module, optimiz
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as error:  # e.g. a planar stack saved as one-step modules (older flowvae)
-        raise CheckpointError(f"cannot resume from {path}: its optimizer state does not match "
-                              f"this model's parameters ({error}); its weights still load with "
-                              "'flowvae evaluate', or start a new run") from None
-    state = RunState(**{k: v for k, v in ckpt["state"].items() if k in RunState.__dataclass_fields__},
-                     history=ckpt["history"])
+        raise CheckpointError(
+            f"cannot resume from {path}: its optimizer state does not match "
+            f"this model's parameters ({error}); its weights still load with "
+            "'flowvae evaluate', or start a new run"
+        ) from None
+    state = RunState(
+        **{k: v for k, v in ckpt["state"].items() if k in RunState.__dataclass_fields__}, history=ckpt["history"]
+    )
     restore_rng(ckpt["rng"], generators, device, config, state)
     apply_changes(ckpt["config"], config, optimizer, state)
     return state, ckpt

@@ -19,9 +19,9 @@ import math
 
 import torch
 
-WARMUP_STEPS = 50              # the guard learns the norm's level before it skips spikes
-DECAY = 0.99                   # running level of log ‖g‖: an EMA over every finite norm
-MAX_CONSECUTIVE_SKIPS = 200    # that many skipped updates in a row: training has diverged
+WARMUP_STEPS = 50  # the guard learns the norm's level before it skips spikes
+DECAY = 0.99  # running level of log ‖g‖: an EMA over every finite norm
+MAX_CONSECUTIVE_SKIPS = 200  # that many skipped updates in a row: training has diverged
 
 
 @torch.no_grad()
@@ -44,8 +44,9 @@ def masked_adamax_step(optimizer: torch.optim.Adamax, made: torch.Tensor) -> Non
         for p in params:
             state = optimizer.state[p]
             if not state:
-                state.update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p),
-                             exp_inf=torch.zeros_like(p))
+                state.update(
+                    step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p), exp_inf=torch.zeros_like(p)
+                )
             elif state["step"].device != p.device:  # Adamax keeps it on the CPU: moved once, after loading
                 state["step"] = state["step"].to(p.device)
         decay = group.get("decoupled_weight_decay", 0.0)  # flowvae.optimizers.AdamaxW: w ← w·(1 − lr·λ) first
@@ -66,7 +67,7 @@ def masked_adamax_step(optimizer: torch.optim.Adamax, made: torch.Tensor) -> Non
         torch._foreach_abs_(grads)
         torch._foreach_add_(grads, eps)
         torch._foreach_maximum_(grads, torch._foreach_mul(exp_infs, beta2))
-        torch._foreach_mul_(grads, w)                  # u ← w·new + (1 − w)·u: exact for w in {0, 1}
+        torch._foreach_mul_(grads, w)  # u ← w·new + (1 − w)·u: exact for w in {0, 1}
         torch._foreach_mul_(exp_infs, 1 - w)
         torch._foreach_add_(exp_infs, grads)
         torch._foreach_add_(steps, [w] * len(params))
@@ -74,7 +75,7 @@ def masked_adamax_step(optimizer: torch.optim.Adamax, made: torch.Tensor) -> Non
         keep = [1 - w] * len(params)
         corrections = torch._foreach_pow(beta1, torch._foreach_add(steps, keep))
         torch._foreach_neg_(corrections)
-        torch._foreach_add_(corrections, 1.0)                       # 1 − β₁ᵗ
+        torch._foreach_add_(corrections, 1.0)  # 1 − β₁ᵗ
         updates = torch._foreach_div(exp_avgs, torch._foreach_add(exp_infs, keep))
         torch._foreach_mul_(updates, torch._foreach_div([lr * w] * len(params), corrections))
         torch._foreach_sub_(params, updates)
@@ -89,9 +90,18 @@ class GradientGuard:
     fixed threshold can: openai/vdvae issue 25).
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
-                 max_norm: float, skip_factor: float, device: torch.device,
-                 ema: torch.optim.swa_utils.AveragedModel | None = None, ema_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        *,
+        max_norm: float,
+        skip_factor: float,
+        device: torch.device,
+        ema: torch.optim.swa_utils.AveragedModel | None = None,
+        ema_decay: float = 0.0,
+    ) -> None:
         self.parameters, self.optimizer, self.scaler = list(model.parameters()), optimizer, scaler
         self.max_norm = max_norm if max_norm > 0 else math.inf
         self.log_skip_factor = math.log(skip_factor) if skip_factor > 0 else math.inf
@@ -146,9 +156,9 @@ class GradientGuard:
             del optimizer.found_inf
         elif self.masked_adamax:
             masked_adamax_step(optimizer, made)
-        elif made.item():                          # another optimizer: one host sync
+        elif made.item():  # another optimizer: one host sync
             optimizer.step()
-        scaler.update()                            # fp16: lowers the scale after an overflow
+        scaler.update()  # fp16: lowers the scale after an overflow
         if self.ema is not None:  # averaged += w·(live − averaged), w = 0 on a skipped step
             with torch.no_grad():  # one product with a 0-dim device tensor: a fused kernel on CUDA
                 moves = torch._foreach_sub(self.ema_live, self.ema_averaged)
@@ -156,4 +166,3 @@ class GradientGuard:
                 torch._foreach_add_(self.ema_averaged, moves)
             self.ema.n_averaged.add_(made.long().to(self.ema.n_averaged.device))
         return made
-

@@ -76,8 +76,15 @@ logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- start or resume a run
 
-def start_run(config: TrainConfig, resume: bool, context: distributed.Context, device: torch.device,
-              splits: DatasetSplits | None = None, model: LatentVariableModel | None = None) -> Run:
+
+def start_run(
+    config: TrainConfig,
+    resume: bool,
+    context: distributed.Context,
+    device: torch.device,
+    splits: DatasetSplits | None = None,
+    model: LatentVariableModel | None = None,
+) -> Run:
     """Build the data, model and optimizer (or take ``splits`` and ``model`` given to :func:`train`);
     on ``resume`` restore them from ``checkpoint.pt``."""
     out = Path(config.out)
@@ -91,8 +98,10 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
         model = build_model(config.model, data.splits.image_shape, data.splits.kind)
     model = model.to(device)
     if config.gradient != "reparam" and model.path_gradient_problem():
-        raise ConfigError(f"--gradient {config.gradient} is not implemented for {model.path_gradient_problem()} "
-                          "(only for a diagonal Gaussian posterior without a flow); use --gradient reparam")
+        raise ConfigError(
+            f"--gradient {config.gradient} is not implemented for {model.path_gradient_problem()} "
+            "(only for a diagonal Gaussian posterior without a flow); use --gradient reparam"
+        )
     # The optimizer, the fp16 loss scaler and the random generators.
     optimizer = build_optimizer(config, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
@@ -104,7 +113,7 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
         state, ckpt = resume_from(out / "checkpoint.pt", config, model, optimizer, generators, device)
     else:  # data-dependent initialisation (weight normalization; a no-op for most models)
         with torch.no_grad():
-            model.initialise(data.train[:config.batch_size].to(device))
+            model.initialise(data.train[: config.batch_size].to(device))
     if config.output_bias_init and not resume:
         model.init_output_bias(as_unit_interval(data.train, torch.float64).mean(0).to(device))
     # The weights' moving average, the model as stepped and the gradient guard.
@@ -112,17 +121,26 @@ def start_run(config: TrainConfig, resume: bool, context: distributed.Context, d
     if ema is not None and resume and ckpt.get("ema") is not None:
         load_weights(ema, ckpt["ema"], out / "checkpoint.pt")
     elif ema is not None and resume:  # --ema switched on now: the average starts from the resumed weights
-        logger.warning("the run was trained without --ema: its moving average starts from the weights of epoch %d",
-                       state.epoch)
+        logger.warning(
+            "the run was trained without --ema: its moving average starts from the weights of epoch %d", state.epoch
+        )
     step_model = stepped_model(model, config, context, device)
-    guard = GradientGuard(model, optimizer, scaler, max_norm=config.grad_clip, skip_factor=config.grad_skip,
-                          device=device, ema=ema, ema_decay=config.ema)
+    guard = GradientGuard(
+        model,
+        optimizer,
+        scaler,
+        max_norm=config.grad_clip,
+        skip_factor=config.grad_skip,
+        device=device,
+        ema=ema,
+        ema_decay=config.ema,
+    )
     guard.load(state.log_grad_norm_level, state.skipped_updates, state.consecutive_skips)
-    return Run(config, context, device, out, data, model, step_model, optimizer, scaler, generators, state, ema,
-               guard)
+    return Run(config, context, device, out, data, model, step_model, optimizer, scaler, generators, state, ema, guard)
 
 
 # ------------------------------------------------------------------------------------------ finish
+
 
 def finish(run: Run) -> dict[str, Any]:
     """Evaluate the best weights on train/valid/test, write plots and results.json (worker 0)."""
@@ -134,38 +152,62 @@ def finish(run: Run) -> dict[str, Any]:
     kwargs = run.eval_kwargs() | {"progress": progress_bars(run)}
     state = run.state
     results: dict[str, Any] = {
-        "dataset": config.dataset, "model": config.model.to_dict(), "parameters": count_parameters(model),
-        "epochs_trained": state.epoch, "best_epoch": state.best_epoch, "stopped_early": state.stopped_early,
+        "dataset": config.dataset,
+        "model": config.model.to_dict(),
+        "parameters": count_parameters(model),
+        "epochs_trained": state.epoch,
+        "best_epoch": state.best_epoch,
+        "stopped_early": state.stopped_early,
         "data": data.splits.describe(),
-        "train_minutes": round(state.train_seconds / 60, 3), "workers": context.world_size,
-        "skipped_updates": state.skipped_updates, "ema": config.ema,
+        "train_minutes": round(state.train_seconds / 60, 3),
+        "workers": context.world_size,
+        "skipped_updates": state.skipped_updates,
+        "ema": config.ema,
         "objective": {"warmup_epochs": config.warmup_epochs, "free_bits": config.free_bits},
-        "training_bound": {"objective": config.objective, "train_samples": config.train_samples,
-                           "gradient": config.gradient},
+        "training_bound": {
+            "objective": config.objective,
+            "train_samples": config.train_samples,
+            "gradient": config.gradient,
+        },
         "train": evaluate(model, data.train_eval, desc="train -ELBO", **kwargs),
         "valid": evaluate(model, data.valid, desc="valid -ELBO", **kwargs),
-        "test": evaluate(model, data.test, samples=config.eval_samples, desc=f"test -log p(x), K={config.eval_samples}",
-                         compile=config.compile, **kwargs),
+        "test": evaluate(
+            model,
+            data.test,
+            samples=config.eval_samples,
+            desc=f"test -log p(x), K={config.eval_samples}",
+            compile=config.compile,
+            **kwargs,
+        ),
         "kl_note": "KL figures are single-sample Monte Carlo estimates of E_q[log q(z|x) - log p(z)]",
     }
     if context.is_main:
-        results["diagnostics"] = posterior_diagnostics(model, data.test, batch_size=config.eval_batch_size,
-                                                       device=device, seed=config.seed)
+        results["diagnostics"] = posterior_diagnostics(
+            model, data.test, batch_size=config.eval_batch_size, device=device, seed=config.seed
+        )
         write_results(run, model, results)
-        logger.info("test -ELBO %.3f  -log p(x) %.3f (K=%d)", results["test"]["neg_elbo"], results["test"]["nll"],
-                    config.eval_samples)
+        logger.info(
+            "test -ELBO %.3f  -log p(x) %.3f (K=%d)",
+            results["test"]["neg_elbo"],
+            results["test"]["nll"],
+            config.eval_samples,
+        )
     context.barrier()
     return results
 
 
 # ------------------------------------------------------------------------------------------- train
 
+
 def _begin_run(run: Run, resume: bool, notices: Sequence[str]) -> None:
     """Every check has passed: only now does worker 0 change the run's directory (debris of an
     interrupted start, TensorBoard, temporaries, config.yaml, best.pt); the run's clock starts."""
     config, context, out = run.config, run.context, run.out
-    tf32 = [f"--tf32 has no effect on {run.device.type}; it acts only on CUDA devices"] \
-        if config.tf32 and run.device.type != "cuda" else []
+    tf32 = (
+        [f"--tf32 has no effect on {run.device.type}; it acts only on CUDA devices"]
+        if config.tf32 and run.device.type != "cuda"
+        else []
+    )
     for message in [*notices, *tf32] if context.is_main else []:
         logger.warning("warning: %s", message)
     if context.is_main and not resume:
@@ -178,14 +220,26 @@ def _begin_run(run: Run, resume: bool, notices: Sequence[str]) -> None:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         if resume:
             repair_best(run)
-    logger.info("%s: %d parameters, %s, %d workers, %d training images", config.dataset,
-                count_parameters(run.model), run.device, context.world_size, len(run.data.train))
+    logger.info(
+        "%s: %d parameters, %s, %d workers, %d training images",
+        config.dataset,
+        count_parameters(run.model),
+        run.device,
+        context.world_size,
+        len(run.data.train),
+    )
     started = time.perf_counter() - run.state.train_seconds
     run.clock = lambda: time.perf_counter() - started
 
 
-def train(config: TrainConfig, *, resume: bool = False, splits: DatasetSplits | None = None,
-          model: LatentVariableModel | None = None, notices: Sequence[str] = ()) -> dict[str, Any]:
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    splits: DatasetSplits | None = None,
+    model: LatentVariableModel | None = None,
+    notices: Sequence[str] = (),
+) -> dict[str, Any]:
     """Train, early-stop on validation -ELBO, evaluate the best model; returns results.json's content.
 
     ``splits`` replaces ``config.dataset``'s data and ``model`` the model that ``config.model``
@@ -232,8 +286,11 @@ def train(config: TrainConfig, *, resume: bool = False, splits: DatasetSplits | 
         # Checks before any work: the run directory, TensorBoard, a checkpoint to resume.
         device = resolve_device(device_name)
         if resume and not (out / "checkpoint.pt").exists() and interrupted_start(out):
-            logger.warning("%s holds no checkpoint, only the files of a start interrupted before its first "
-                           "checkpoint: starting the run afresh", out)
+            logger.warning(
+                "%s holds no checkpoint, only the files of a start interrupted before its first "
+                "checkpoint: starting the run afresh",
+                out,
+            )
             resume = False
         if context.is_main:
             created = prepare_out_dir(out, resume)
@@ -252,15 +309,19 @@ def train(config: TrainConfig, *, resume: bool = False, splits: DatasetSplits | 
         with run_lock(out, on_error=undo_failed_start) if context.is_main else contextlib.nullcontext():
             run = start_run(config, resume, context, device, splits, model)
             _begin_run(run, resume, notices)
-            epochs = tqdm(total=config.epochs, initial=min(run.state.epoch, config.epochs),
-                          desc=f"epochs (then the test -log p(x) with K={config.eval_samples})",
-                          disable=not progress_bars(run))
+            epochs = tqdm(
+                total=config.epochs,
+                initial=min(run.state.epoch, config.epochs),
+                desc=f"epochs (then the test -log p(x) with K={config.eval_samples})",
+                disable=not progress_bars(run),
+            )
             while not run_is_over(run):
                 stats = train_epoch(run)
                 end_epoch(run, stats)
                 epochs.update(1)
-                epochs.set_postfix(loss=f"{stats['train_loss']:.2f}",
-                                   valid=f"{run.state.history[-1]['valid_neg_elbo']:.2f}")
+                epochs.set_postfix(
+                    loss=f"{stats['train_loss']:.2f}", valid=f"{run.state.history[-1]['valid_neg_elbo']:.2f}"
+                )
             epochs.close()
             if run.tensorboard is not None:
                 run.tensorboard.close()

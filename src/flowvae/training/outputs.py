@@ -26,11 +26,17 @@ from flowvae.training.state import Run
 
 logger = logging.getLogger(__name__)
 
-IMAGES_EVERY_EPOCHS = 5              # TensorBoard's sample and reconstruction grids: epochs 1, 6, 11, ...
+IMAGES_EVERY_EPOCHS = 5  # TensorBoard's sample and reconstruction grids: epochs 1, 6, 11, ...
 
 
-def sample_images(model: LatentVariableModel, originals: torch.Tensor, seed: int, device: torch.device, *,
-                  reconstruction_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_images(
+    model: LatentVariableModel,
+    originals: torch.Tensor,
+    seed: int,
+    device: torch.device,
+    *,
+    reconstruction_seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """64 samples drawn with a generator seeded ``seed``, and ``originals`` interleaved with their
     reconstructions (original, reconstruction, ...); ``reconstruction_seed`` reseeds torch's global
     generator first, so the reconstructions' posterior draws are the same every time."""
@@ -63,15 +69,18 @@ def write_history(out: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _write_best(run: Run) -> None:
-    atomic_torch_save(best_dict(run.eval_model, run.config, run.state.epoch, run_data_description(run)),
-                      run.out / "best.pt")
+    atomic_torch_save(
+        best_dict(run.eval_model, run.config, run.state.epoch, run_data_description(run)), run.out / "best.pt"
+    )
 
 
 def _log_epoch_to_tensorboard(run: Run) -> None:
     row, step = run.state.history[-1], run.state.step
-    run.tensorboard.scalars(step, {f"valid/{k.removeprefix('valid_')}": v for k, v in row.items()
-                                   if k.startswith("valid_")} | {"epoch/lr": row["lr"],
-                                                                  "epoch/skipped_updates": row["skipped_updates"]})
+    run.tensorboard.scalars(
+        step,
+        {f"valid/{k.removeprefix('valid_')}": v for k, v in row.items() if k.startswith("valid_")}
+        | {"epoch/lr": row["lr"], "epoch/skipped_updates": row["skipped_updates"]},
+    )
     if row["epoch"] % IMAGES_EVERY_EPOCHS == 1 or IMAGES_EVERY_EPOCHS == 1:
         samples, pairs = sample_images(run.eval_model, run.data.valid[:32], run.config.seed, run.device)
         run.tensorboard.images("samples", samples, step)
@@ -86,9 +95,19 @@ def write_epoch(run: Run, improved: bool) -> None:
     disk), the checkpoint holds the same weights and :func:`repair_best` rewrites it on resume.
     Both record the data's description, so that inference needs no data files."""
     data = run_data_description(run)
-    atomic_torch_save(checkpoint_dict(model=run.model, optimizer=run.optimizer, data=data, ema=run.ema,
-                                      config=run.config, state=run.state, generators=run.generators,
-                                      device=run.device), run.checkpoint_path)
+    atomic_torch_save(
+        checkpoint_dict(
+            model=run.model,
+            optimizer=run.optimizer,
+            data=data,
+            ema=run.ema,
+            config=run.config,
+            state=run.state,
+            generators=run.generators,
+            device=run.device,
+        ),
+        run.checkpoint_path,
+    )
     if improved:
         _write_best(run)
     write_history(run.out, run.state.history)
@@ -105,16 +124,22 @@ def repair_best(run: Run) -> None:
     if state.best_epoch == state.epoch > 0:
         saved = saved_epoch(path)  # None when missing, truncated or foreign: rewritten below
         if saved != state.best_epoch:
-            logger.warning("%s was behind %s (epoch %s, best %d): rewritten from the checkpoint", path,
-                           run.checkpoint_path, saved, state.best_epoch)
+            logger.warning(
+                "%s was behind %s (epoch %s, best %d): rewritten from the checkpoint",
+                path,
+                run.checkpoint_path,
+                saved,
+                state.best_epoch,
+            )
             _write_best(run)
     write_history(run.out, state.history)
 
 
 def write_results(run: Run, model: LatentVariableModel, results: dict[str, Any]) -> None:
     """samples.png and reconstructions.png of ``model`` (test images), then results.json."""
-    samples, pairs = sample_images(model, run.data.test[:32], run.config.seed, run.device,
-                                   reconstruction_seed=run.config.seed)
+    samples, pairs = sample_images(
+        model, run.data.test[:32], run.config.seed, run.device, reconstruction_seed=run.config.seed
+    )
     save_image_grid(samples, run.out / "samples.png", nrow=8)
     save_image_grid(pairs, run.out / "reconstructions.png", nrow=8)
     atomic_write_text(run.out / "results.json", json.dumps(results, indent=2))

@@ -39,6 +39,7 @@ class RunDirError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------ the lock
 
+
 def _open_lock(out: Path, create: bool = True) -> TextIO:
     """The run's lock file, opened for reading and writing without following a symbolic link: a lock
     that is a link, a FIFO or anything but a regular file is refused, so nothing outside the run is
@@ -92,6 +93,7 @@ def run_lock(out: Path, on_error: Callable[[], None] | None = None) -> Iterator[
 
 # ------------------------------------------------------------------------ debris of a start that failed
 
+
 def interrupted_start(out: Path) -> list[Path]:
     """The files that a new run killed before its first checkpoint left in ``out`` (config.yaml, the
     first epoch's best.pt, metrics, curves, TensorBoard events, temporaries), the lock excepted;
@@ -143,6 +145,7 @@ def remove_failed_start(out: Path, created: Path | None, *, ours: bool) -> None:
 
 # ----------------------------------------------------------------------------- before a run starts
 
+
 def prepare_out_dir(out: Path, resume: bool) -> Path | None:
     """Check ``out`` can hold this run; returns the topmost directory created now (``out`` or one of
     its parents), or None.  One-line errors."""
@@ -177,14 +180,17 @@ def prepare_out_dir(out: Path, resume: bool) -> Path | None:
 
 # ----------------------------------------------------------------------------- seen by every worker
 
+
 def require_visible(path: Path, context: distributed.Context, device: torch.device) -> None:
     """Every worker must see ``path``: flowvae needs ``--out`` on a filesystem that all nodes share."""
     if not context.distributed:
         return
     missing = torch.tensor(0.0 if path.is_file() else 1.0, device=device)
     if context.all_reduce_sum(missing).item() > 0:
-        raise CheckpointError(f"{int(missing.item())} worker(s) cannot see {path}: with several nodes, --out must "
-                              "be on a filesystem that all of them share")
+        raise CheckpointError(
+            f"{int(missing.item())} worker(s) cannot see {path}: with several nodes, --out must "
+            "be on a filesystem that all of them share"
+        )
 
 
 def require_shared_out(out: Path, context: distributed.Context, device: torch.device) -> None:
@@ -206,5 +212,7 @@ def require_shared_out(out: Path, context: distributed.Context, device: torch.de
     if context.is_main:
         probe.unlink(missing_ok=True)
     if missing.item() > 0:
-        raise RunDirError(f"{int(missing.item())} worker(s) cannot see {out}: with several nodes, --out must be on "
-                          "a filesystem that all of them share")
+        raise RunDirError(
+            f"{int(missing.item())} worker(s) cannot see {out}: with several nodes, --out must be on "
+            "a filesystem that all of them share"
+        )

@@ -15,8 +15,8 @@ import torch
 from flowvae.training.gradient_guard import MAX_CONSECUTIVE_SKIPS
 from flowvae.training.state import Run, run_is_over
 
-GUARD_SYNC_STEPS = 50                # the gradient guard's counters reach the host this often, and per epoch
-DIVERGED_EPOCHS = 3                  # validation -ELBO far above its best for this many epochs: diverged
+GUARD_SYNC_STEPS = 50  # the gradient guard's counters reach the host this often, and per epoch
+DIVERGED_EPOCHS = 3  # validation -ELBO far above its best for this many epochs: diverged
 
 
 def sane_limit(run: Run) -> float:
@@ -49,9 +49,11 @@ def sync_guard(run: Run) -> None:
     state = run.state
     state.log_grad_norm_level, state.skipped_updates, state.consecutive_skips = run.guard.sync()
     if state.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-        raise FloatingPointError(f"training diverged: {state.consecutive_skips} updates in a row had a non-finite "
-                                 f"or exploding gradient (step {state.step}); {last_good(run)}. Lower --lr or "
-                                 "set --grad-clip")
+        raise FloatingPointError(
+            f"training diverged: {state.consecutive_skips} updates in a row had a non-finite "
+            f"or exploding gradient (step {state.step}); {last_good(run)}. Lower --lr or "
+            "set --grad-clip"
+        )
 
 
 def guarded_step(run: Run, loss: torch.Tensor) -> torch.Tensor:
@@ -74,15 +76,23 @@ def check_divergence(run: Run, valid_neg_elbo: float) -> None:
         return not is_sane(run, value)
 
     far_above = insane(valid_neg_elbo) or (
-        math.isfinite(state.best_valid) and valid_neg_elbo > state.best_valid + max(10.0, 0.5 * abs(state.best_valid)))
+        math.isfinite(state.best_valid) and valid_neg_elbo > state.best_valid + max(10.0, 0.5 * abs(state.best_valid))
+    )
     state.diverging_epochs = state.diverging_epochs + 1 if far_above else 0
     sane = f"{sane_limit(run):.4g} nats (10x that of equal mass on every value of the {splits.dim} pixels)"
     advice = "Lower --lr or set --grad-clip"
     if state.diverging_epochs >= DIVERGED_EPOCHS:
-        where = f"beyond {sane}" if insane(valid_neg_elbo) else \
-            f"against its best {state.best_valid:.4g} (epoch {state.best_epoch})"
-        raise FloatingPointError(f"training diverged: valid -ELBO {valid_neg_elbo:.4g} for {state.diverging_epochs} "
-                                 f"epochs, {where}; {last_good(run)}. {advice}")
+        where = (
+            f"beyond {sane}"
+            if insane(valid_neg_elbo)
+            else f"against its best {state.best_valid:.4g} (epoch {state.best_epoch})"
+        )
+        raise FloatingPointError(
+            f"training diverged: valid -ELBO {valid_neg_elbo:.4g} for {state.diverging_epochs} "
+            f"epochs, {where}; {last_good(run)}. {advice}"
+        )
     if insane(state.best_valid) and run_is_over(run):
-        raise FloatingPointError(f"training diverged: the run ends with a best valid -ELBO of {state.best_valid:.4g}, "
-                                 f"beyond {sane}; {last_good(run)}. {advice}")
+        raise FloatingPointError(
+            f"training diverged: the run ends with a best valid -ELBO of {state.best_valid:.4g}, "
+            f"beyond {sane}; {last_good(run)}. {advice}"
+        )

@@ -54,6 +54,7 @@ def configure_backends(config: TrainConfig, device: torch.device) -> None:
 
 # --------------------------------------------------------------------------------------------- data
 
+
 @dataclass
 class PreparedData:
     """Splits ready for the model: valid/test of 'grayscale' data are binarized once (fixed seed)."""
@@ -62,19 +63,26 @@ class PreparedData:
     train: torch.Tensor
     valid: torch.Tensor
     test: torch.Tensor
-    train_eval: torch.Tensor   # the training set as evaluated (fixed binarization)
-    dynamic: bool              # binarize training batches afresh
+    train_eval: torch.Tensor  # the training set as evaluated (fixed binarization)
+    dynamic: bool  # binarize training batches afresh
 
 
 def load_splits(config: TrainConfig) -> DatasetSplits:
     """``config.dataset``'s splits: a registered name or a folder/.npy/.npz path."""
     if config.dataset == ARRAYS:
-        raise DataError("this run was trained on arrays given to flowvae.fit, which it does not keep: give the "
-                        "images as a file (flowvae evaluate --data PATH; TrainedRun.evaluate(path=...)), "
-                        "or the arrays to flowvae.fit again to resume")
+        raise DataError(
+            "this run was trained on arrays given to flowvae.fit, which it does not keep: give the "
+            "images as a file (flowvae evaluate --data PATH; TrainedRun.evaluate(path=...)), "
+            "or the arrays to flowvae.fit again to resume"
+        )
     if is_data_path(config.dataset):
-        return load_path(config.dataset, kind=config.data_kind, valid_fraction=config.valid_fraction,
-                         test_fraction=config.test_fraction, seed=config.seed)
+        return load_path(
+            config.dataset,
+            kind=config.data_kind,
+            valid_fraction=config.valid_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+        )
     return load_dataset(config.dataset, config.data_dir, seed=config.seed)
 
 
@@ -98,10 +106,13 @@ def prepare_data(config: TrainConfig, splits: DatasetSplits | None = None) -> Pr
 
 # ---------------------------------------------------------------------- generators, EMA, the stepped model
 
+
 def build_generators(config: TrainConfig, device: torch.device) -> dict[str, torch.Generator]:
     """Shuffling and binarization (CPU) and the posterior's noise (device): the same on every worker."""
-    generators = {"shuffle": torch.Generator().manual_seed(config.seed),
-                  "noise": torch.Generator(device).manual_seed(config.seed + 2)}
+    generators = {
+        "shuffle": torch.Generator().manual_seed(config.seed),
+        "noise": torch.Generator(device).manual_seed(config.seed + 2),
+    }
     if device.type != "cpu":  # dynamic binarization where the data are (on a CPU it draws from "shuffle")
         generators["binarize"] = torch.Generator(device).manual_seed(config.seed + 3)
     return generators
@@ -118,14 +129,18 @@ def build_ema(config: TrainConfig, model: torch.nn.Module) -> AveragedModel | No
     return ema
 
 
-def stepped_model(model: torch.nn.Module, config: TrainConfig, context: distributed.Context,
-                  device: torch.device) -> torch.nn.Module:
+def stepped_model(
+    model: torch.nn.Module, config: TrainConfig, context: distributed.Context, device: torch.device
+) -> torch.nn.Module:
     """The model as stepped: DDP-wrapped under ``torchrun`` and/or compiled."""
     step_model: torch.nn.Module = model
     if context.distributed:
         step_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-            gradient_as_bucket_view=True)
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            gradient_as_bucket_view=True,
+        )
     if config.compile:
         step_model = torch.compile(step_model)
     return step_model

@@ -32,15 +32,15 @@ class Run:
     out: Path
     data: PreparedData
     model: LatentVariableModel
-    step_model: torch.nn.Module                 # the model as stepped: DDP-wrapped and/or compiled
+    step_model: torch.nn.Module  # the model as stepped: DDP-wrapped and/or compiled
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     generators: dict[str, torch.Generator]
     state: RunState
     ema: AveragedModel | None = None
-    guard: GradientGuard | None = None           # built by start_run
+    guard: GradientGuard | None = None  # built by start_run
     tensorboard: TensorBoardLogger | None = None  # on worker 0, with --tensorboard
-    clock: Callable[[], float] = lambda: 0.0     # seconds of training so far, resumed runs included
+    clock: Callable[[], float] = lambda: 0.0  # seconds of training so far, resumed runs included
 
     @property
     def eval_model(self) -> LatentVariableModel:
@@ -52,8 +52,13 @@ class Run:
         return self.out / "checkpoint.pt"
 
     def eval_kwargs(self) -> dict[str, Any]:
-        return {"batch_size": self.config.eval_batch_size, "device": self.device, "seed": self.config.seed,
-                "context": self.context, "precision": self.config.precision}
+        return {
+            "batch_size": self.config.eval_batch_size,
+            "device": self.device,
+            "seed": self.config.seed,
+            "context": self.context,
+            "precision": self.config.precision,
+        }
 
 
 def progress_bars(run: Run) -> bool:
@@ -65,8 +70,9 @@ def _out_of_time(run: Run) -> bool:
     """The wall-clock budget is spent, as worker 0's clock says (so all workers agree)."""
     if not run.config.max_minutes:
         return False
-    over = torch.tensor(float(run.context.is_main and run.state.train_seconds > 60 * run.config.max_minutes),
-                        device=run.device)
+    over = torch.tensor(
+        float(run.context.is_main and run.state.train_seconds > 60 * run.config.max_minutes), device=run.device
+    )
     return bool(run.context.all_reduce_sum(over) > 0)
 
 

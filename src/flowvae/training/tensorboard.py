@@ -52,16 +52,19 @@ def check_log_dir(out_dir: str | Path) -> None:
         raise TensorBoardUnavailable(f"TensorBoard logging needs the tensorboard package: {INSTALL_HINT}") from None
     log_dir = Path(out_dir) / "tensorboard"
     if log_dir.is_symlink():
-        raise ConfigError(f"{log_dir} is a symbolic link; flowvae writes TensorBoard events only into the run "
-                          "itself (remove the link)")
+        raise ConfigError(
+            f"{log_dir} is a symbolic link; flowvae writes TensorBoard events only into the run "
+            "itself (remove the link)"
+        )
     if log_dir.exists() and not log_dir.is_dir():
         raise ConfigError(f"{log_dir} exists and is not a directory; --tensorboard writes its events there")
     if log_dir.is_dir():
         try:
             probe_writable(log_dir)
         except OSError as err:
-            raise ConfigError(f"{log_dir} cannot be written ({err.strerror}); --tensorboard writes its events "
-                              "there") from None
+            raise ConfigError(
+                f"{log_dir} cannot be written ({err.strerror}); --tensorboard writes its events there"
+            ) from None
 
 
 class TensorBoardLogger:
