@@ -67,6 +67,17 @@ class VAE(LatentVariableModel[FlowDistribution]):
         flow: a :class:`~flowvae.flows.Flow` over (…, D), conditioned on h if it has a context_dim.
         prior: a module with ``log_prob(z)`` (…, D) -> (…) and ``sample(n, generator)`` (see
             :mod:`flowvae.priors`); None is N(0, I).
+
+    Examples:
+        >>> import torch
+        >>> from flowvae.models import build_vae
+        >>> vae = build_vae("mlp", (1, 8, 8), latent_dim=4, hidden=32, flow="iaf", flow_steps=2)
+        >>> x = torch.bernoulli(torch.full((10, 1, 8, 8), 0.5))
+        >>> ld = vae(x, samples=3)               # LogDensities, each (K, B)
+        >>> tuple(ld.log_weight.shape), tuple(ld.latents["z"].shape)
+        ((3, 10), (3, 10, 4))
+        >>> vae.sample(6).shape                  # images from the prior
+        torch.Size([6, 1, 8, 8])
     """
 
     def __init__(

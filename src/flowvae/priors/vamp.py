@@ -81,6 +81,14 @@ class VampPrior(Prior):
         pseudo_init: optional initial pseudo-inputs (K, C, H, W) in [0, 1], e.g. K training images
             (clipped to [1e-3, 1 − 1e-3] before the logit); by default logits ~ N(0, 1).
         latent_dim: D.
+
+    Examples:
+        >>> import torch
+        >>> from flowvae.models import build_vae
+        >>> vae = build_vae("mlp", (1, 8, 8), latent_dim=2, hidden=16)
+        >>> prior = VampPrior(10, (1, 8, 8), vae.gaussian_parameters, latent_dim=2)
+        >>> prior.log_prob(torch.zeros(5, 2)).shape, prior.sample(3).shape
+        (torch.Size([5]), torch.Size([3, 2]))
     """
 
     closed_form_kl = False
