@@ -53,9 +53,9 @@ from typing import Any
 import torch
 
 from flowvae.config import TrainConfig
-from flowvae.config_yaml import load_yaml
 from flowvae.evaluation import evaluate
 from flowvae.runs import load_run
+from flowvae.runs import run_config as saved_run_config
 from flowvae.training import resolve_device, train
 
 from common import OtherLoad, machine, machine_line, markdown_table, save, set_threads, warn_if_busy
@@ -325,9 +325,8 @@ _FREE_FIELDS = {"data_dir", "threads", "device", "progress", "out"}
 def train_or_resume(cfg: TrainConfig) -> dict[str, Any]:
     """results.json of a finished run; otherwise train, resuming from a checkpoint if there is one."""
     out = Path(cfg.out)
-    saved = out / "config.yaml"
-    if saved.exists():
-        old = TrainConfig.from_dict(load_yaml(saved), source=str(saved)).flat()
+    if (out / "config.yaml").exists():
+        old = saved_run_config(out).flat()
         diffs = [k for k, v in cfg.flat().items() if k not in _FREE_FIELDS and old.get(k) != v]
         if diffs:
             raise RuntimeError(

@@ -102,10 +102,16 @@ def apply_thread_defaults(
         applied["OMP_NUM_THREADS"] = str(max(1, math.floor(cpus)))
     threads = _int(environ.get("OMP_NUM_THREADS", applied.get("OMP_NUM_THREADS"))) or affinity
     if not any(name in environ for name in POLICY_VARIABLES) and threads > 1:
-        if runnable() + threads > cpus + 0.5:
+        if oversubscribed(runnable(), threads, cpus):
             applied["OMP_WAIT_POLICY"] = "PASSIVE"
     environ.update(applied)
     return applied
+
+
+def oversubscribed(others: float, threads: int, cpus: float) -> bool:
+    """Whether ``others`` runnable threads of other processes and torch's ``threads`` need more than
+    the ``cpus`` (with half a CPU of slack for a reading between two integers)."""
+    return others + threads > cpus + 0.5
 
 
 def _int(text: str | None) -> int | None:
@@ -129,7 +135,7 @@ def warn_if_oversubscribed(threads: int, runnable: Callable[[], float] = other_r
     if threads <= 1 or not spins_long():
         return False
     others, cpus = runnable(), available_cpus()
-    if others + threads <= cpus + 0.5:
+    if not oversubscribed(others, threads, cpus):
         return False
     logger.warning(
         "warning: the machine is busy (%g other runnable threads on %g CPUs) and torch's %d threads "

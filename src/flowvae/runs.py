@@ -85,7 +85,7 @@ class TrainedRun:
                     f"the run's own data cannot be read: {err} (score other images with --data PATH, "
                     "or path= in Python)"
                 ) from None
-            return {"train": data.train_eval, "valid": data.valid, "test": data.test}[split]
+            return data.split(split)
         if not is_data_path(str(path)):  # a registered data set's split
             images = _registered_split(str(path), split, self.config.data_dir, self.config.seed)
             if images.shape[1:] != self.image_shape or _kind_of(images) not in (self.kind, "binary"):
@@ -123,9 +123,7 @@ class TrainedRun:
 
 def _registered_split(name: str, split: str, data_dir: str | None, seed: int) -> torch.Tensor:
     """Split ``split`` of a registered data set as the trainer scores it (grayscale binarized once)."""
-    config = TrainConfig(dataset=name, data_dir=data_dir, seed=seed)
-    data = prepare_data(config)
-    return {"train": data.train_eval, "valid": data.valid, "test": data.test}[split]
+    return prepare_data(TrainConfig(dataset=name, data_dir=data_dir, seed=seed)).split(split)
 
 
 def _kind_of(images: torch.Tensor) -> str:

@@ -9,7 +9,6 @@ early stopping, the epoch's files and the divergence check.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from tqdm.auto import tqdm
@@ -46,10 +45,10 @@ def _noisy_input(run: Run, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _schedule_lr(run: Run, steps_per_epoch: int) -> None:
+def _schedule_lr(run: Run) -> None:
     """This step's learning rate from the budget-aware schedule (:mod:`flowvae.schedules`)."""
     config, state = run.config, run.state
-    total = state.lr_total_steps or config.epochs * steps_per_epoch
+    total = state.lr_total_steps or config.epochs * run.steps_per_epoch
     lr = schedules.scheduled_lr(config.lr_schedule, config.lr, config.lr_floor, state.step + 1, total)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -60,8 +59,7 @@ def train_epoch(run: Run) -> dict[str, float]:
     config, state, data, context, device = run.config, run.state, run.data, run.context, run.device
     run.model.train()
     n_train = len(data.train)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    warmup_steps = config.warmup_epochs * steps_per_epoch
+    warmup_steps = config.warmup_epochs * run.steps_per_epoch
     order = torch.randperm(n_train, generator=run.generators["shuffle"]).to(data.train.device)
     binarize = run.generators.get("binarize", run.generators["shuffle"])
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -91,7 +89,7 @@ def train_epoch(run: Run) -> dict[str, float]:
         # KL warm-up and the learning rate of this step.
         beta = min(1.0, (state.step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
         if config.lr_schedule != "constant":
-            _schedule_lr(run, steps_per_epoch)
+            _schedule_lr(run)
         # Forward, loss, and an update unless the gradient is non-finite or a spike.
         with autocast(device, config.precision):
             ld = run.step_model(
@@ -148,9 +146,11 @@ def end_epoch(run: Run, stats: dict[str, float]) -> None:
     state.train_seconds = run.clock()
     if config.lr_schedule != "constant" and config.max_minutes:  # worker 0's rate, so all workers agree
         seconds = torch.tensor(float(run.context.is_main) * state.train_seconds, dtype=torch.float64, device=run.device)
-        steps = config.epochs * math.ceil(len(run.data.train) / config.batch_size)
         state.lr_total_steps = schedules.budget_steps(
-            state.step, run.context.all_reduce_sum(seconds).item(), config.max_minutes, steps
+            state.step,
+            run.context.all_reduce_sum(seconds).item(),
+            config.max_minutes,
+            config.epochs * run.steps_per_epoch,
         )
     # The epoch's row of metrics.
     row = {

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = ".flowvae.lock"
 SHARED_PROBE_NAME = ".flowvae.shared"
 RUN_FILES = ("config.yaml", LOCK_NAME, SHARED_PROBE_NAME)
+# What a new run writes before its first checkpoint (besides TensorBoard's folder and temporaries).
+FIRST_EPOCH_FILES = ("config.yaml", "best.pt", "metrics.jsonl", "metrics.csv", "curves.png")
 
 
 class RunDirError(RuntimeError):
@@ -101,9 +103,8 @@ def interrupted_start(out: Path) -> list[Path]:
     if not out.is_dir() or (out / "checkpoint.pt").exists() or (out / "checkpoint.pt").is_symlink():
         return []
     entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
-    files = {"config.yaml", "best.pt", "metrics.jsonl", "metrics.csv", "curves.png"}
     for p in entries:
-        ours = (p.name in files or p.name.endswith(TEMP_SUFFIX)) and p.is_file() and not p.is_symlink()
+        ours = (p.name in FIRST_EPOCH_FILES or p.name.endswith(TEMP_SUFFIX)) and p.is_file() and not p.is_symlink()
         if not (ours or (p.name == "tensorboard" and p.is_dir() and not p.is_symlink())):
             return []
     if not (out / "config.yaml").is_file() and not all(p.name.endswith(TEMP_SUFFIX) for p in entries):
@@ -129,7 +130,7 @@ def remove_failed_start(out: Path, created: Path | None, *, ours: bool) -> None:
     lock, so every flowvae file in ``out`` is its own (a new run starts in a directory holding at most
     config.yaml and the lock) and is removed; then the directories it created, if empty."""
     if ours:
-        for name in (*RUN_FILES, "best.pt", "metrics.jsonl", "metrics.csv", "curves.png"):
+        for name in {*RUN_FILES, *FIRST_EPOCH_FILES}:
             (out / name).unlink(missing_ok=True)
         if (out / "tensorboard").is_dir() and not (out / "tensorboard").is_symlink():
             shutil.rmtree(out / "tensorboard", ignore_errors=True)

@@ -17,6 +17,7 @@ from flowvae.training.state import Run, run_is_over
 
 GUARD_SYNC_STEPS = 50  # the gradient guard's counters reach the host this often, and per epoch
 DIVERGED_EPOCHS = 3  # validation -ELBO far above its best for this many epochs: diverged
+ADVICE = "Lower --lr or set --grad-clip"  # the last words of every divergence message
 
 
 def sane_limit(run: Run) -> float:
@@ -51,8 +52,7 @@ def sync_guard(run: Run) -> None:
     if state.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
         raise FloatingPointError(
             f"training diverged: {state.consecutive_skips} updates in a row had a non-finite "
-            f"or exploding gradient (step {state.step}); {last_good(run)}. Lower --lr or "
-            "set --grad-clip"
+            f"or exploding gradient (step {state.step}); {last_good(run)}. {ADVICE}"
         )
 
 
@@ -80,7 +80,6 @@ def check_divergence(run: Run, valid_neg_elbo: float) -> None:
     )
     state.diverging_epochs = state.diverging_epochs + 1 if far_above else 0
     sane = f"{sane_limit(run):.4g} nats (10x that of equal mass on every value of the {splits.dim} pixels)"
-    advice = "Lower --lr or set --grad-clip"
     if state.diverging_epochs >= DIVERGED_EPOCHS:
         where = (
             f"beyond {sane}"
@@ -89,10 +88,10 @@ def check_divergence(run: Run, valid_neg_elbo: float) -> None:
         )
         raise FloatingPointError(
             f"training diverged: valid -ELBO {valid_neg_elbo:.4g} for {state.diverging_epochs} "
-            f"epochs, {where}; {last_good(run)}. {advice}"
+            f"epochs, {where}; {last_good(run)}. {ADVICE}"
         )
     if insane(state.best_valid) and run_is_over(run):
         raise FloatingPointError(
             f"training diverged: the run ends with a best valid -ELBO of {state.best_valid:.4g}, "
-            f"beyond {sane}; {last_good(run)}. {advice}"
+            f"beyond {sane}; {last_good(run)}. {ADVICE}"
         )

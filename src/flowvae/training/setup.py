@@ -66,6 +66,10 @@ class PreparedData:
     train_eval: torch.Tensor  # the training set as evaluated (fixed binarization)
     dynamic: bool  # binarize training batches afresh
 
+    def split(self, name: str) -> torch.Tensor:
+        """Split ``name`` ('train', 'valid' or 'test') as it is evaluated (the training set binarized once)."""
+        return {"train": self.train_eval, "valid": self.valid, "test": self.test}[name]
+
 
 def load_splits(config: TrainConfig) -> DatasetSplits:
     """``config.dataset``'s splits: a registered name or a folder/.npy/.npz path."""

@@ -3,6 +3,7 @@ and when it is over."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,11 @@ class Run:
     def eval_model(self) -> LatentVariableModel:
         """The weights evaluated: the EMA's when there is one."""
         return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the training set (the last batch may be smaller)."""
+        return math.ceil(len(self.data.train) / self.config.batch_size)
 
     @property
     def checkpoint_path(self) -> Path:
