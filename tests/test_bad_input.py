@@ -42,41 +42,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tiny_runs
 import torch
 import yaml
 
-TINY = [
-    "--dataset",
-    "digits",
-    "--hidden",
-    "32",
-    "--latent-dim",
-    "4",
-    "--flow",
-    "iaf",
-    "--flow-steps",
-    "2",
-    "--flow-hidden",
-    "16",
-    "--eval-samples",
-    "20",
-    "--no-progress",
-    "--threads",
-    "1",
-]
-QUICK = [
-    "--hidden",
-    "8",
-    "--latent-dim",
-    "2",
-    "--eval-samples",
-    "2",
-    "--epochs",
-    "1",
-    "--no-progress",
-    "--threads",
-    "1",
-]
+TINY = tiny_runs.flags(tiny_runs.DIGITS_IAF)
+QUICK = tiny_runs.flags(tiny_runs.SMALLEST)
 WORKERS = 3
 CASE_TIMEOUT_S = 240
 EXEC_ALL = os.environ.get("FLOWVAE_BAD_INPUT_EXEC") == "1"

@@ -7,26 +7,16 @@ import argparse
 import logging
 
 import pytest
+import tiny_runs
 
 from flowvae.cli import build_parser, main
 from flowvae.cli.option_help import HELP, choices
 from flowvae.config import config_fields
 from flowvae.progress import Throughput
 
-QUICK = [
-    "--dataset",
-    "digits",
-    "--hidden",
-    "8",
-    "--latent-dim",
-    "2",
-    "--eval-samples",
-    "2",
-    "--epochs",
-    "2",
-    "--threads",
-    "1",
-]
+QUICK = tiny_runs.flags(
+    {k: v for k, v in tiny_runs.SMALLEST.items() if k != "progress"} | dict(dataset="digits", epochs=2)
+)
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import tiny_runs
 import torch
 from torch import nn
 
@@ -22,29 +23,8 @@ from flowvae.models.likelihoods import Likelihood, build_likelihood
 from flowvae.models.networks import GatedLinear, MLPDecoder
 from flowvae.training import loop
 
-TINY = {
-    "dataset": "digits",
-    "arch": "mlp",
-    "hidden": 32,
-    "latent_dim": 4,
-    "epochs": 2,
-    "eval_samples": 5,
-    "progress": False,
-    "threads": 1,
-}
-TINY_FLAGS = [
-    "--dataset",
-    "digits",
-    "--hidden",
-    "32",
-    "--latent-dim",
-    "4",
-    "--eval-samples",
-    "5",
-    "--no-progress",
-    "--threads",
-    "1",
-]
+TINY = tiny_runs.DIGITS_MLP | dict(epochs=2)
+TINY_FLAGS = tiny_runs.flags(tiny_runs.DIGITS_MLP)
 
 
 def tiny(tmp_path: Path, **overrides) -> TrainConfig:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_runs
 import torch
 import yaml
 
@@ -32,21 +33,7 @@ from flowvae.data.cache import download
 from flowvae.models import build_model
 from flowvae.training import prepare_data, resume_differences
 
-QUICK = [
-    "--dataset",
-    "digits",
-    "--hidden",
-    "8",
-    "--latent-dim",
-    "2",
-    "--eval-samples",
-    "2",
-    "--epochs",
-    "1",
-    "--no-progress",
-    "--threads",
-    "1",
-]
+QUICK = tiny_runs.flags(tiny_runs.SMALLEST)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 DECOY = "user notes, keep\n"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_runs
 import torch
 from PIL import Image
 from torch import nn
@@ -23,33 +24,8 @@ from flowvae.data import DataError
 from flowvae.models import VAE, GaussianEncoder, build_likelihood
 from flowvae.training import CheckpointError
 
-TINY = {
-    "epochs": 1,
-    "hidden": 16,
-    "latent_dim": 2,
-    "eval_samples": 5,
-    "progress": False,
-    "threads": 1,
-    "batch_size": 50,
-    "eval_batch_size": 50,
-}
-QUICK = [
-    "--hidden",
-    "16",
-    "--latent-dim",
-    "2",
-    "--eval-samples",
-    "5",
-    "--epochs",
-    "1",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--batch-size",
-    "50",
-    "--eval-batch-size",
-    "50",
-]
+TINY = tiny_runs.SMALLEST | dict(hidden=16, eval_samples=5, batch_size=50, eval_batch_size=50)
+QUICK = tiny_runs.flags(TINY)
 
 
 def binary_images(n: int, side: int = 8, seed: int = 0) -> np.ndarray:

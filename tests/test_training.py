@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_runs
 import torch
 import yaml
 
@@ -21,38 +22,8 @@ from flowvae.data import DataError, DatasetSplits
 from flowvae.models import build_model
 from flowvae.training import epoch, safeguards, setup
 
-TINY = dict(
-    dataset="digits",
-    arch="mlp",
-    hidden=32,
-    latent_dim=4,
-    flow="iaf",
-    flow_steps=2,
-    flow_hidden=16,
-    epochs=3,
-    eval_samples=20,
-    progress=False,
-    threads=1,
-)
-TINY_FLAGS = [
-    "--dataset",
-    "digits",
-    "--hidden",
-    "32",
-    "--latent-dim",
-    "4",
-    "--flow",
-    "iaf",
-    "--flow-steps",
-    "2",
-    "--flow-hidden",
-    "16",
-    "--eval-samples",
-    "20",
-    "--no-progress",
-    "--threads",
-    "1",
-]
+TINY = tiny_runs.DIGITS_IAF | dict(epochs=3)
+TINY_FLAGS = tiny_runs.flags(tiny_runs.DIGITS_IAF)
 
 
 def tiny(tmp_path: Path, **overrides) -> TrainConfig:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_runs
 import torch
 from PIL import Image
 
@@ -24,23 +25,7 @@ from flowvae.data import DataError, DatasetSplits
 from flowvae.data.files import detect_kind, load_images_for, load_path, splits_from_arrays
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-QUICK = [
-    "--hidden",
-    "8",
-    "--latent-dim",
-    "2",
-    "--eval-samples",
-    "2",
-    "--epochs",
-    "1",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--eval-batch-size",
-    "50",
-    "--batch-size",
-    "50",
-]
+QUICK = tiny_runs.flags(tiny_runs.SMALLEST | dict(eval_batch_size=50, batch_size=50))
 
 
 def binary_images(n: int = 60, side: int = 8, seed: int = 0) -> np.ndarray:
