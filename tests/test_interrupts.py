@@ -24,17 +24,26 @@ class SignalsInFinalizer:
             pass
 
 
+class RaisesInFinalizer:
+    def __del__(self) -> None:
+        raise ValueError("a finalizer's own error")
+
+
 @pytest.mark.parametrize("signum, expected", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
 def test_an_interrupt_swallowed_by_a_finalizer_is_raised_at_the_next_check(signum, expected, monkeypatch):
-    swallowed = []
-    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)  # what Python calls instead of raising
+    printed = []
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)  # what Python calls instead of raising
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with handled_interrupts():
         SignalsInFinalizer(signum)  # finalized at once: the handler's exception is swallowed
-        assert [type(u.exc_value) for u in swallowed] == [expected]
+        assert printed == []  # not printed with a traceback: it is raised again below
+        RaisesInFinalizer()
+        assert [type(u.exc_value) for u in printed] == [ValueError]  # any other error is reported as before
         with pytest.raises(expected):
             raise_pending()
     raise_pending()  # nothing is pending once the block is left
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert sys.unraisablehook == printed.append
 
 
 def test_an_interrupt_raises_where_the_program_is():

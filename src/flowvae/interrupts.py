@@ -2,14 +2,16 @@
 
 Python raises KeyboardInterrupt in whatever Python code runs when the signal arrives.  If that is a
 finalizer or a weakref callback (run by the garbage collector at any allocation), Python only prints
-"Exception ignored in ..." and carries on, and a training loop would then run to its end.  Under
-:func:`handled_interrupts` the signal is also remembered, and :func:`raise_pending`, called at every
-training step and evaluation batch, raises it again where it cannot be lost.
+"Exception ignored in ..." with a traceback and carries on, and a training loop would then run to its
+end.  Under :func:`handled_interrupts` the signal is also remembered, and :func:`raise_pending`, called
+at every training step and evaluation batch, raises it again where it cannot be lost; the swallowed
+copy is not printed (``sys.unraisablehook`` passes only other exceptions on).
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,9 +46,17 @@ def handled_interrupts() -> Iterator[None]:
         yield
         return
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook = sys.unraisablehook
+
+    def unraisable(report: sys.UnraisableHookArgs) -> None:
+        if _pending is None or not isinstance(report.exc_value, _pending):  # ours is raised again: not printed
+            previous_hook(report)
+
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         _pending = None
