@@ -319,6 +319,15 @@ def test_presets_are_valid_configs():
         assert cfg.model.arch in ("ladder", "resnet"), path
 
 
+def test_the_best_cpu_preset_is_the_committed_run_it_quotes():
+    """configs/mnist_cpu_best.yaml trains exactly as the run under benchmarks/results/mnist_cpu_best/
+    did: only where the run went, its test K and its progress bar may differ."""
+    preset = TrainConfig.from_dict(load_yaml(CONFIGS / "mnist_cpu_best.yaml")).to_dict()
+    run = TrainConfig.from_dict(load_yaml(CONFIGS.parent / "benchmarks/results/mnist_cpu_best/config.yaml")).to_dict()
+    differing = {name for name in preset if preset[name] != run[name]}
+    assert differing <= {"out", "data_dir", "eval_samples", "progress"}, differing
+
+
 def test_cifar10_preset_runs_end_to_end_on_small_synthetic_files(tmp_path, monkeypatch):
     from flowvae.data import cifar10
 
