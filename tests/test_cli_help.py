@@ -14,6 +14,7 @@ from flowvae.cli.option_help import HELP, choices
 from flowvae.config import config_fields
 from flowvae.progress import Throughput
 
+# The progress bar left at its default (on): the tests below read it.
 QUICK = tiny_runs.flags(
     {k: v for k, v in tiny_runs.SMALLEST.items() if k != "progress"} | dict(dataset="digits", epochs=2)
 )
