@@ -197,6 +197,17 @@ def test_made_is_autoregressive(order):
     assert torch.all(jac[:, allowed].abs().sum(0) > 0), "MADE should use every allowed connection"
 
 
+def test_made_with_spread_degrees_is_autoregressive_and_reaches_far_inputs_through_a_narrow_layer():
+    torch.manual_seed(0)
+    dim = 40
+    made = F.MADE(dim, (8,), n_params=1, spread_degrees=True).double()
+    jac = degrees_jacobian(lambda x: made(x).reshape(-1), dim)
+    assert torch.all(jac.triu() == 0)
+    assert torch.all(jac[-1, : dim - 5] != 0), "the last output reads the inputs far up the order"
+    cycled = F.MADE(dim, (8,), n_params=1).double()
+    assert torch.all(degrees_jacobian(lambda x: cycled(x).reshape(-1), dim)[:, 8:] == 0), "cycled: inputs 9.. unread"
+
+
 @pytest.mark.parametrize("order", ["natural", [3, 1, 4, 0, 2]])
 def test_each_network_of_a_stacked_made_is_autoregressive_in_its_own_order(order):
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from torch import nn
 from flowvae import distributed, objectives, optimizers, schedules, training
 from flowvae.cli import main
 from flowvae.config import TrainConfig
-from flowvae.models import VAE, GaussianEncoder, build_model, draw_noise
+from flowvae.models import VAE, GaussianEncoder, LadderVAE, build_model, draw_noise
 from flowvae.models.config import ModelConfig
 from flowvae.models.likelihoods import Likelihood, build_likelihood
 from flowvae.models.networks import GatedLinear, MLPDecoder
@@ -223,6 +223,7 @@ NEW_FLAGS = [
     "--posterior-log-var-min",
     "--posterior-log-var-max",
     "--pseudo-inputs",
+    "--autoregressive-decoder",
 ]
 
 
@@ -242,6 +243,7 @@ def test_help_lists_every_new_option(capsys):
         "logit(mean training pixel)",
         "log variance",
         "pseudo-inputs (mixture components) of --prior vamp",
+        "autoregressive over the pixels",
         "--max-minutes",
     ):
         assert words in text, words
@@ -275,6 +277,8 @@ def test_help_lists_every_new_option(capsys):
         (["--lr-schedule", "cosine", "--lr-floor", "0.1"], "lr_floor must be in (0, lr)"),
         (["--lr-schedule", "cosine", "--lr-decay", "0.5"], "must be constant when lr_decay < 1"),
         (["--pseudo-inputs", "0", "--prior", "vamp"], "pseudo_inputs must be > 0"),
+        (["--autoregressive-decoder", "-1", "--arch", "ladder"], "autoregressive_decoder must be >= 0 (0: off)"),
+        (["--autoregressive-decoder", "8"], "arch must be ladder for --autoregressive-decoder"),
     ],
 )
 def test_bad_values_are_one_line_errors_and_leave_nothing(tmp_path, capsys, flags, message):
@@ -331,6 +335,65 @@ def test_posterior_log_variance_stays_in_its_bounds(arch):
     assert log_std.abs().max() > 0.5
     assert (2 * log_std >= -6).all() and (2 * log_std <= 2).all()
     assert (2 * log_std).min() < -5.5 or (2 * log_std).max() > 1.5  # the bound is reached, not just respected
+
+
+def _ladder_with_autoregressive_decoder() -> LadderVAE:
+    model = small("ladder", autoregressive_decoder=12)
+    assert isinstance(model, LadderVAE) and model.pixel_made is not None
+    return model
+
+
+def test_autoregressive_decoder_starts_as_the_plain_decoder_and_each_logit_sees_only_earlier_pixels():
+    model = _ladder_with_autoregressive_decoder()
+    plain = small("ladder")
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pixel_made.")})
+    x = torch.bernoulli(torch.full((4, 1, 8, 8), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(0))
+    noise = draw_noise(model, 3, 4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(x, 3, noise).log_weight, plain(x, 3, noise).log_weight)
+    with torch.no_grad():
+        for p in model.pixel_made.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(2))
+    z, t = torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(1, 4, 16, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(
+        lambda v: model._decode(z, t, v.view(4, 1, 8, 8))[0, 0].flatten(), x.view(4, 64)
+    )
+    own = jacobian[:, 0]  # (64 logits of image 0, 64 pixels of image 0)
+    assert (own.triu() == 0).all(), "a logit depends on its own pixel or a later one"
+    earlier = torch.ones(64, 64, dtype=torch.bool).tril(-1)
+    assert (own[earlier] != 0).all(), "every logit reads every earlier pixel (12 hidden units for 64 pixels)"
+    assert (jacobian[:, 1:] == 0).all(), "a logit depends on another image"
+    ld = model(x, 3, noise)
+    assert torch.isfinite(ld.log_weight).all() and not torch.allclose(ld.log_weight, plain(x, 3, noise).log_weight)
+
+
+def test_autoregressive_decoder_samples_pixel_by_pixel_from_its_own_conditionals():
+    model = _ladder_with_autoregressive_decoder()
+    with torch.no_grad():
+        for p in model.pixel_made.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(3))
+    base, h = torch.randn(5, 64, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
+    x, probs = model.pixel_made.sample(base, h, torch.Generator().manual_seed(4))
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(probs, torch.sigmoid(base + model.pixel_made(x, h)))  # teacher-forced at the draw
+    images = model.sample(3, torch.Generator().manual_seed(5))
+    assert images.shape == (3, 1, 8, 8) and ((images >= 0) & (images <= 1)).all()
+    assert model.reconstruct(x.view(5, 1, 8, 8)).shape == (5, 1, 8, 8)
+    with pytest.raises(ValueError, match="needs the bernoulli likelihood"):
+        build_model(ModelConfig(arch="ladder", hidden=8, latent_dim=2, autoregressive_decoder=4), (1, 8, 8), "8bit")
+
+
+def test_ladder_with_autoregressive_decoder_trains_resumes_and_evaluates(tmp_path):
+    straight = tiny(tmp_path / "a", arch="ladder", autoregressive_decoder=16, epochs=2, eval_samples=8)
+    results = training.train(straight)
+    assert math.isfinite(results["test"]["nll"]) and results["test"]["nll"] <= results["test"]["neg_elbo"] + 1.0
+    halves = tiny(tmp_path / "b", arch="ladder", autoregressive_decoder=16, epochs=1, eval_samples=8)
+    training.train(halves)
+    halves.epochs = 2
+    training.train(halves, resume=True)
+    a = torch.load(Path(straight.out) / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(Path(halves.out) / "checkpoint.pt", weights_only=True)["model"]
+    assert any(k.startswith("pixel_made.") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "ladder"])

@@ -242,6 +242,12 @@ class TrainConfig:
             (self.input_noise >= 0, "input_noise", "must be >= 0"),
             (0 <= m.dropout < 1, "dropout", "must be in [0, 1)"),
             (m.activation in ("elu", "gated"), "activation", "must be elu or gated"),
+            (m.autoregressive_decoder >= 0, "autoregressive_decoder", "must be >= 0 (0: off)"),
+            (
+                m.autoregressive_decoder == 0 or m.arch == "ladder",
+                "arch",
+                "must be ladder for --autoregressive-decoder",
+            ),
             (
                 (m.activation == "elu" and m.dropout == 0) or m.arch in MLP_ARCHS,
                 "arch",

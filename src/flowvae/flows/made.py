@@ -74,7 +74,9 @@ class MADE(nn.Module):
 
     ``forward(x, context=None)``: x (..., D), context (..., context_dim) -> (..., n_params, D);
     output [..., p, i] depends only on inputs of degree < degree(i) (and on the context, which
-    enters the first hidden layer unmasked).  Hidden degrees cycle through 1..D-1.
+    enters the first hidden layer unmasked).  Hidden degrees cycle through 1..D-1; with
+    ``spread_degrees`` they are spread evenly over 1..D-1 instead, so that a layer narrower than D - 1
+    still lets every output read every earlier input (e.g. the pixels of an image).
 
     ``steps=T`` holds T such networks, as a flow stack needs them, with each layer's weights
     stacked (T, out, in) so that a stack has a few large tensors instead of many small ones:
@@ -93,6 +95,7 @@ class MADE(nn.Module):
         order: str | Sequence[int] = "natural",
         activation: Callable[[], nn.Module] = functools.partial(nn.ELU, inplace=True),
         steps: int | None = None,
+        spread_degrees: bool = False,
     ) -> None:
         super().__init__()
         if dim < 1 or not hidden or any(h < 1 for h in hidden):
@@ -108,9 +111,12 @@ class MADE(nn.Module):
         stack = () if steps is None else (steps,)
         degrees = [self.degrees]
         for width in hidden:
-            hidden_degrees = (
-                torch.arange(width) % max(dim - 1, 1) + 1 if dim > 1 else torch.zeros(width, dtype=torch.long)
-            )
+            if dim == 1:
+                hidden_degrees = torch.zeros(width, dtype=torch.long)
+            elif spread_degrees:
+                hidden_degrees = torch.arange(width) * (dim - 1) // width + 1
+            else:
+                hidden_degrees = torch.arange(width) % (dim - 1) + 1
             degrees.append(hidden_degrees.expand(*stack, width))
         layers = []
         for d_in, d_out in zip(degrees[:-1], degrees[1:]):

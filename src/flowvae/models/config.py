@@ -61,6 +61,14 @@ class ModelConfig:
         },
     )
 
+    autoregressive_decoder: int = field(
+        default=0,
+        metadata={
+            "help": "hidden units of a MADE that makes the Bernoulli decoder autoregressive over the pixels, "
+            "p(x|z) = Π p(x_i | x_<i, z) (arch ladder; 0: off, pixels independent given z)"
+        },
+    )
+
     @property
     def log_var_bounds(self) -> tuple[float, float] | None:
         """(low, high) of the posterior's log-variance, or None."""

@@ -30,7 +30,7 @@ from flowvae.distributions import gaussian_log_prob, standard_normal_log_prob
 from flowvae.flows import Flow, build_flow
 from flowvae.models.base import BottomUp, LatentVariableModel, LogDensities, Noise, as_noise, sample_prior
 from flowvae.models.likelihoods import Likelihood
-from flowvae.models.networks import hidden_layer
+from flowvae.models.networks import AutoregressivePixels, hidden_layer
 from flowvae.models.vae import as_unit_interval, bounded_log_std
 from flowvae.numerics import at_least_float32, soft_clamp
 
@@ -88,6 +88,9 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         activation: every MLP's hidden layers, 'elu' or 'gated'.
         dropout: the dropout probability of every MLP's hidden layers.
         log_var_bounds: (low, high) soft bounds on the posterior's log-variance (None: log σ within ±8).
+        autoregressive_decoder: hidden units of an :class:`~flowvae.models.networks.AutoregressivePixels`
+            MADE that makes a Bernoulli p(x | z_1, t_1) autoregressive over the pixels (0: pixels
+            independent given the latents).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         activation: str = "elu",
         dropout: float = 0.0,
         log_var_bounds: tuple[float, float] | None = None,
+        autoregressive_decoder: int = 0,
     ) -> None:
         super().__init__()
         if layers < 1 or latent_dim < 1 or hidden < 1:
@@ -142,6 +146,11 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         self._register_load_state_dict_pre_hook(_drop_unused_contexts, with_module=True)
         decoder_in = D + (H if layers > 1 else 0)
         self.decoder = _mlp((decoder_in, H, H, likelihood.params_per_pixel * pixels), last_activation=False)
+        if autoregressive_decoder and likelihood.name != "bernoulli":
+            raise ValueError(
+                f"the autoregressive decoder needs the bernoulli likelihood (binary images), not {likelihood.name!r}"
+            )
+        self.pixel_made = AutoregressivePixels(pixels, H, autoregressive_decoder) if autoregressive_decoder else None
 
     def noise_shapes(self) -> dict[str, tuple[int, ...]]:
         return {f"z{l + 1}": (self.latent_dim,) for l in range(self.layers)}
@@ -208,10 +217,29 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         with torch.no_grad():
             self.decoder[-1].bias.copy_(self.likelihood.params_for_mean(mean_image).flatten())
 
-    def _decode(self, z: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-        """Likelihood parameters (…, P·C, H, W) from z_1 and the skip t_1."""
-        params = self.decoder(z if t is None else torch.cat([z, t], -1))
+    def _decode(self, z: torch.Tensor, t: torch.Tensor | None, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Likelihood parameters (…, P·C, H, W) from z_1 and the skip t_1; the autoregressive decoder
+        also reads the prepared images x (B, C, H, W) (each pixel's logit sees the pixels before it)."""
+        inputs = z if t is None else torch.cat([z, t], -1)
+        if self.pixel_made is None:
+            params = self.decoder(inputs)
+        else:
+            if x is None:
+                raise ValueError("the autoregressive decoder scores images: pass x")
+            h = self.decoder[:-1](inputs)
+            params = self.decoder[-1](h) + self.pixel_made(x.flatten(1).to(h.dtype), h)
         return params.unflatten(-1, (-1, *self.image_shape[1:]))
+
+    def _mean_image(
+        self, z: torch.Tensor, t: torch.Tensor | None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The likelihood's mean at (z_1, t_1), (n, C, H, W); for the autoregressive decoder each
+        pixel's probability given the pixels drawn before it."""
+        if self.pixel_made is None:
+            return self.likelihood.mean(self._decode(z, t))
+        h = self.decoder[:-1](z if t is None else torch.cat([z, t], -1))
+        _, probs = self.pixel_made.sample(self.decoder[-1](h), h, generator)
+        return probs.unflatten(-1, self.image_shape)
 
     def log_densities(
         self, x: torch.Tensor, encoded: BottomUp, samples: int = 1, noise: Noise | None = None
@@ -225,8 +253,9 @@ class LadderVAE(LatentVariableModel[BottomUp]):
             return torch.randn(*d[l].shape[:-1], self.latent_dim, device=d[l].device, dtype=self.dtype)
 
         z, t, log_q, log_p, latents = self._top_down(d, eps)
-        params = at_least_float32(self._decode(z, t))
-        log_px = self.likelihood.log_prob(params, self.likelihood.prepare(x, dtype=params.dtype))
+        target = self.likelihood.prepare(x, dtype=self.dtype)
+        params = at_least_float32(self._decode(z, t, target))
+        log_px = self.likelihood.log_prob(params, target.to(params.dtype))
         log_q_t, log_p_t = torch.stack(log_q, -1), torch.stack(log_p, -1)  # (K, B, L), top layer first
         L = self.layers
         return LogDensities(
@@ -249,10 +278,10 @@ class LadderVAE(LatentVariableModel[BottomUp]):
             z = mean + torch.exp(log_std) * torch.randn(
                 mean.shape, generator=generator, device=ref.device, dtype=ref.dtype
             )
-        return self.likelihood.mean(self._decode(z, t))
+        return self._mean_image(z, t, generator)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         d = [f for (f,) in self.encode(x).layers]
         z, t, *_ = self._top_down(d, lambda l: d[l].new_empty(*d[l].shape[:-1], self.latent_dim).normal_())
-        return self.likelihood.mean(self._decode(z, t))
+        return self._mean_image(z, t)

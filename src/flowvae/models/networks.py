@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from flowvae.flows.made import MADE, MaskedLinear
+
 
 def _downsampled(size: int, times: int) -> list[int]:
     """Spatial sizes after ``times`` stride-2, kernel-5, padding-2 convolutions: ceil(s/2) each."""
@@ -101,6 +103,49 @@ class MLPDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
+
+
+class AutoregressivePixels(nn.Module):
+    """Makes a dense decoder's Bernoulli logits autoregressive over the pixels, in raster order:
+
+        logit_i(x, h) = a_i(h) + m_i(x_<i, h) + Σ_{j<i} V_ij x_j
+
+    where a(h) is the decoder's output layer on its last hidden features h, m a one-hidden-layer MADE
+    (Germain et al. 2015) over the P pixels that also reads h (hidden degrees spread over 1..P-1),
+    and V a strictly lower-triangular matrix: MADE's direct connections, through which every logit
+    reads every earlier pixel, the nearest ones too, however narrow the hidden layer.
+    ``forward(x, h)`` gives m + V x for x (B, P) in {0, 1} and h (…, B, H), as (…, B, P); both start
+    at zero, so a fresh model decodes as its plain decoder.  ``sample`` draws pixels one at a time.
+    """
+
+    def __init__(self, pixels: int, context_dim: int, hidden: int) -> None:
+        super().__init__()
+        if hidden < 1:
+            raise ValueError(f"the autoregressive decoder needs hidden >= 1 units, got {hidden}")
+        self.made = MADE(pixels, (hidden,), n_params=1, context_dim=context_dim, spread_degrees=True)
+        self.direct = MaskedLinear(pixels, pixels, torch.ones(pixels, pixels).tril(-1))
+        del self.direct.bias  # the decoder's output layer has the bias
+        self.direct.register_parameter("bias", None)
+        with torch.no_grad():
+            for weight in (self.made.output_layer.weight, self.made.output_layer.bias, self.direct.weight):
+                weight.zero_()
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.made(x, h).squeeze(-2) + self.direct(x)
+
+    @torch.no_grad()
+    def sample(
+        self, base_logits: torch.Tensor, h: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw x (n, P) pixel by pixel given a(h) (n, P) and h (n, H), one pass per pixel; returns
+        x and each pixel's probability σ(logit_i(x_<i, h)) under the drawn prefix, (n, P)."""
+        x = base_logits.new_zeros(base_logits.shape)
+        probs = torch.empty_like(x)
+        for i in range(x.shape[-1]):  # raster order: input degrees are 1..P
+            p = torch.sigmoid(base_logits[:, i] + self(x, h)[:, i])
+            probs[:, i] = p
+            x[:, i] = torch.bernoulli(p, generator=generator)
+        return x, probs
 
 
 class ConvEncoder(nn.Module):

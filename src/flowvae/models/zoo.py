@@ -109,6 +109,7 @@ def _ladder(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> 
         activation=config.activation,
         dropout=config.dropout,
         log_var_bounds=config.log_var_bounds,
+        autoregressive_decoder=config.autoregressive_decoder,
     )
     return with_prior(model, config, (config.latent_dim,), model.top_gaussian_parameters)
 
