@@ -20,7 +20,7 @@ from flowvae.config import TrainConfig
 from flowvae.models import VAE, GaussianEncoder, LadderVAE, build_model, draw_noise
 from flowvae.models.config import ModelConfig
 from flowvae.models.likelihoods import Likelihood, build_likelihood
-from flowvae.models.networks import GatedLinear, MLPDecoder
+from flowvae.models.networks import GatedLinear, MLPDecoder, sample_autoregressively
 from flowvae.training import loop
 
 TINY = tiny_runs.DIGITS_MLP | dict(epochs=2)
@@ -224,6 +224,8 @@ NEW_FLAGS = [
     "--posterior-log-var-max",
     "--pseudo-inputs",
     "--autoregressive-decoder",
+    "--pixelcnn-layers",
+    "--pixelcnn-channels",
 ]
 
 
@@ -278,7 +280,9 @@ def test_help_lists_every_new_option(capsys):
         (["--lr-schedule", "cosine", "--lr-decay", "0.5"], "must be constant when lr_decay < 1"),
         (["--pseudo-inputs", "0", "--prior", "vamp"], "pseudo_inputs must be > 0"),
         (["--autoregressive-decoder", "-1", "--arch", "ladder"], "autoregressive_decoder must be >= 0 (0: off)"),
-        (["--autoregressive-decoder", "8"], "arch must be ladder for --autoregressive-decoder"),
+        (["--autoregressive-decoder", "8"], "arch must be ladder for --autoregressive-decoder and --pixelcnn-layers"),
+        (["--pixelcnn-layers", "-1", "--arch", "ladder"], "pixelcnn_layers must be >= 0 (0: off)"),
+        (["--pixelcnn-channels", "0", "--arch", "ladder"], "pixelcnn_channels must be >= 1"),
     ],
 )
 def test_bad_values_are_one_line_errors_and_leave_nothing(tmp_path, capsys, flags, message):
@@ -337,44 +341,79 @@ def test_posterior_log_variance_stays_in_its_bounds(arch):
     assert (2 * log_std).min() < -5.5 or (2 * log_std).max() > 1.5  # the bound is reached, not just respected
 
 
-def _ladder_with_autoregressive_decoder() -> LadderVAE:
-    model = small("ladder", autoregressive_decoder=12)
-    assert isinstance(model, LadderVAE) and model.pixel_made is not None
+def _ladder_with_autoregressive_decoder(**options: int) -> LadderVAE:
+    model = small("ladder", **({"autoregressive_decoder": 12} | options))
+    assert isinstance(model, LadderVAE) and model.autoregressive
     return model
 
 
-def test_autoregressive_decoder_starts_as_the_plain_decoder_and_each_logit_sees_only_earlier_pixels():
-    model = _ladder_with_autoregressive_decoder()
+def _randomise(module: nn.Module, seed: int) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "options, reads",
+    [
+        ({}, "all"),  # MADE and its direct connections: every earlier pixel
+        ({"autoregressive_decoder": 0, "pixelcnn_layers": 2}, "window"),
+        ({"pixelcnn_layers": 1, "pixelcnn_channels": 4}, "all"),
+    ],
+)
+def test_autoregressive_decoder_starts_as_the_plain_decoder_and_each_logit_sees_only_earlier_pixels(options, reads):
+    model = _ladder_with_autoregressive_decoder(**options)
     plain = small("ladder")
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pixel_made.")})
+    terms = ("pixel_made.", "pixel_cnn.")
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(terms)})
     x = torch.bernoulli(torch.full((4, 1, 8, 8), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(0))
     noise = draw_noise(model, 3, 4, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(model(x, 3, noise).log_weight, plain(x, 3, noise).log_weight)
-    with torch.no_grad():
-        for p in model.pixel_made.parameters():
-            p.normal_(generator=torch.Generator().manual_seed(2))
+    for name in ("pixel_made", "pixel_cnn"):
+        if getattr(model, name) is not None:
+            _randomise(getattr(model, name), 2)
     z, t = torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(1, 4, 16, dtype=torch.float64)
     jacobian = torch.autograd.functional.jacobian(
         lambda v: model._decode(z, t, v.view(4, 1, 8, 8))[0, 0].flatten(), x.view(4, 64)
     )
     own = jacobian[:, 0]  # (64 logits of image 0, 64 pixels of image 0)
     assert (own.triu() == 0).all(), "a logit depends on its own pixel or a later one"
-    earlier = torch.ones(64, 64, dtype=torch.bool).tril(-1)
-    assert (own[earlier] != 0).all(), "every logit reads every earlier pixel (12 hidden units for 64 pixels)"
     assert (jacobian[:, 1:] == 0).all(), "a logit depends on another image"
+    earlier = torch.ones(64, 64, dtype=torch.bool).tril(-1)
+    if reads == "all":
+        assert (own[earlier] != 0).all(), "every logit reads every earlier pixel"
+    else:  # a 5x5 mask-A then a 3x3 mask-B convolution: at most 3 rows up and 3 columns across
+        row, col = torch.arange(64) // 8, torch.arange(64) % 8
+        near = ((row[:, None] - row[None, :]).abs() <= 3) & ((col[:, None] - col[None, :]).abs() <= 3)
+        assert (own[~near] == 0).all()
+        centre = 4 * 8 + 4
+        assert own[centre, centre - 1] != 0 and own[centre, centre - 8] != 0, "reads the pixels left and above"
+        assert (own[centre] != 0).sum() >= 20
     ld = model(x, 3, noise)
     assert torch.isfinite(ld.log_weight).all() and not torch.allclose(ld.log_weight, plain(x, 3, noise).log_weight)
 
 
-def test_autoregressive_decoder_samples_pixel_by_pixel_from_its_own_conditionals():
-    model = _ladder_with_autoregressive_decoder()
-    with torch.no_grad():
-        for p in model.pixel_made.parameters():
-            p.normal_(generator=torch.Generator().manual_seed(3))
+def test_pixelcnn_term_shares_its_weights_over_the_image():
+    model = _ladder_with_autoregressive_decoder(autoregressive_decoder=0, pixelcnn_layers=2, pixelcnn_channels=5)
+    assert sum(p.numel() for p in model.pixel_cnn.parameters()) == (25 * 5 + 5) + (9 * 25 + 5) + (5 + 1)
+    big = small("ladder", pixelcnn_layers=2, pixelcnn_channels=5)
+    assert isinstance(big, LadderVAE) and big.pixel_cnn is not None
+    with pytest.raises(ValueError, match="single-channel images"):
+        build_model(ModelConfig(arch="ladder", hidden=8, latent_dim=2, pixelcnn_layers=1), (3, 8, 8), "binary")
+
+
+@pytest.mark.parametrize("options", [{}, {"autoregressive_decoder": 0, "pixelcnn_layers": 2}])
+def test_autoregressive_decoder_samples_pixel_by_pixel_from_its_own_conditionals(options):
+    model = _ladder_with_autoregressive_decoder(**options)
+    _randomise(model, 3)
     base, h = torch.randn(5, 64, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
-    x, probs = model.pixel_made.sample(base, h, torch.Generator().manual_seed(4))
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return base + model._autoregressive_term(x.view(-1, 1, 8, 8), h)
+
+    x, probs = sample_autoregressively(logits, base, torch.Generator().manual_seed(4))
     assert set(x.unique().tolist()) <= {0.0, 1.0}
-    torch.testing.assert_close(probs, torch.sigmoid(base + model.pixel_made(x, h)))  # teacher-forced at the draw
+    torch.testing.assert_close(probs, torch.sigmoid(logits(x)))  # teacher-forced at the draw
     images = model.sample(3, torch.Generator().manual_seed(5))
     assert images.shape == (3, 1, 8, 8) and ((images >= 0) & (images <= 1)).all()
     assert model.reconstruct(x.view(5, 1, 8, 8)).shape == (5, 1, 8, 8)
@@ -383,16 +422,17 @@ def test_autoregressive_decoder_samples_pixel_by_pixel_from_its_own_conditionals
 
 
 def test_ladder_with_autoregressive_decoder_trains_resumes_and_evaluates(tmp_path):
-    straight = tiny(tmp_path / "a", arch="ladder", autoregressive_decoder=16, epochs=2, eval_samples=8)
+    options = dict(arch="ladder", autoregressive_decoder=16, pixelcnn_layers=1, pixelcnn_channels=4, eval_samples=8)
+    straight = tiny(tmp_path / "a", epochs=2, **options)
     results = training.train(straight)
     assert math.isfinite(results["test"]["nll"]) and results["test"]["nll"] <= results["test"]["neg_elbo"] + 1.0
-    halves = tiny(tmp_path / "b", arch="ladder", autoregressive_decoder=16, epochs=1, eval_samples=8)
+    halves = tiny(tmp_path / "b", epochs=1, **options)
     training.train(halves)
     halves.epochs = 2
     training.train(halves, resume=True)
     a = torch.load(Path(straight.out) / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(Path(halves.out) / "checkpoint.pt", weights_only=True)["model"]
-    assert any(k.startswith("pixel_made.") for k in a)
+    assert any(k.startswith("pixel_made.") for k in a) and any(k.startswith("pixel_cnn.") for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

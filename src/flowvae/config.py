@@ -243,10 +243,12 @@ class TrainConfig:
             (0 <= m.dropout < 1, "dropout", "must be in [0, 1)"),
             (m.activation in ("elu", "gated"), "activation", "must be elu or gated"),
             (m.autoregressive_decoder >= 0, "autoregressive_decoder", "must be >= 0 (0: off)"),
+            (m.pixelcnn_layers >= 0, "pixelcnn_layers", "must be >= 0 (0: off)"),
+            (m.pixelcnn_channels >= 1, "pixelcnn_channels", "must be >= 1"),
             (
-                m.autoregressive_decoder == 0 or m.arch == "ladder",
+                (m.autoregressive_decoder == 0 and m.pixelcnn_layers == 0) or m.arch == "ladder",
                 "arch",
-                "must be ladder for --autoregressive-decoder",
+                "must be ladder for --autoregressive-decoder and --pixelcnn-layers",
             ),
             (
                 (m.activation == "elu" and m.dropout == 0) or m.arch in MLP_ARCHS,

@@ -68,6 +68,16 @@ class ModelConfig:
             "p(x|z) = Π p(x_i | x_<i, z) (arch ladder; 0: off, pixels independent given z)"
         },
     )
+    pixelcnn_layers: int = field(
+        default=0,
+        metadata={
+            "help": "masked convolutions (PixelCNN's masks, weights shared over the image) that add what the pixels "
+            "above and to the left say to each Bernoulli logit (arch ladder, one channel; 0: off)"
+        },
+    )
+    pixelcnn_channels: int = field(
+        default=32, metadata={"help": "feature channels of the --pixelcnn-layers convolutions"}
+    )
 
     @property
     def log_var_bounds(self) -> tuple[float, float] | None:

@@ -30,7 +30,7 @@ from flowvae.distributions import gaussian_log_prob, standard_normal_log_prob
 from flowvae.flows import Flow, build_flow
 from flowvae.models.base import BottomUp, LatentVariableModel, LogDensities, Noise, as_noise, sample_prior
 from flowvae.models.likelihoods import Likelihood
-from flowvae.models.networks import AutoregressivePixels, hidden_layer
+from flowvae.models.networks import AutoregressivePixels, LocalAutoregression, hidden_layer, sample_autoregressively
 from flowvae.models.vae import as_unit_interval, bounded_log_std
 from flowvae.numerics import at_least_float32, soft_clamp
 
@@ -89,8 +89,10 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         dropout: the dropout probability of every MLP's hidden layers.
         log_var_bounds: (low, high) soft bounds on the posterior's log-variance (None: log σ within ±8).
         autoregressive_decoder: hidden units of an :class:`~flowvae.models.networks.AutoregressivePixels`
-            MADE that makes a Bernoulli p(x | z_1, t_1) autoregressive over the pixels (0: pixels
-            independent given the latents).
+            MADE that makes a Bernoulli p(x | z_1, t_1) autoregressive over the pixels (0: none).
+        pixelcnn_layers: masked convolutions of a :class:`~flowvae.models.networks.LocalAutoregression`
+            term that does so from a local window (0: none), with ``pixelcnn_channels`` features.
+            With neither, the pixels are independent given the latents.
     """
 
     def __init__(
@@ -111,6 +113,8 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         dropout: float = 0.0,
         log_var_bounds: tuple[float, float] | None = None,
         autoregressive_decoder: int = 0,
+        pixelcnn_layers: int = 0,
+        pixelcnn_channels: int = 32,
     ) -> None:
         super().__init__()
         if layers < 1 or latent_dim < 1 or hidden < 1:
@@ -146,11 +150,15 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         self._register_load_state_dict_pre_hook(_drop_unused_contexts, with_module=True)
         decoder_in = D + (H if layers > 1 else 0)
         self.decoder = _mlp((decoder_in, H, H, likelihood.params_per_pixel * pixels), last_activation=False)
-        if autoregressive_decoder and likelihood.name != "bernoulli":
+        self.autoregressive = bool(autoregressive_decoder or pixelcnn_layers)
+        if self.autoregressive and likelihood.name != "bernoulli":
             raise ValueError(
                 f"the autoregressive decoder needs the bernoulli likelihood (binary images), not {likelihood.name!r}"
             )
+        if pixelcnn_layers and self.image_shape[0] != 1:
+            raise ValueError(f"the PixelCNN term reads single-channel images, not {self.image_shape[0]} channels")
         self.pixel_made = AutoregressivePixels(pixels, H, autoregressive_decoder) if autoregressive_decoder else None
+        self.pixel_cnn = LocalAutoregression(pixelcnn_channels, pixelcnn_layers) if pixelcnn_layers else None
 
     def noise_shapes(self) -> dict[str, tuple[int, ...]]:
         return {f"z{l + 1}": (self.latent_dim,) for l in range(self.layers)}
@@ -221,24 +229,34 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         """Likelihood parameters (…, P·C, H, W) from z_1 and the skip t_1; the autoregressive decoder
         also reads the prepared images x (B, C, H, W) (each pixel's logit sees the pixels before it)."""
         inputs = z if t is None else torch.cat([z, t], -1)
-        if self.pixel_made is None:
+        if not self.autoregressive:
             params = self.decoder(inputs)
         else:
             if x is None:
                 raise ValueError("the autoregressive decoder scores images: pass x")
             h = self.decoder[:-1](inputs)
-            params = self.decoder[-1](h) + self.pixel_made(x.flatten(1).to(h.dtype), h)
+            params = self.decoder[-1](h) + self._autoregressive_term(x, h)
         return params.unflatten(-1, (-1, *self.image_shape[1:]))
+
+    def _autoregressive_term(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """What the pixels before each pixel add to its logit: x (B, C, H, W), h (…, B, H) -> (…, B, P);
+        the PixelCNN term reads x alone, so it is computed once per image for any number of samples."""
+        x = x.to(h.dtype)
+        term = self.pixel_made(x.flatten(1), h) if self.pixel_made is not None else 0
+        return term + self.pixel_cnn(x) if self.pixel_cnn is not None else term
 
     def _mean_image(
         self, z: torch.Tensor, t: torch.Tensor | None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """The likelihood's mean at (z_1, t_1), (n, C, H, W); for the autoregressive decoder each
         pixel's probability given the pixels drawn before it."""
-        if self.pixel_made is None:
+        if not self.autoregressive:
             return self.likelihood.mean(self._decode(z, t))
         h = self.decoder[:-1](z if t is None else torch.cat([z, t], -1))
-        _, probs = self.pixel_made.sample(self.decoder[-1](h), h, generator)
+        base = self.decoder[-1](h)
+        _, probs = sample_autoregressively(
+            lambda x: base + self._autoregressive_term(x.unflatten(-1, self.image_shape), h), base, generator
+        )
         return probs.unflatten(-1, self.image_shape)
 
     def log_densities(

@@ -7,7 +7,7 @@ likelihood parameters (N, P·C, H, W) where P is the likelihood's number of para
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -106,16 +106,15 @@ class MLPDecoder(nn.Module):
 
 
 class AutoregressivePixels(nn.Module):
-    """Makes a dense decoder's Bernoulli logits autoregressive over the pixels, in raster order:
+    """A term that makes a dense decoder's Bernoulli logits autoregressive over the pixels, in raster
+    order: logit_i = a_i(h) + m_i(x_<i, h) + Σ_{j<i} V_ij x_j, where a(h) is the decoder's output layer
+    on its last hidden features h, m a one-hidden-layer MADE (Germain et al. 2015) over the P pixels
+    that also reads h (hidden degrees spread over 1..P-1), and V a strictly lower-triangular matrix:
+    MADE's direct connections, through which every logit reads every earlier pixel, the nearest
+    ones too, however narrow the hidden layer.
 
-        logit_i(x, h) = a_i(h) + m_i(x_<i, h) + Σ_{j<i} V_ij x_j
-
-    where a(h) is the decoder's output layer on its last hidden features h, m a one-hidden-layer MADE
-    (Germain et al. 2015) over the P pixels that also reads h (hidden degrees spread over 1..P-1),
-    and V a strictly lower-triangular matrix: MADE's direct connections, through which every logit
-    reads every earlier pixel, the nearest ones too, however narrow the hidden layer.
     ``forward(x, h)`` gives m + V x for x (B, P) in {0, 1} and h (…, B, H), as (…, B, P); both start
-    at zero, so a fresh model decodes as its plain decoder.  ``sample`` draws pixels one at a time.
+    at zero, so a fresh model decodes as its plain decoder.
     """
 
     def __init__(self, pixels: int, context_dim: int, hidden: int) -> None:
@@ -133,19 +132,69 @@ class AutoregressivePixels(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self.made(x, h).squeeze(-2) + self.direct(x)
 
-    @torch.no_grad()
-    def sample(
-        self, base_logits: torch.Tensor, h: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw x (n, P) pixel by pixel given a(h) (n, P) and h (n, H), one pass per pixel; returns
-        x and each pixel's probability σ(logit_i(x_<i, h)) under the drawn prefix, (n, P)."""
-        x = base_logits.new_zeros(base_logits.shape)
-        probs = torch.empty_like(x)
-        for i in range(x.shape[-1]):  # raster order: input degrees are 1..P
-            p = torch.sigmoid(base_logits[:, i] + self(x, h)[:, i])
-            probs[:, i] = p
-            x[:, i] = torch.bernoulli(p, generator=generator)
-        return x, probs
+
+class RasterMaskedConv2d(nn.Conv2d):
+    """A 'same'-padded convolution of single-plane features whose k×k window reads only the pixels
+    before its centre in raster order (the rows above, and the same row to the left): PixelCNN's
+    mask 'A' (van den Oord et al. 2016); with ``include_centre`` its mask 'B', for the layers after
+    the first, whose features at the centre already depend on earlier pixels only."""
+
+    mask: torch.Tensor  # a buffer (1, 1, k, k)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, include_centre: bool) -> None:
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"RasterMaskedConv2d needs an odd kernel_size, got {kernel_size}")
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        centre = kernel_size // 2
+        mask = torch.ones(kernel_size, kernel_size)
+        mask[centre, centre + int(include_centre) :] = 0
+        mask[centre + 1 :] = 0
+        self.register_buffer("mask", mask[None, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * self.mask, self.bias)
+
+
+class LocalAutoregression(nn.Module):
+    """A PixelCNN-style term b(x) (B, H·W) for single-channel images x (B, 1, H, W): a 5×5 mask-'A'
+    convolution to ``channels`` features, ``layers`` − 1 3×3 mask-'B' convolutions (ELU between),
+    then a 1×1 convolution to one logit term per pixel, so b_i reads only x_<i, from a window of the
+    rows above and the pixels to the left (a receptive field of 3 + 2·layers pixels across).  Its
+    weights are shared over the image, so it adds a few thousand parameters however large the image.
+    The output layer starts at zero."""
+
+    def __init__(self, channels: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        if channels < 1 or layers < 1:
+            raise ValueError(f"the local autoregression needs channels and layers >= 1, got {channels}, {layers}")
+        convs: list[nn.Module] = [RasterMaskedConv2d(1, channels, 5, include_centre=False), nn.ELU()]
+        for _ in range(layers - 1):
+            convs += [RasterMaskedConv2d(channels, channels, 3, include_centre=True), nn.ELU()]
+        output = nn.Conv2d(channels, 1, 1)
+        with torch.no_grad():
+            output.weight.zero_()
+            output.bias.zero_()
+        self.net = nn.Sequential(*convs, output)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(1)
+
+
+@torch.no_grad()
+def sample_autoregressively(
+    logits: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw binary x (n, P) pixel by pixel in raster order, where ``logits(x)`` (n, P) gives each
+    pixel's logit given the pixels before it (``pixels``: an (n, P) tensor whose shape, dtype and
+    device x takes); one call per pixel.  Returns x and each pixel's probability under the drawn
+    prefix, (n, P)."""
+    x = torch.zeros_like(pixels)
+    probs = torch.empty_like(x)
+    for i in range(x.shape[-1]):
+        p = torch.sigmoid(logits(x)[:, i])
+        probs[:, i] = p
+        x[:, i] = torch.bernoulli(p, generator=generator)
+    return x, probs
 
 
 class ConvEncoder(nn.Module):

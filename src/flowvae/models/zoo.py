@@ -110,6 +110,8 @@ def _ladder(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> 
         dropout=config.dropout,
         log_var_bounds=config.log_var_bounds,
         autoregressive_decoder=config.autoregressive_decoder,
+        pixelcnn_layers=config.pixelcnn_layers,
+        pixelcnn_channels=config.pixelcnn_channels,
     )
     return with_prior(model, config, (config.latent_dim,), model.top_gaussian_parameters)
 
