@@ -14,7 +14,7 @@ import tiny_runs
 import torch
 from torch import nn
 
-from flowvae import distributed, objectives, optimizers, schedules, training
+from flowvae import distributed, evaluation, objectives, optimizers, schedules, training
 from flowvae.cli import main
 from flowvae.config import TrainConfig
 from flowvae.models import VAE, GaussianEncoder, LadderVAE, build_model, draw_noise
@@ -400,6 +400,15 @@ def test_pixelcnn_term_shares_its_weights_over_the_image():
     assert isinstance(big, LadderVAE) and big.pixel_cnn is not None
     with pytest.raises(ValueError, match="single-channel images"):
         build_model(ModelConfig(arch="ladder", hidden=8, latent_dim=2, pixelcnn_layers=1), (3, 8, 8), "binary")
+
+
+def test_pixelcnn_term_does_not_shrink_the_importance_sampling_chunks():
+    """It reads the images alone, so unlike a convolutional decoder it costs nothing per sample: a
+    ladder with it is scored in chunks as large as the plain ladder's."""
+    plain, local = small("ladder"), small("ladder", pixelcnn_layers=2)
+    chunks = evaluation.auto_chunk_size(plain, 100, 1000, evaluation.CPU_DECODE_BUDGET)
+    assert chunks[1] > 1 and evaluation.auto_chunk_size(local, 100, 1000, evaluation.CPU_DECODE_BUDGET) == chunks
+    assert evaluation.auto_chunk_size(small("resnet"), 100, 1000, evaluation.CPU_DECODE_BUDGET)[1] < chunks[1]
 
 
 @pytest.mark.parametrize("options", [{}, {"autoregressive_decoder": 0, "pixelcnn_layers": 2}])

@@ -16,6 +16,7 @@ from flowvae import objectives
 from flowvae.distributed import Context
 from flowvae.interrupts import raise_pending
 from flowvae.models.base import LatentVariableModel, draw_noise
+from flowvae.models.networks import LocalAutoregression
 
 # While importance sampling, at most this many elements of decoder output (times an activation
 # factor for convolutional decoders) and at most MAX_ROWS latent samples are held at once.
@@ -74,7 +75,11 @@ def auto_chunk_size(
     output stay within ``budget`` elements (× an activation factor for convolutional decoders) and
     :data:`MAX_ROWS` rows; a batch larger than the rows allowed is split into smaller sets of points."""
     per_image = model.likelihood.params_per_pixel * math.prod(model.image_shape)
-    conv = any(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in model.modules())
+    # A PixelCNN term reads the images alone (once per chunk of points, whatever the samples): not a decoder.
+    image_only = {id(m) for term in model.modules() if isinstance(term, LocalAutoregression) for m in term.modules()}
+    conv = any(
+        isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and id(m) not in image_only for m in model.modules()
+    )
     per_image *= 64 if conv else 1
     rows = max(1, min(MAX_ROWS, budget // per_image))
     points = min(batch_size, rows)
