@@ -18,6 +18,7 @@ from typing import Any
 from flowvae.flows import FLOW_NAMES, IMAGE_FLOW_NAMES
 from flowvae.flows.factory import MAX_FLOW_STEPS
 from flowvae.models import ARCHITECTURE_FLOWS, LIKELIHOODS, MODEL_FIELDS, MODELS, ModelConfig
+from flowvae.models.config import MLP_ARCHS
 from flowvae.objectives import GRADIENTS, OBJECTIVES, gradient_problem
 from flowvae.optimizers import OPTIMIZERS
 from flowvae.priors import FLOW_PRIORS, PRIORS
@@ -31,7 +32,6 @@ class ConfigError(ValueError):
 # (MODELS, FLOWS / IMAGE_FLOWS, LIKELIHOODS, PRIORS, FLOW_PRIORS, OPTIMIZERS); only these are fixed here.
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "exponential")
-MLP_ARCHS = ("mlp", "ladder")  # the options of the MLP networks (activation, dropout, output bias) apply here
 MAX_SEED = 2**32 - 1  # the trainer derives generator seeds from it (seed + 2, seed·10⁶ + step)
 MAX_THREADS = 1024
 MAX_IMPORTANCE_SAMPLES = 100_000  # K of the -log p(x) estimate (papers use 5000; its bias shrinks as 1/K)
@@ -219,7 +219,7 @@ class TrainConfig:
 
     def _objective_checks(self) -> list[tuple[bool, str, str]]:
         """The training objective, gradient estimator, regularisers and learning-rate schedule."""
-        m, bounds = self.model, (self.model.posterior_log_var_min, self.model.posterior_log_var_max)
+        m = self.model
         problem = (
             gradient_problem(self.objective, self.train_samples, self.gradient, self.free_bits)
             if self.objective in OBJECTIVES and self.gradient in GRADIENTS
@@ -240,41 +240,12 @@ class TrainConfig:
             ),
             (0 <= self.weight_decay < 1, "weight_decay", "must be in [0, 1)"),
             (self.input_noise >= 0, "input_noise", "must be >= 0"),
-            (0 <= m.dropout < 1, "dropout", "must be in [0, 1)"),
-            (m.activation in ("elu", "gated"), "activation", "must be elu or gated"),
-            (m.autoregressive_decoder >= 0, "autoregressive_decoder", "must be >= 0 (0: off)"),
-            (m.pixelcnn_layers >= 0, "pixelcnn_layers", "must be >= 0 (0: off)"),
-            (m.pixelcnn_channels >= 1, "pixelcnn_channels", "must be >= 1"),
-            (
-                (m.autoregressive_decoder == 0 and m.pixelcnn_layers == 0) or m.arch == "ladder",
-                "arch",
-                "must be ladder for --autoregressive-decoder and --pixelcnn-layers",
-            ),
-            (
-                (m.activation == "elu" and m.dropout == 0) or m.arch in MLP_ARCHS,
-                "arch",
-                f"must be one of {', '.join(MLP_ARCHS)} for --activation and --dropout (the MLP networks)",
-            ),
             (
                 not self.output_bias_init or m.arch in MLP_ARCHS,
                 "arch",
                 f"must be one of {', '.join(MLP_ARCHS)} for --output-bias-init",
             ),
-            (
-                (bounds[0] is None) == (bounds[1] is None),
-                "posterior_log_var_min",
-                "and posterior_log_var_max must be given together",
-            ),
-            (
-                m.log_var_bounds is None or m.log_var_bounds[0] < m.log_var_bounds[1],
-                "posterior_log_var_min",
-                "must be below posterior_log_var_max",
-            ),
-            (
-                m.log_var_bounds is None or m.arch != "resnet",
-                "arch",
-                "must not be resnet for posterior log-variance bounds",
-            ),
+            *m.option_checks(),
             (self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}"),
             (0 < self.lr_floor < self.lr or self.lr_schedule == "constant", "lr_floor", "must be in (0, lr)"),
             (

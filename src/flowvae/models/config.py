@@ -86,8 +86,49 @@ class ModelConfig:
             return None
         return self.posterior_log_var_min, self.posterior_log_var_max
 
+    def option_checks(self) -> list[tuple[bool, str, str]]:
+        """(holds, field, message if not) for the options that shape the networks."""
+        bounds = (self.posterior_log_var_min, self.posterior_log_var_max)
+        autoregressive = self.autoregressive_decoder != 0 or self.pixelcnn_layers != 0
+        return [
+            (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
+            (self.activation in ("elu", "gated"), "activation", "must be elu or gated"),
+            (
+                (self.activation == "elu" and self.dropout == 0) or self.arch in MLP_ARCHS,
+                "arch",
+                f"must be one of {', '.join(MLP_ARCHS)} for --activation and --dropout (the MLP networks)",
+            ),
+            (self.autoregressive_decoder >= 0, "autoregressive_decoder", "must be >= 0 (0: off)"),
+            (self.pixelcnn_layers >= 0, "pixelcnn_layers", "must be >= 0 (0: off)"),
+            (self.pixelcnn_channels >= 1, "pixelcnn_channels", "must be >= 1"),
+            (
+                not autoregressive or self.arch == "ladder",
+                "arch",
+                "must be ladder for --autoregressive-decoder and --pixelcnn-layers",
+            ),
+            (
+                (bounds[0] is None) == (bounds[1] is None),
+                "posterior_log_var_min",
+                "and posterior_log_var_max must be given together",
+            ),
+            (
+                self.log_var_bounds is None or self.log_var_bounds[0] < self.log_var_bounds[1],
+                "posterior_log_var_min",
+                "must be below posterior_log_var_max",
+            ),
+            (
+                self.log_var_bounds is None or self.arch != "resnet",
+                "arch",
+                "must not be resnet for posterior log-variance bounds",
+            ),
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+MLP_ARCHS = ("mlp", "ladder")
+"""The architectures whose networks are MLPs: the options of the MLP networks (activation, dropout,
+output bias) apply to them."""
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
