@@ -47,6 +47,8 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (file, the block's first line, up to 
     "tests/test_objectives_regularisation.py runs every option on tiny data",
     ("docs/results.md", "# N = 0 or 1, one row per core; ROW's fl"): "the ablation's stage 4: 60 minutes of MNIST "
     "training per row; tests/test_objectives_regularisation.py runs every option on tiny data",
+    ("docs/results.md", "# stage 5: N = 0 or 1, one row per core;"): "the ablation's stage 5: 60 minutes of MNIST "
+    "training per row; tests/test_objectives_regularisation.py runs every option on tiny data",
     ("docs/results.md", 'single="flowvae train --dataset binarize'): "MNIST runs of 15 minutes; "
     "tests/test_objectives_regularisation.py",
     ("docs/results.md", "flowvae train --config configs/mnist_lad"): "a 49-minute MNIST run; "
