@@ -16,7 +16,6 @@ from flowvae import objectives
 from flowvae.distributed import Context
 from flowvae.interrupts import raise_pending
 from flowvae.models.base import LatentVariableModel, draw_noise
-from flowvae.models.networks import LocalAutoregression
 
 # While importance sampling, at most this many elements of decoder output (times an activation
 # factor for convolutional decoders) and at most MAX_ROWS latent samples are held at once.
@@ -75,11 +74,10 @@ def auto_chunk_size(
     output stay within ``budget`` elements (× an activation factor for convolutional decoders) and
     :data:`MAX_ROWS` rows; a batch larger than the rows allowed is split into smaller sets of points."""
     per_image = model.likelihood.params_per_pixel * math.prod(model.image_shape)
-    # A PixelCNN term reads the images alone (once per chunk of points, whatever the samples): not a decoder.
-    image_only = {id(m) for term in model.modules() if isinstance(term, LocalAutoregression) for m in term.modules()}
-    conv = any(
-        isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and id(m) not in image_only for m in model.modules()
-    )
+    # The decoder runs once per sample; a model without a ``decoder`` (the ResNet VAE) is read whole.
+    # Other convolutions (the encoder's, a PixelCNN term's that reads the images alone) run once per point.
+    per_sample = getattr(model, "decoder", model)
+    conv = any(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in per_sample.modules())
     per_image *= 64 if conv else 1
     rows = max(1, min(MAX_ROWS, budget // per_image))
     points = min(batch_size, rows)

@@ -228,7 +228,7 @@ class LadderVAE(LatentVariableModel[BottomUp]):
     def _decode(self, z: torch.Tensor, t: torch.Tensor | None, x: torch.Tensor | None = None) -> torch.Tensor:
         """Likelihood parameters (…, P·C, H, W) from z_1 and the skip t_1; the autoregressive decoder
         also reads the prepared images x (B, C, H, W) (each pixel's logit sees the pixels before it)."""
-        inputs = z if t is None else torch.cat([z, t], -1)
+        inputs = self._decoder_input(z, t)
         if not self.autoregressive:
             params = self.decoder(inputs)
         else:
@@ -237,6 +237,11 @@ class LadderVAE(LatentVariableModel[BottomUp]):
             h = self.decoder[:-1](inputs)
             params = self.decoder[-1](h) + self._autoregressive_term(x, h)
         return params.unflatten(-1, (-1, *self.image_shape[1:]))
+
+    @staticmethod
+    def _decoder_input(z: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """z_1 and the skip t_1 side by side, (…, D [+ H])."""
+        return z if t is None else torch.cat([z, t], -1)
 
     def _autoregressive_term(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """What the pixels before each pixel add to its logit: x (B, C, H, W), h (…, B, H) -> (…, B, P);
@@ -252,7 +257,7 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         pixel's probability given the pixels drawn before it."""
         if not self.autoregressive:
             return self.likelihood.mean(self._decode(z, t))
-        h = self.decoder[:-1](z if t is None else torch.cat([z, t], -1))
+        h = self.decoder[:-1](self._decoder_input(z, t))
         base = self.decoder[-1](h)
         _, probs = sample_autoregressively(
             lambda x: base + self._autoregressive_term(x.unflatten(-1, self.image_shape), h), base, generator
