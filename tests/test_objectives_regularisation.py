@@ -20,7 +20,7 @@ from flowvae.config import TrainConfig
 from flowvae.models import VAE, GaussianEncoder, LadderVAE, build_model, draw_noise
 from flowvae.models.config import ModelConfig
 from flowvae.models.likelihoods import Likelihood, build_likelihood
-from flowvae.models.networks import GatedLinear, MLPDecoder, sample_autoregressively
+from flowvae.models.networks import GatedLinear, LocalAutoregression, MLPDecoder, sample_autoregressively
 from flowvae.training import loop
 
 TINY = tiny_runs.DIGITS_MLP | dict(epochs=2)
@@ -226,6 +226,7 @@ NEW_FLAGS = [
     "--autoregressive-decoder",
     "--pixelcnn-layers",
     "--pixelcnn-channels",
+    "--pixelcnn-conditioned",
 ]
 
 
@@ -283,6 +284,7 @@ def test_help_lists_every_new_option(capsys):
         (["--autoregressive-decoder", "8"], "arch must be ladder for --autoregressive-decoder and --pixelcnn-layers"),
         (["--pixelcnn-layers", "-1", "--arch", "ladder"], "pixelcnn_layers must be >= 0 (0: off)"),
         (["--pixelcnn-channels", "0", "--arch", "ladder"], "pixelcnn_channels must be >= 1"),
+        (["--pixelcnn-conditioned", "--arch", "ladder"], "pixelcnn_conditioned needs --pixelcnn-layers"),
     ],
 )
 def test_bad_values_are_one_line_errors_and_leave_nothing(tmp_path, capsys, flags, message):
@@ -358,6 +360,7 @@ def _randomise(module: nn.Module, seed: int) -> None:
     [
         ({}, "all"),  # MADE and its direct connections: every earlier pixel
         ({"autoregressive_decoder": 0, "pixelcnn_layers": 2}, "window"),
+        ({"autoregressive_decoder": 0, "pixelcnn_layers": 2, "pixelcnn_conditioned": True}, "window"),
         ({"pixelcnn_layers": 1, "pixelcnn_channels": 4}, "all"),
     ],
 )
@@ -402,6 +405,24 @@ def test_pixelcnn_term_shares_its_weights_over_the_image():
         build_model(ModelConfig(arch="ladder", hidden=8, latent_dim=2, pixelcnn_layers=1), (3, 8, 8), "binary")
 
 
+def test_conditioned_pixelcnn_term_mixes_each_logit_into_its_last_layer():
+    """b_i = w · ELU(u_i(x) + s ⊙ l_i) + c, computed once per image up to the 1×1 layer; s = 0 gives the sum."""
+    term = LocalAutoregression(channels=3, layers=2, conditioned=True).double()
+    _randomise(term, 6)
+    x = torch.bernoulli(torch.full((4, 1, 8, 8), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(7))
+    logits = torch.randn(5, 4, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(8))  # (K, B, P)
+    hidden = term.net[:-2](x).flatten(2)  # (B, C, P)
+    mixed = torch.nn.functional.elu(hidden + term.logit_scale[:, None] * logits[:, :, None])  # (K, B, C, P)
+    expected = torch.einsum("kbcp,c->kbp", mixed, term.net[-1].weight.flatten()) + term.net[-1].bias
+    torch.testing.assert_close(term(x, logits), expected)
+    assert not torch.allclose(term(x, logits)[0], term(x, logits)[1]), "the term reads each sample's logits"
+    with torch.no_grad():
+        term.logit_scale.zero_()
+    torch.testing.assert_close(term(x, logits), term.net(x).flatten(1).expand(5, 4, 64))
+    with pytest.raises(ValueError, match="reads the decoder's logits"):
+        term(x)
+
+
 def test_pixelcnn_term_does_not_shrink_the_importance_sampling_chunks():
     """It reads the images alone, so unlike a convolutional decoder it costs nothing per sample: a
     ladder with it is scored in chunks as large as the plain ladder's."""
@@ -411,14 +432,21 @@ def test_pixelcnn_term_does_not_shrink_the_importance_sampling_chunks():
     assert evaluation.auto_chunk_size(small("resnet"), 100, 1000, evaluation.CPU_DECODE_BUDGET)[1] < chunks[1]
 
 
-@pytest.mark.parametrize("options", [{}, {"autoregressive_decoder": 0, "pixelcnn_layers": 2}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"autoregressive_decoder": 0, "pixelcnn_layers": 2},
+        {"autoregressive_decoder": 0, "pixelcnn_layers": 2, "pixelcnn_conditioned": True},
+    ],
+)
 def test_autoregressive_decoder_samples_pixel_by_pixel_from_its_own_conditionals(options):
     model = _ladder_with_autoregressive_decoder(**options)
     _randomise(model, 3)
     base, h = torch.randn(5, 64, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
 
     def logits(x: torch.Tensor) -> torch.Tensor:
-        return base + model._autoregressive_term(x.view(-1, 1, 8, 8), h)
+        return model._autoregressive_logits(x.view(-1, 1, 8, 8), h, base)
 
     x, probs = sample_autoregressively(logits, base, torch.Generator().manual_seed(4))
     assert set(x.unique().tolist()) <= {0.0, 1.0}
@@ -431,7 +459,14 @@ def test_autoregressive_decoder_samples_pixel_by_pixel_from_its_own_conditionals
 
 
 def test_ladder_with_autoregressive_decoder_trains_resumes_and_evaluates(tmp_path):
-    options = dict(arch="ladder", autoregressive_decoder=16, pixelcnn_layers=1, pixelcnn_channels=4, eval_samples=8)
+    options = dict(
+        arch="ladder",
+        autoregressive_decoder=16,
+        pixelcnn_layers=1,
+        pixelcnn_channels=4,
+        pixelcnn_conditioned=True,
+        eval_samples=8,
+    )
     straight = tiny(tmp_path / "a", epochs=2, **options)
     results = training.train(straight)
     assert math.isfinite(results["test"]["nll"]) and results["test"]["nll"] <= results["test"]["neg_elbo"] + 1.0

@@ -78,6 +78,13 @@ class ModelConfig:
     pixelcnn_channels: int = field(
         default=32, metadata={"help": "feature channels of the --pixelcnn-layers convolutions"}
     )
+    pixelcnn_conditioned: bool = field(
+        default=False,
+        metadata={
+            "help": "the PixelCNN term's last layer also reads each pixel's decoder logit: a learned nonlinear "
+            "mix instead of a sum (starts as the sum)"
+        },
+    )
 
     @property
     def log_var_bounds(self) -> tuple[float, float] | None:
@@ -101,6 +108,11 @@ class ModelConfig:
             (self.autoregressive_decoder >= 0, "autoregressive_decoder", "must be >= 0 (0: off)"),
             (self.pixelcnn_layers >= 0, "pixelcnn_layers", "must be >= 0 (0: off)"),
             (self.pixelcnn_channels >= 1, "pixelcnn_channels", "must be >= 1"),
+            (
+                not self.pixelcnn_conditioned or self.pixelcnn_layers > 0,
+                "pixelcnn_conditioned",
+                "needs --pixelcnn-layers",
+            ),
             (
                 not autoregressive or self.arch == "ladder",
                 "arch",

@@ -91,7 +91,8 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         autoregressive_decoder: hidden units of an :class:`~flowvae.models.networks.AutoregressivePixels`
             MADE that makes a Bernoulli p(x | z_1, t_1) autoregressive over the pixels (0: none).
         pixelcnn_layers: masked convolutions of a :class:`~flowvae.models.networks.LocalAutoregression`
-            term that does so from a local window (0: none), with ``pixelcnn_channels`` features.
+            term that does so from a local window (0: none), with ``pixelcnn_channels`` features;
+            ``pixelcnn_conditioned``: that term's last layer also reads the decoder's logits.
             With neither, the pixels are independent given the latents.
     """
 
@@ -115,6 +116,7 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         autoregressive_decoder: int = 0,
         pixelcnn_layers: int = 0,
         pixelcnn_channels: int = 32,
+        pixelcnn_conditioned: bool = False,
     ) -> None:
         super().__init__()
         if layers < 1 or latent_dim < 1 or hidden < 1:
@@ -158,7 +160,9 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         if pixelcnn_layers and self.image_shape[0] != 1:
             raise ValueError(f"the PixelCNN term reads single-channel images, not {self.image_shape[0]} channels")
         self.pixel_made = AutoregressivePixels(pixels, H, autoregressive_decoder) if autoregressive_decoder else None
-        self.pixel_cnn = LocalAutoregression(pixelcnn_channels, pixelcnn_layers) if pixelcnn_layers else None
+        self.pixel_cnn = (
+            LocalAutoregression(pixelcnn_channels, pixelcnn_layers, pixelcnn_conditioned) if pixelcnn_layers else None
+        )
 
     def noise_shapes(self) -> dict[str, tuple[int, ...]]:
         return {f"z{l + 1}": (self.latent_dim,) for l in range(self.layers)}
@@ -235,7 +239,7 @@ class LadderVAE(LatentVariableModel[BottomUp]):
             if x is None:
                 raise ValueError("the autoregressive decoder scores images: pass x")
             h = self.decoder[:-1](inputs)
-            params = self.decoder[-1](h) + self._autoregressive_term(x, h)
+            params = self._autoregressive_logits(x, h, self.decoder[-1](h))
         return params.unflatten(-1, (-1, *self.image_shape[1:]))
 
     @staticmethod
@@ -243,12 +247,13 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         """z_1 and the skip t_1 side by side, (…, D [+ H])."""
         return z if t is None else torch.cat([z, t], -1)
 
-    def _autoregressive_term(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """What the pixels before each pixel add to its logit: x (B, C, H, W), h (…, B, H) -> (…, B, P);
-        the PixelCNN term reads x alone, so it is computed once per image for any number of samples."""
+    def _autoregressive_logits(self, x: torch.Tensor, h: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Each pixel's logit given the latents and the pixels before it: x (B, C, H, W), the decoder's
+        last hidden layer h (…, B, H) and its logits ``base`` (…, B, P) -> (…, B, P).  The PixelCNN
+        term's convolutions read x alone, so they run once per image for any number of samples."""
         x = x.to(h.dtype)
-        term = self.pixel_made(x.flatten(1), h) if self.pixel_made is not None else 0
-        return term + self.pixel_cnn(x) if self.pixel_cnn is not None else term
+        logits = base + self.pixel_made(x.flatten(1), h) if self.pixel_made is not None else base
+        return logits + self.pixel_cnn(x, base) if self.pixel_cnn is not None else logits
 
     def _mean_image(
         self, z: torch.Tensor, t: torch.Tensor | None, generator: torch.Generator | None = None
@@ -260,7 +265,7 @@ class LadderVAE(LatentVariableModel[BottomUp]):
         h = self.decoder[:-1](self._decoder_input(z, t))
         base = self.decoder[-1](h)
         _, probs = sample_autoregressively(
-            lambda x: base + self._autoregressive_term(x.unflatten(-1, self.image_shape), h), base, generator
+            lambda x: self._autoregressive_logits(x.unflatten(-1, self.image_shape), h, base), base, generator
         )
         return probs.unflatten(-1, self.image_shape)
 

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flowvae.flows.made import MADE, MaskedLinear
@@ -161,9 +162,15 @@ class LocalAutoregression(nn.Module):
     then a 1×1 convolution to one logit term per pixel, so b_i reads only x_<i, from a window of the
     rows above and the pixels to the left (a receptive field of 3 + 2·layers pixels across).  Its
     weights are shared over the image, so it adds a few thousand parameters however large the image.
-    The output layer starts at zero."""
+    The output layer starts at zero.
 
-    def __init__(self, channels: int = 32, layers: int = 2) -> None:
+    ``conditioned``: the last hidden layer also reads each pixel's logit l_i from the decoder,
+    b_i = w · ELU(u_i(x) + s ⊙ l_i) + c with u_i(x) that layer's pre-activation and s (channels,)
+    learned from zero, so the term can depend on what the latents say about the pixel (a nonlinear
+    mix instead of a sum).  u(x) is computed once per image; only the 1×1 layer runs per sample.
+    """
+
+    def __init__(self, channels: int = 32, layers: int = 2, conditioned: bool = False) -> None:
         super().__init__()
         if channels < 1 or layers < 1:
             raise ValueError(f"the local autoregression needs channels and layers >= 1, got {channels}, {layers}")
@@ -175,9 +182,20 @@ class LocalAutoregression(nn.Module):
             output.weight.zero_()
             output.bias.zero_()
         self.net = nn.Sequential(*convs, output)
+        self.logit_scale = nn.Parameter(torch.zeros(channels)) if conditioned else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten(1)
+    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, 1, H, W) -> b (B, H·W); conditioned, also the decoder's logits (…, B, H·W) -> (…, B, H·W)."""
+        if self.logit_scale is None:
+            return self.net(x).flatten(1)
+        if logits is None:
+            raise ValueError("the conditioned PixelCNN term reads the decoder's logits: pass them")
+        hidden = self.net[:-2](x).flatten(2)  # (B, C, P), the last hidden layer before its ELU
+        output = self.net[-1]
+        weight, term = output.weight.flatten(), output.bias.expand(logits.shape)
+        for c in range(hidden.shape[1]):  # one (…, B, P) temporary at a time, not (…, B, C, P)
+            term = torch.addcmul(term, F.elu(torch.addcmul(hidden[:, c], logits, self.logit_scale[c])), weight[c])
+        return term
 
 
 @torch.no_grad()

@@ -112,6 +112,7 @@ def _ladder(config: ModelConfig, image_shape: Sequence[int], data_kind: str) -> 
         autoregressive_decoder=config.autoregressive_decoder,
         pixelcnn_layers=config.pixelcnn_layers,
         pixelcnn_channels=config.pixelcnn_channels,
+        pixelcnn_conditioned=config.pixelcnn_conditioned,
     )
     return with_prior(model, config, (config.latent_dim,), model.top_gaussian_parameters)
 
