@@ -46,7 +46,8 @@ def busy_machine():
 
 
 def test_import_flowvae_on_a_busy_machine_makes_the_threads_sleep_instead_of_spin(busy_machine):
-    assert probe("import flowvae")["policy"] == "PASSIVE"
+    # With one CPU allowed (e.g. under taskset), torch runs one thread, which waits for no other.
+    assert probe("import flowvae")["policy"] == ("PASSIVE" if parallelism.available_cpus() >= 2 else None)
 
 
 @pytest.mark.parametrize("variable, value", [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "12345")])
