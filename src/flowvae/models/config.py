@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowvae.models.networks import ACTIVATIONS
+
 
 @dataclass
 class ModelConfig:
@@ -99,7 +101,7 @@ class ModelConfig:
         autoregressive = self.autoregressive_decoder != 0 or self.pixelcnn_layers != 0
         return [
             (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
-            (self.activation in ("elu", "gated"), "activation", "must be elu or gated"),
+            (self.activation in ACTIVATIONS, "activation", f"must be {' or '.join(ACTIVATIONS)}"),
             (
                 (self.activation == "elu" and self.dropout == 0) or self.arch in MLP_ARCHS,
                 "arch",
