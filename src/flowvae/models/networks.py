@@ -192,9 +192,11 @@ class LocalAutoregression(nn.Module):
             raise ValueError("the conditioned PixelCNN term reads the decoder's logits: pass them")
         hidden = self.net[:-2](x).flatten(2)  # (B, C, P), the last hidden layer before its ELU
         output = self.net[-1]
-        weight, term = output.weight.flatten(), output.bias.expand(logits.shape)
-        for c in range(hidden.shape[1]):  # one (…, B, P) temporary at a time, not (…, B, C, P)
-            term = torch.addcmul(term, F.elu(torch.addcmul(hidden[:, c], logits, self.logit_scale[c])), weight[c])
+        term = output.bias.expand(logits.shape)
+        # One (…, B, P) temporary at a time, not (…, B, C, P); unbind, not hidden[:, c], so that the
+        # backward pass stacks the C gradients once instead of filling and adding C zero tensors.
+        for u, scale, weight in zip(hidden.unbind(1), self.logit_scale.unbind(), output.weight.flatten().unbind()):
+            term = torch.addcmul(term, F.elu(torch.addcmul(u, logits, scale)), weight)
         return term
 
 
