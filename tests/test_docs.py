@@ -51,6 +51,8 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (file, the block's first line, up to 
     "training per row; tests/test_objectives_regularisation.py runs every option on tiny data",
     ("docs/results.md", "# stage 6: N = 0 or 1, one row per core;"): "the ablation's stage 6: 60 minutes of MNIST "
     "training per row and a 56-minute evaluation; tests/test_objectives_regularisation.py runs every option",
+    ("docs/results.md", "# stage 7, alone on the machine: the pre"): "the ablation's stage 7: the best preset, "
+    "60 minutes of MNIST training and a 37-minute evaluation; tests/test_hierarchical.py checks the preset",
     ("docs/results.md", 'single="flowvae train --dataset binarize'): "MNIST runs of 15 minutes; "
     "tests/test_objectives_regularisation.py",
     ("docs/results.md", "flowvae train --config configs/mnist_lad"): "a 49-minute MNIST run; "
