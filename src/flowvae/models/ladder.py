@@ -223,7 +223,8 @@ class LadderVAE(LatentVariableModel[BottomUp]):
             log_q.append(at_least_float32(gaussian_log_prob(z0, q_mean, q_log_std) - ladj))
             log_p.append(at_least_float32(gaussian_log_prob(z, p_mean, p_log_std)))
             latents[f"z{l + 1}"] = z
-        return z, t, log_q, log_p, dict(sorted(latents.items()))
+        # sorted by name, not sorted(latents.items()): torch.compile cannot sort tuples holding tensors
+        return z, t, log_q, log_p, {name: latents[name] for name in sorted(latents)}
 
     def init_output_bias(self, mean_image: torch.Tensor) -> None:
         with torch.no_grad():

@@ -192,6 +192,9 @@ class LocalAutoregression(nn.Module):
             raise ValueError("the conditioned PixelCNN term reads the decoder's logits: pass them")
         hidden = self.net[:-2](x).flatten(2)  # (B, C, P), the last hidden layer before its ELU
         output = self.net[-1]
+        if torch.compiler.is_compiling():  # inductor fuses the mix with the channel sum; eager takes the loop
+            mixed = F.elu(hidden + logits.unsqueeze(-2) * self.logit_scale[:, None])
+            return (mixed * output.weight.flatten()[:, None]).sum(-2) + output.bias
         term = output.bias.expand(logits.shape)
         # One (…, B, P) temporary at a time, not (…, B, C, P); unbind, not hidden[:, c], so that the
         # backward pass stacks the C gradients once instead of filling and adding C zero tensors.
